@@ -1,0 +1,285 @@
+//! Hook points with TransformerLens names, and the means to read and write them.
+//!
+//! The names are a public contract: `blocks.3.ln2.hook_normalized` means exactly what it means in
+//! TransformerLens's default-processed model (`fold_ln`, `center_writing_weights`,
+//! `center_unembed`, `fold_value_biases`). A forward pass calls [`Hooks::visit`] at every point;
+//! the hooks record the values that were asked for and apply any edit registered for that point.
+//! MLP splices (transcoders, ablations) get a dedicated, richer entry: [`MlpEdit`] sees the
+//! normalized MLP input and may rewrite the MLP input or the MLP output, per layer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+/// One hook point of the model, named as in TransformerLens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HookPoint {
+    /// `hook_embed`: token embeddings.
+    Embed,
+    /// `hook_pos_embed`: learned position embeddings (GPT-2 only).
+    PosEmbed,
+    /// `blocks.L.hook_resid_pre`: the residual stream entering block L.
+    ResidPre(usize),
+    /// `blocks.L.ln1.hook_scale`: the attention norm's scale, `[.., 1]`.
+    Ln1Scale(usize),
+    /// `blocks.L.ln1.hook_normalized`: the attention input, normalized, without gain or bias.
+    Ln1Normalized(usize),
+    /// `blocks.L.hook_attn_out`: the attention output.
+    AttnOut(usize),
+    /// `blocks.L.hook_resid_mid`: residual after attention.
+    ResidMid(usize),
+    /// `blocks.L.ln2.hook_scale`: the MLP norm's scale, `[.., 1]`.
+    Ln2Scale(usize),
+    /// `blocks.L.ln2.hook_normalized`: the MLP input, normalized, without gain or bias.
+    Ln2Normalized(usize),
+    /// `blocks.L.mlp.hook_pre`: pre-activation (the gate projection for gated MLPs).
+    MlpPre(usize),
+    /// `blocks.L.mlp.hook_post`: post-activation (gate activation times up projection).
+    MlpPost(usize),
+    /// `blocks.L.hook_mlp_out`: the MLP output.
+    MlpOut(usize),
+    /// `blocks.L.hook_resid_post`: the residual stream leaving block L.
+    ResidPost(usize),
+    /// `ln_final.hook_scale`.
+    LnFinalScale,
+    /// `ln_final.hook_normalized`: the final norm's output without gain or bias.
+    LnFinalNormalized,
+}
+
+impl HookPoint {
+    /// The layer this point belongs to, if any.
+    pub fn layer(&self) -> Option<usize> {
+        use HookPoint::*;
+        match *self {
+            Embed | PosEmbed | LnFinalScale | LnFinalNormalized => None,
+            ResidPre(l) | Ln1Scale(l) | Ln1Normalized(l) | AttnOut(l) | ResidMid(l) | Ln2Scale(l)
+            | Ln2Normalized(l) | MlpPre(l) | MlpPost(l) | MlpOut(l) | ResidPost(l) => Some(l),
+        }
+    }
+
+    /// Parses a name and checks it against the model's layer count and architecture.
+    pub fn parse_for(name: &str, n_layers: usize, has_pos_embed: bool) -> Result<Self> {
+        let point: HookPoint = name.parse()?;
+        if let Some(l) = point.layer() {
+            if l >= n_layers {
+                bail!("hook `{name}`: layer {l} does not exist (the model has {n_layers} layers)");
+            }
+        }
+        if point == HookPoint::PosEmbed && !has_pos_embed {
+            bail!("hook `{name}`: this model has no learned position embeddings");
+        }
+        Ok(point)
+    }
+}
+
+impl fmt::Display for HookPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use HookPoint::*;
+        match *self {
+            Embed => write!(f, "hook_embed"),
+            PosEmbed => write!(f, "hook_pos_embed"),
+            ResidPre(l) => write!(f, "blocks.{l}.hook_resid_pre"),
+            Ln1Scale(l) => write!(f, "blocks.{l}.ln1.hook_scale"),
+            Ln1Normalized(l) => write!(f, "blocks.{l}.ln1.hook_normalized"),
+            AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
+            ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
+            Ln2Scale(l) => write!(f, "blocks.{l}.ln2.hook_scale"),
+            Ln2Normalized(l) => write!(f, "blocks.{l}.ln2.hook_normalized"),
+            MlpPre(l) => write!(f, "blocks.{l}.mlp.hook_pre"),
+            MlpPost(l) => write!(f, "blocks.{l}.mlp.hook_post"),
+            MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
+            ResidPost(l) => write!(f, "blocks.{l}.hook_resid_post"),
+            LnFinalScale => write!(f, "ln_final.hook_scale"),
+            LnFinalNormalized => write!(f, "ln_final.hook_normalized"),
+        }
+    }
+}
+
+impl FromStr for HookPoint {
+    type Err = anyhow::Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        use HookPoint::*;
+        match name {
+            "hook_embed" => return Ok(Embed),
+            "hook_pos_embed" => return Ok(PosEmbed),
+            "ln_final.hook_scale" => return Ok(LnFinalScale),
+            "ln_final.hook_normalized" => return Ok(LnFinalNormalized),
+            _ => {}
+        }
+        let unknown = || anyhow::anyhow!("unknown hook point `{name}` (known: {})", KNOWN_HOOKS);
+        let rest = name.strip_prefix("blocks.").ok_or_else(unknown)?;
+        let (layer, point) = rest.split_once('.').ok_or_else(unknown)?;
+        let l: usize = layer.parse().map_err(|_| unknown())?;
+        Ok(match point {
+            "hook_resid_pre" => ResidPre(l),
+            "ln1.hook_scale" => Ln1Scale(l),
+            "ln1.hook_normalized" => Ln1Normalized(l),
+            "hook_attn_out" => AttnOut(l),
+            "hook_resid_mid" => ResidMid(l),
+            "ln2.hook_scale" => Ln2Scale(l),
+            "ln2.hook_normalized" => Ln2Normalized(l),
+            "mlp.hook_pre" => MlpPre(l),
+            "mlp.hook_post" => MlpPost(l),
+            "hook_mlp_out" => MlpOut(l),
+            "hook_resid_post" => ResidPost(l),
+            _ => return Err(unknown()),
+        })
+    }
+}
+
+const KNOWN_HOOKS: &str = "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, ln1.hook_scale, \
+ln1.hook_normalized, hook_attn_out, hook_resid_mid, ln2.hook_scale, ln2.hook_normalized, \
+mlp.hook_pre, mlp.hook_post, hook_mlp_out, hook_resid_post}, ln_final.hook_scale, \
+ln_final.hook_normalized";
+
+/// An intervention on one layer's MLP: it may rewrite the MLP input (as the seed notebook's hook
+/// did) and the MLP output (a transcoder splice). Tensors are `[batch, seq, d_model]` and cover
+/// every position the forward pass computes: the whole prompt in the prefill, one position per
+/// sequence in each cached decode step.
+pub trait MlpEdit: Send + Sync {
+    /// Rewrites `blocks.L.ln2.hook_normalized` before the MLP reads it. Default: unchanged.
+    fn edit_input(&self, normalized: &Tensor) -> Result<Option<Tensor>> {
+        let _ = normalized;
+        Ok(None)
+    }
+    /// Rewrites `blocks.L.hook_mlp_out`, seeing the (possibly rewritten) normalized input.
+    fn edit_output(&self, normalized: &Tensor, mlp_out: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// A function that replaces the value at a hook point.
+pub type HookFn = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// The hooks of one forward pass: which points to record, which to rewrite.
+#[derive(Default, Clone)]
+pub struct Hooks {
+    record: BTreeSet<HookPoint>,
+    recorded: BTreeMap<HookPoint, Tensor>,
+    writes: BTreeMap<HookPoint, HookFn>,
+    mlp_edits: BTreeMap<usize, Vec<Arc<dyn MlpEdit>>>,
+}
+
+impl Hooks {
+    /// No hooks at all: the plain model.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Asks for the value at `point` to be kept (the last forward pass's value is kept).
+    pub fn record(&mut self, point: HookPoint) {
+        self.record.insert(point);
+    }
+
+    /// Registers a function that replaces the value at `point`.
+    pub fn write(&mut self, point: HookPoint, f: HookFn) {
+        self.writes.insert(point, f);
+    }
+
+    /// Adds an MLP edit at `layer`; several edits at one layer are applied in order.
+    pub fn edit_mlp(&mut self, layer: usize, edit: Arc<dyn MlpEdit>) {
+        self.mlp_edits.entry(layer).or_default().push(edit);
+    }
+
+    /// The layers that carry MLP edits.
+    pub fn edited_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.mlp_edits.keys().copied()
+    }
+
+    /// The value recorded at `point` by the last forward pass.
+    pub fn recorded(&self, point: HookPoint) -> Option<&Tensor> {
+        self.recorded.get(&point)
+    }
+
+    /// Takes all recorded values out.
+    pub fn take_recorded(&mut self) -> BTreeMap<HookPoint, Tensor> {
+        std::mem::take(&mut self.recorded)
+    }
+
+    /// Whether anything at all is hooked (lets a forward pass skip work).
+    pub fn is_empty(&self) -> bool {
+        self.record.is_empty() && self.writes.is_empty() && self.mlp_edits.is_empty()
+    }
+
+    /// Whether `point` is recorded or written (lets a model skip computing a value nobody reads).
+    pub fn wants(&self, point: HookPoint) -> bool {
+        self.record.contains(&point) || self.writes.contains_key(&point)
+    }
+
+    /// Called by the model at every hook point: applies the write, then records.
+    pub fn visit(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
+        let value = match self.writes.get(&point) {
+            Some(f) => f(&value)?,
+            None => value,
+        };
+        if self.record.contains(&point) {
+            self.recorded.insert(point, value.clone());
+        }
+        Ok(value)
+    }
+
+    /// Called by the model on the normalized MLP input of `layer`, after [`Hooks::visit`].
+    pub fn mlp_input(&self, layer: usize, normalized: Tensor) -> Result<Tensor> {
+        let mut x = normalized;
+        for edit in self.mlp_edits.get(&layer).into_iter().flatten() {
+            if let Some(y) = edit.edit_input(&x)? {
+                x = y;
+            }
+        }
+        Ok(x)
+    }
+
+    /// Called by the model on the MLP output of `layer`, before [`Hooks::visit`].
+    pub fn mlp_output(&self, layer: usize, normalized: &Tensor, mlp_out: Tensor) -> Result<Tensor> {
+        let mut y = mlp_out;
+        for edit in self.mlp_edits.get(&layer).into_iter().flatten() {
+            if let Some(z) = edit.edit_output(normalized, &y)? {
+                y = z;
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// Zero-ablation of a layer's MLP: its output becomes zero. A floor for comparisons.
+pub struct ZeroAblation;
+
+impl MlpEdit for ZeroAblation {
+    fn edit_output(&self, _normalized: &Tensor, mlp_out: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(mlp_out.zeros_like()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for name in [
+            "hook_embed",
+            "hook_pos_embed",
+            "blocks.0.hook_resid_pre",
+            "blocks.3.ln1.hook_normalized",
+            "blocks.12.ln2.hook_normalized",
+            "blocks.2.mlp.hook_post",
+            "blocks.1.hook_mlp_out",
+            "ln_final.hook_normalized",
+        ] {
+            let p: HookPoint = name.parse().unwrap();
+            assert_eq!(p.to_string(), name);
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_and_out_of_range() {
+        assert!("blocks.0.hook_nothing".parse::<HookPoint>().is_err());
+        assert!("blocks.x.hook_mlp_out".parse::<HookPoint>().is_err());
+        let e = HookPoint::parse_for("blocks.5.hook_mlp_out", 5, false).unwrap_err();
+        assert!(e.to_string().contains("layer 5 does not exist"));
+        assert!(HookPoint::parse_for("hook_pos_embed", 2, false).is_err());
+    }
+}

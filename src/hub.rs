@@ -1,0 +1,98 @@
+//! Files from the Hugging Face hub, through the standard cache.
+//!
+//! The cache folder is `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`
+//! (the layout Python's `huggingface_hub` uses, so both share downloads). `HF_TOKEN` authorises
+//! gated repositories; `HF_HUB_OFFLINE=1` never touches the network. A file that is neither cached
+//! nor downloadable gives an error naming the repository, the file and how to get it.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use hf_hub::{Cache, Repo, RepoType};
+
+/// The hub cache folder, honouring `HF_HUB_CACHE` and `HF_HOME`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("HF_HOME").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p).join("hub");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("huggingface").join("hub")
+}
+
+fn offline() -> bool {
+    matches!(
+        std::env::var("HF_HUB_OFFLINE").unwrap_or_default().to_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
+}
+
+/// A repository on the hub: a model or a dataset.
+pub struct HubRepo {
+    pub id: String,
+    pub kind: RepoType,
+}
+
+impl HubRepo {
+    /// A model repository such as `meta-llama/Llama-3.1-8B-Instruct`.
+    pub fn model(id: &str) -> Self {
+        Self { id: id.to_string(), kind: RepoType::Model }
+    }
+
+    /// A dataset repository such as `google/boolq`.
+    pub fn dataset(id: &str) -> Self {
+        Self { id: id.to_string(), kind: RepoType::Dataset }
+    }
+
+    fn repo(&self) -> Repo {
+        Repo::new(self.id.clone(), self.kind)
+    }
+
+    /// The cached copy of `file`, if there is one.
+    pub fn cached(&self, file: &str) -> Option<PathBuf> {
+        Cache::new(cache_dir()).repo(self.repo()).get(file)
+    }
+
+    /// `file`, from the cache or downloaded into it.
+    pub fn get(&self, file: &str) -> Result<PathBuf> {
+        if let Some(p) = self.cached(file) {
+            return Ok(p);
+        }
+        let how = format!(
+            "download it where the hub is reachable (e.g. `huggingface-cli download {}{} {file}`) \
+             into {} (set HF_HOME or HF_HUB_CACHE to use another cache), or pass a local folder",
+            if matches!(self.kind, RepoType::Dataset) { "--repo-type dataset " } else { "" },
+            self.id,
+            cache_dir().display()
+        );
+        if offline() {
+            bail!("{}: `{file}` is not in the hub cache and HF_HUB_OFFLINE is set; {how}", self.id);
+        }
+        let api = hf_hub::api::sync::ApiBuilder::new()
+            .with_cache_dir(cache_dir())
+            .with_token(std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()))
+            .with_progress(true)
+            .build()?;
+        match api.repo(self.repo()).get(file) {
+            Ok(p) => Ok(p),
+            Err(e) => bail!("{}: cannot download `{file}` ({e}); {how}", self.id),
+        }
+    }
+
+    /// Lists the repository's files (needs the network).
+    pub fn list_files(&self) -> Result<Vec<String>> {
+        if offline() {
+            bail!("{}: cannot list the repository's files with HF_HUB_OFFLINE set", self.id);
+        }
+        let api = hf_hub::api::sync::ApiBuilder::new()
+            .with_cache_dir(cache_dir())
+            .with_token(std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()))
+            .build()?;
+        match api.repo(self.repo()).info() {
+            Ok(info) => Ok(info.siblings.into_iter().map(|s| s.rfilename).collect()),
+            Err(e) => bail!("{}: cannot list the repository on the hub ({e}); pass a local file instead", self.id),
+        }
+    }
+}

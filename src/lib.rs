@@ -1,0 +1,10 @@
+//! neurosteer: find the features inside a language model that carry its reasoning, and turn
+//! them up or down while it generates.
+//!
+//! The crate is layered by concern: [`model`] loads and runs models with TransformerLens hook
+//! points ([`hooks`]); [`generate`] decodes greedily with a KV cache in batches.
+
+pub mod generate;
+pub mod hooks;
+pub mod hub;
+pub mod model;

@@ -1,0 +1,172 @@
+//! GPT-2 with hook points.
+//!
+//! TransformerLens's `center_writing_weights` is applied at load time: the token and position
+//! embeddings and both output projections are centred over `d_model`, so the residual stream,
+//! `hook_attn_out` and `hook_mlp_out` carry TransformerLens's (mean-free) values. LayerNorm is
+//! blind to that shift, so the logits are unchanged. `ln*.hook_normalized` is `(x - mean) / scale`
+//! without gain or bias (LNPre); the gain and bias are applied after the hook, to the centred
+//! input, which is what TransformerLens's folded and centred weights compute.
+
+use anyhow::Result;
+use candle_core::{Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::attention::{attend, normalize, KvCache, Step};
+use super::config::Gpt2Config;
+use super::LogitsAt;
+use crate::hooks::{HookPoint, Hooks};
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn load(vb: &VarBuilder, d: usize) -> Result<Self> {
+        Ok(Self { weight: vb.get(d, "weight")?, bias: vb.get(d, "bias")? })
+    }
+
+    /// Applies gain and bias to a normalized (possibly edited) input, centring it first.
+    fn affine(&self, normalized: &Tensor) -> Result<Tensor> {
+        let centred = normalized.broadcast_sub(&normalized.mean_keepdim(D::Minus1)?)?;
+        Ok(centred.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// GPT-2's `Conv1D`: weight `[in, out]`, `y = x @ W + b`.
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn load(vb: &VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
+        Ok(Self { weight: vb.get((d_in, d_out), "weight")?, bias: vb.get(d_out, "bias")? })
+    }
+
+    /// Centres the output over its columns (TransformerLens's `center_writing_weights`).
+    fn centre_output(self) -> Result<Self> {
+        let weight = self.weight.broadcast_sub(&self.weight.mean_keepdim(1)?)?;
+        let bias = self.bias.broadcast_sub(&self.bias.mean_keepdim(0)?)?;
+        Ok(Self { weight, bias })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows = x.elem_count() / dims[dims.len() - 1];
+        let y = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.weight.dim(1)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Conv1D,
+    c_proj: Conv1D,
+    ln_2: LayerNorm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+}
+
+/// A GPT-2 model with hook points.
+pub struct Gpt2 {
+    pub config: Gpt2Config,
+    /// Token embeddings, centred (what the residual stream receives).
+    wte_centred: Tensor,
+    /// Token embeddings as stored (the tied unembedding).
+    wte: Tensor,
+    wpe_centred: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+impl Gpt2 {
+    /// Loads HF-named weights, with or without the `transformer.` prefix.
+    pub fn load(config: Gpt2Config, vb: VarBuilder) -> Result<Self> {
+        let c = &config;
+        let vb = if vb.contains_tensor("transformer.wte.weight") { vb.pp("transformer") } else { vb };
+        let d = c.n_embd;
+        let wte = vb.get((c.vocab_size, d), "wte.weight")?;
+        let wpe = vb.get((c.n_positions, d), "wpe.weight")?;
+        let centre_rows = |t: &Tensor| -> Result<Tensor> { Ok(t.broadcast_sub(&t.mean_keepdim(1)?)?) };
+        let mut blocks = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let b = vb.pp(format!("h.{i}"));
+            blocks.push(Block {
+                ln_1: LayerNorm::load(&b.pp("ln_1"), d)?,
+                c_attn: Conv1D::load(&b.pp("attn.c_attn"), d, 3 * d)?,
+                c_proj: Conv1D::load(&b.pp("attn.c_proj"), d, d)?.centre_output()?,
+                ln_2: LayerNorm::load(&b.pp("ln_2"), d)?,
+                c_fc: Conv1D::load(&b.pp("mlp.c_fc"), d, c.n_inner)?,
+                mlp_proj: Conv1D::load(&b.pp("mlp.c_proj"), c.n_inner, d)?.centre_output()?,
+            });
+        }
+        let ln_f = LayerNorm::load(&vb.pp("ln_f"), d)?;
+        Ok(Self {
+            config: config.clone(),
+            wte_centred: centre_rows(&wte)?,
+            wte,
+            wpe_centred: centre_rows(&wpe)?,
+            blocks,
+            ln_f,
+        })
+    }
+
+    /// Runs `tokens [batch, seq]` (u32) through the model, appending to `cache`.
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        step: &Step,
+        cache: &mut KvCache,
+        hooks: &mut Hooks,
+        logits_at: LogitsAt,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, d) = (step.batch, step.seq, c.n_embd);
+        let (h, hd) = (c.n_head, c.n_embd / c.n_head);
+        let eps = c.layer_norm_epsilon;
+        let embed = self.wte_centred.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, d))?;
+        let embed = hooks.visit(HookPoint::Embed, embed)?;
+        let pos = self.wpe_centred.index_select(&step.positions, 0)?.reshape((b, t, d))?;
+        let pos = hooks.visit(HookPoint::PosEmbed, pos)?;
+        let mut x = (embed + pos)?;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            x = hooks.visit(HookPoint::ResidPre(l), x)?;
+            // Attention.
+            let (normed, scale) = normalize(&x, eps, true)?;
+            hooks.visit(HookPoint::Ln1Scale(l), scale)?;
+            let normed = hooks.visit(HookPoint::Ln1Normalized(l), normed)?;
+            let qkv = blk.c_attn.forward(&blk.ln_1.affine(&normed)?)?;
+            let split = |i: usize| -> Result<Tensor> {
+                Ok(qkv.narrow(2, i * d, d)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let (k, v) = cache.append(l, k, v)?;
+            let attn = attend(&q, &k, &v, &step.mask)?;
+            let attn_out = hooks.visit(HookPoint::AttnOut(l), blk.c_proj.forward(&attn)?)?;
+            x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
+            // MLP.
+            let (normed, scale) = normalize(&x, eps, true)?;
+            hooks.visit(HookPoint::Ln2Scale(l), scale)?;
+            let normed = hooks.visit(HookPoint::Ln2Normalized(l), normed)?;
+            let normed = hooks.mlp_input(l, normed)?;
+            let pre = hooks.visit(HookPoint::MlpPre(l), blk.c_fc.forward(&blk.ln_2.affine(&normed)?)?)?;
+            let post = hooks.visit(HookPoint::MlpPost(l), pre.gelu()?)?;
+            let mlp_out = blk.mlp_proj.forward(&post)?;
+            let mlp_out = hooks.mlp_output(l, &normed, mlp_out)?;
+            let mlp_out = hooks.visit(HookPoint::MlpOut(l), mlp_out)?;
+            x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
+        }
+        let x = match logits_at {
+            LogitsAt::All => x,
+            LogitsAt::Last => x.narrow(1, t - 1, 1)?,
+        };
+        let (normed, scale) = normalize(&x, eps, true)?;
+        hooks.visit(HookPoint::LnFinalScale, scale)?;
+        let normed = hooks.visit(HookPoint::LnFinalNormalized, normed)?;
+        let hidden = self.ln_f.affine(&normed)?;
+        super::attention::linear(&hidden, &self.wte)
+    }
+}

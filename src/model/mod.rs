@@ -1,0 +1,305 @@
+//! Loading and running language models: Hugging Face folders or hub ids (Llama, GPT-2) and
+//! llama2.c checkpoints, all behind one [`Model`] with TransformerLens hook points.
+
+pub mod attention;
+pub mod config;
+pub mod gpt2;
+pub mod llama;
+pub mod llama2c;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use attention::KvCache;
+use config::ModelConfig;
+use gpt2::Gpt2;
+use llama::Llama;
+use tokenizer::{TextCodec, Tokenizer};
+
+use crate::hooks::{HookPoint, Hooks};
+use crate::hub::HubRepo;
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// Every position: `[batch, seq, vocab]`.
+    All,
+    /// The last position of each sequence: `[batch, 1, vocab]`.
+    Last,
+}
+
+/// The network itself.
+pub enum Network {
+    Llama(Box<Llama>),
+    Gpt2(Box<Gpt2>),
+}
+
+/// Shapes and special tokens of a loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Where the model came from (folder, file or hub id).
+    pub source: String,
+    /// `llama` or `gpt2`.
+    pub family: &'static str,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub d_mlp: usize,
+    pub vocab_size: usize,
+    /// The context length (positions the model was built for).
+    pub n_ctx: usize,
+    pub bos: Option<u32>,
+    pub eos: Vec<u32>,
+}
+
+/// A language model with its tokenizer.
+pub struct Model {
+    pub network: Network,
+    pub codec: TextCodec,
+    pub info: ModelInfo,
+    pub device: Device,
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// A tokenizer file to use instead of the model's own (required for llama2.c checkpoints
+    /// unless a `tok*.bin` lies beside them).
+    pub tokenizer: Option<PathBuf>,
+    /// Do not prepend BOS.
+    pub no_bos: bool,
+}
+
+impl Model {
+    /// Loads `spec`: a Hugging Face folder, a llama2.c `.bin` checkpoint, or a hub id.
+    pub fn load(spec: &str, options: &LoadOptions) -> Result<Self> {
+        let device = Device::Cpu;
+        let path = Path::new(spec);
+        if path.is_dir() {
+            load_hf_folder(spec, &HfFiles::from_folder(path)?, options, device)
+        } else if path.is_file() {
+            load_llama2c(path, options, device)
+        } else if looks_like_hub_id(spec) {
+            load_hf_folder(spec, &HfFiles::from_hub(spec)?, options, device)
+        } else {
+            bail!("{spec}: no such file or folder, and not a hub id (like `gpt2` or `org/name`)")
+        }
+    }
+
+    /// Whether the model has learned position embeddings (`hook_pos_embed`).
+    pub fn has_pos_embed(&self) -> bool {
+        matches!(self.network, Network::Gpt2(_))
+    }
+
+    /// Parses and checks a hook name against this model.
+    pub fn hook_point(&self, name: &str) -> Result<HookPoint> {
+        HookPoint::parse_for(name, self.info.n_layers, self.has_pos_embed())
+    }
+
+    /// One forward step over `tokens` (`[batch][seq]`, left-padded; `valid` marks real tokens),
+    /// continuing `cache`. Returns f32 logits `[batch, seq or 1, vocab]`.
+    pub fn forward(
+        &self,
+        tokens: &[Vec<u32>],
+        valid: &[Vec<bool>],
+        cache: &mut KvCache,
+        hooks: &mut Hooks,
+        logits_at: LogitsAt,
+    ) -> Result<Tensor> {
+        let step = cache.begin_step(valid, &self.device)?;
+        if cache.max_position() > self.info.n_ctx {
+            bail!(
+                "sequence of {} positions exceeds the model's context of {}",
+                cache.max_position(),
+                self.info.n_ctx
+            );
+        }
+        let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
+        if let Some(&bad) = flat.iter().find(|&&t| t as usize >= self.info.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary of {}", self.info.vocab_size);
+        }
+        let ids = Tensor::from_vec(flat, (step.batch, step.seq), &self.device)?;
+        match &self.network {
+            Network::Llama(m) => m.forward(&ids, &step, cache, hooks, logits_at),
+            Network::Gpt2(m) => m.forward(&ids, &step, cache, hooks, logits_at),
+        }
+    }
+
+    /// A fresh KV cache for `batch` sequences.
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        KvCache::new(self.info.n_layers, batch)
+    }
+}
+
+fn looks_like_hub_id(spec: &str) -> bool {
+    let parts: Vec<&str> = spec.split('/').collect();
+    parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+        && !spec.ends_with(".bin")
+}
+
+/// The files of a Hugging Face checkpoint.
+struct HfFiles {
+    config: PathBuf,
+    tokenizer: Option<PathBuf>,
+    weights: Vec<PathBuf>,
+}
+
+impl HfFiles {
+    fn from_folder(dir: &Path) -> Result<Self> {
+        let config = dir.join("config.json");
+        if !config.is_file() {
+            bail!("{}: no config.json in this folder", dir.display());
+        }
+        let index = dir.join("model.safetensors.index.json");
+        let weights = if index.is_file() {
+            shard_names(&index)?.into_iter().map(|n| dir.join(n)).collect()
+        } else if dir.join("model.safetensors").is_file() {
+            vec![dir.join("model.safetensors")]
+        } else {
+            bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
+        };
+        for w in &weights {
+            if !w.is_file() {
+                bail!("{}: weight shard is missing", w.display());
+            }
+        }
+        let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
+        Ok(Self { config, tokenizer, weights })
+    }
+
+    fn from_hub(id: &str) -> Result<Self> {
+        let repo = HubRepo::model(id);
+        let config = repo.get("config.json")?;
+        let tokenizer = Some(repo.get("tokenizer.json")?);
+        let weights = match repo.cached("model.safetensors.index.json") {
+            Some(index) => shard_names(&index)?,
+            None => match repo.get("model.safetensors") {
+                Ok(p) => return Ok(Self { config, tokenizer, weights: vec![p] }),
+                Err(single) => {
+                    let index = repo.get("model.safetensors.index.json").map_err(|_| single)?;
+                    shard_names(&index)?
+                }
+            },
+        };
+        let weights = weights.iter().map(|w| repo.get(w)).collect::<Result<Vec<_>>>()?;
+        Ok(Self { config, tokenizer, weights })
+    }
+}
+
+/// The distinct shard files named by a `model.safetensors.index.json`, in order.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).with_context(|| format!("{}: cannot read", index.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: no weight_map object", index.display()))?;
+    let mut names: Vec<String> = Vec::new();
+    for f in map.values() {
+        let f = f.as_str().with_context(|| format!("{}: weight_map values must be file names", index.display()))?;
+        if !names.iter().any(|n| n == f) {
+            names.push(f.to_string());
+        }
+    }
+    Ok(names)
+}
+
+fn load_hf_folder(spec: &str, files: &HfFiles, options: &LoadOptions, device: Device) -> Result<Model> {
+    let config = ModelConfig::from_file(&files.config)?;
+    let tok_path = options
+        .tokenizer
+        .clone()
+        .or_else(|| files.tokenizer.clone())
+        .with_context(|| format!("{spec}: no tokenizer.json; pass --tokenizer"))?;
+    let tokenizer = Tokenizer::from_hf_file(&tok_path)?;
+    for w in &files.weights {
+        check_safetensors(w)?;
+    }
+    // SAFETY: the files are memory-mapped read-only; neurosteer never writes to them.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, DType::F32, &device) }
+        .with_context(|| format!("{spec}: cannot read the safetensors weights"))?;
+    let (network, info) = match config {
+        ModelConfig::Llama(c) => {
+            let info = llama_info(spec, &c);
+            let m = Llama::load(c, vb).with_context(|| format!("{spec}: bad weights"))?;
+            (Network::Llama(Box::new(m)), info)
+        }
+        ModelConfig::Gpt2(c) => {
+            let info = ModelInfo {
+                source: spec.to_string(),
+                family: "gpt2",
+                n_layers: c.n_layer,
+                d_model: c.n_embd,
+                d_mlp: c.n_inner,
+                vocab_size: c.vocab_size,
+                n_ctx: c.n_positions,
+                bos: c.bos_token_id,
+                eos: c.eos_token_ids.clone(),
+            };
+            let m = Gpt2::load(c, vb).with_context(|| format!("{spec}: bad weights"))?;
+            (Network::Gpt2(Box::new(m)), info)
+        }
+    };
+    let bos = if options.no_bos { None } else { info.bos };
+    Ok(Model { network, codec: TextCodec { tokenizer, bos }, info, device })
+}
+
+/// Checks a safetensors file's header before memory-mapping it, so that a truncated or corrupt
+/// file gives an error naming it.
+fn check_safetensors(path: &Path) -> Result<()> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    // SAFETY: read-only mapping of a file we do not modify.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
+    safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| anyhow::anyhow!("{}: corrupt or truncated safetensors file: {e:?}", path.display()))?;
+    Ok(())
+}
+
+fn llama_info(spec: &str, c: &config::LlamaConfig) -> ModelInfo {
+    ModelInfo {
+        source: spec.to_string(),
+        family: "llama",
+        n_layers: c.num_hidden_layers,
+        d_model: c.hidden_size,
+        d_mlp: c.intermediate_size,
+        vocab_size: c.vocab_size,
+        n_ctx: c.max_position_embeddings,
+        bos: c.bos_token_id,
+        eos: c.eos_token_ids.clone(),
+    }
+}
+
+fn load_llama2c(path: &Path, options: &LoadOptions, device: Device) -> Result<Model> {
+    let spec = path.display().to_string();
+    let ckpt = llama2c::load_checkpoint(path, &device)?;
+    let tok_path = match &options.tokenizer {
+        Some(p) => p.clone(),
+        None => sibling_tokenizer(path, ckpt.config.vocab_size)
+            .with_context(|| format!("{spec}: llama2.c checkpoints need --tokenizer (e.g. tok512.bin)"))?,
+    };
+    let tokenizer = if tok_path.extension().is_some_and(|e| e == "json") {
+        Tokenizer::from_hf_file(&tok_path)?
+    } else {
+        Tokenizer::Llama2c(llama2c::Llama2cTokenizer::load(&tok_path, ckpt.config.vocab_size)?)
+    };
+    let info = llama_info(&spec, &ckpt.config);
+    let vb = VarBuilder::from_tensors(ckpt.tensors, DType::F32, &device);
+    let m = Llama::load(ckpt.config, vb).with_context(|| format!("{spec}: bad weights"))?;
+    let bos = if options.no_bos { None } else { info.bos };
+    Ok(Model { network: Network::Llama(Box::new(m)), codec: TextCodec { tokenizer, bos }, info, device })
+}
+
+fn sibling_tokenizer(path: &Path, vocab: usize) -> Option<PathBuf> {
+    let dir = path.parent()?;
+    [format!("tok{vocab}.bin"), "tokenizer.bin".to_string()]
+        .into_iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+}

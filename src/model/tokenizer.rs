@@ -1,0 +1,72 @@
+//! Text to ids and back, with TransformerLens's `to_tokens` convention: BOS prepended once.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+
+use super::llama2c::Llama2cTokenizer;
+
+/// A Hugging Face `tokenizer.json` or a llama2.c tokenizer.
+pub enum Tokenizer {
+    Hf(Box<tokenizers::Tokenizer>),
+    Llama2c(Llama2cTokenizer),
+}
+
+impl Tokenizer {
+    /// Reads a `tokenizer.json`.
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let t = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
+        Ok(Tokenizer::Hf(Box::new(t)))
+    }
+
+    /// Encodes text without any special token.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Hf(t) => Ok(t
+                .encode(text, false)
+                .map_err(|e| anyhow!("tokenizer failed on {text:?}: {e}"))?
+                .get_ids()
+                .to_vec()),
+            Tokenizer::Llama2c(t) => Ok(t.encode(text)),
+        }
+    }
+
+    /// Decodes ids, skipping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Tokenizer::Hf(t) => t.decode(ids, true).map_err(|e| anyhow!("cannot decode {ids:?}: {e}")),
+            Tokenizer::Llama2c(t) => Ok(t.decode(ids)),
+        }
+    }
+
+    /// The id of a token spelled exactly `piece`, if the vocabulary has it.
+    pub fn token_id(&self, piece: &str) -> Option<u32> {
+        match self {
+            Tokenizer::Hf(t) => t.token_to_id(piece),
+            Tokenizer::Llama2c(_) => None,
+        }
+    }
+}
+
+/// A tokenizer together with the model's BOS rule.
+pub struct TextCodec {
+    pub tokenizer: Tokenizer,
+    /// The BOS id to prepend, or `None` when the model has none or BOS is turned off.
+    pub bos: Option<u32>,
+}
+
+impl TextCodec {
+    /// TransformerLens's `to_tokens`: BOS (when set) followed by the text's tokens.
+    pub fn to_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        ids.extend(self.bos);
+        ids.extend(self.tokenizer.encode(text)?);
+        Ok(ids)
+    }
+
+    /// Decodes ids, skipping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids)
+    }
+}
