@@ -4,6 +4,7 @@
 //! The crate is layered by concern: [`model`] loads and runs models with TransformerLens hook
 //! points ([`hooks`]); [`generate`] decodes greedily with a KV cache in batches.
 
+pub mod bench;
 pub mod generate;
 pub mod hooks;
 pub mod hub;

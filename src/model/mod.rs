@@ -89,6 +89,41 @@ impl Model {
         }
     }
 
+    /// Builds a model from a parsed config and its weights (BOS on when the config names one).
+    pub fn build(source: &str, config: ModelConfig, vb: VarBuilder, tokenizer: Tokenizer) -> Result<Self> {
+        let device = vb.device().clone();
+        let (network, info) = match config {
+            ModelConfig::Llama(c) => {
+                let info = llama_info(source, &c);
+                let m = Llama::load(c, vb).with_context(|| format!("{source}: bad weights"))?;
+                (Network::Llama(Box::new(m)), info)
+            }
+            ModelConfig::Gpt2(c) => {
+                let info = ModelInfo {
+                    source: source.to_string(),
+                    family: "gpt2",
+                    n_layers: c.n_layer,
+                    d_model: c.n_embd,
+                    d_mlp: c.n_inner,
+                    vocab_size: c.vocab_size,
+                    n_ctx: c.n_positions,
+                    bos: c.bos_token_id,
+                    eos: c.eos_token_ids.clone(),
+                };
+                let m = Gpt2::load(c, vb).with_context(|| format!("{source}: bad weights"))?;
+                (Network::Gpt2(Box::new(m)), info)
+            }
+        };
+        let codec = TextCodec { tokenizer, bos: info.bos };
+        Ok(Model { network, codec, info, device })
+    }
+
+    /// Turns BOS prepending on (TransformerLens's default) or off.
+    pub fn with_bos(mut self, on: bool) -> Self {
+        self.codec.bos = if on { self.info.bos } else { None };
+        self
+    }
+
     /// Whether the model has learned position embeddings (`hook_pos_embed`).
     pub fn has_pos_embed(&self) -> bool {
         matches!(self.network, Network::Gpt2(_))
@@ -225,30 +260,8 @@ fn load_hf_folder(spec: &str, files: &HfFiles, options: &LoadOptions, device: De
     // SAFETY: the files are memory-mapped read-only; neurosteer never writes to them.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, DType::F32, &device) }
         .with_context(|| format!("{spec}: cannot read the safetensors weights"))?;
-    let (network, info) = match config {
-        ModelConfig::Llama(c) => {
-            let info = llama_info(spec, &c);
-            let m = Llama::load(c, vb).with_context(|| format!("{spec}: bad weights"))?;
-            (Network::Llama(Box::new(m)), info)
-        }
-        ModelConfig::Gpt2(c) => {
-            let info = ModelInfo {
-                source: spec.to_string(),
-                family: "gpt2",
-                n_layers: c.n_layer,
-                d_model: c.n_embd,
-                d_mlp: c.n_inner,
-                vocab_size: c.vocab_size,
-                n_ctx: c.n_positions,
-                bos: c.bos_token_id,
-                eos: c.eos_token_ids.clone(),
-            };
-            let m = Gpt2::load(c, vb).with_context(|| format!("{spec}: bad weights"))?;
-            (Network::Gpt2(Box::new(m)), info)
-        }
-    };
-    let bos = if options.no_bos { None } else { info.bos };
-    Ok(Model { network, codec: TextCodec { tokenizer, bos }, info, device })
+    let model = Model::build(spec, config, vb, tokenizer)?;
+    Ok(model.with_bos(!options.no_bos))
 }
 
 /// Checks a safetensors file's header before memory-mapping it, so that a truncated or corrupt
@@ -289,11 +302,9 @@ fn load_llama2c(path: &Path, options: &LoadOptions, device: Device) -> Result<Mo
     } else {
         Tokenizer::Llama2c(llama2c::Llama2cTokenizer::load(&tok_path, ckpt.config.vocab_size)?)
     };
-    let info = llama_info(&spec, &ckpt.config);
     let vb = VarBuilder::from_tensors(ckpt.tensors, DType::F32, &device);
-    let m = Llama::load(ckpt.config, vb).with_context(|| format!("{spec}: bad weights"))?;
-    let bos = if options.no_bos { None } else { info.bos };
-    Ok(Model { network: Network::Llama(Box::new(m)), codec: TextCodec { tokenizer, bos }, info, device })
+    let model = Model::build(&spec, ModelConfig::Llama(ckpt.config), vb, tokenizer)?;
+    Ok(model.with_bos(!options.no_bos))
 }
 
 fn sibling_tokenizer(path: &Path, vocab: usize) -> Option<PathBuf> {

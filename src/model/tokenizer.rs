@@ -10,6 +10,8 @@ use super::llama2c::Llama2cTokenizer;
 pub enum Tokenizer {
     Hf(Box<tokenizers::Tokenizer>),
     Llama2c(Llama2cTokenizer),
+    /// No tokenizer (random benchmark models): ids in, ids out; text is refused.
+    None,
 }
 
 impl Tokenizer {
@@ -29,6 +31,7 @@ impl Tokenizer {
                 .get_ids()
                 .to_vec()),
             Tokenizer::Llama2c(t) => Ok(t.encode(text)),
+            Tokenizer::None => anyhow::bail!("this model has no tokenizer; it takes token ids only"),
         }
     }
 
@@ -37,6 +40,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Hf(t) => t.decode(ids, true).map_err(|e| anyhow!("cannot decode {ids:?}: {e}")),
             Tokenizer::Llama2c(t) => Ok(t.decode(ids)),
+            Tokenizer::None => Ok(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ")),
         }
     }
 
@@ -44,7 +48,7 @@ impl Tokenizer {
     pub fn token_id(&self, piece: &str) -> Option<u32> {
         match self {
             Tokenizer::Hf(t) => t.token_to_id(piece),
-            Tokenizer::Llama2c(_) => None,
+            Tokenizer::Llama2c(_) | Tokenizer::None => None,
         }
     }
 }
