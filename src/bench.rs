@@ -195,3 +195,33 @@ pub fn measure(model: &Model, batch: usize, prompt_tokens: usize, new_tokens: us
         over_floor: decode_step_ms / floor_ms,
     })
 }
+
+/// A random transcoder for `model`'s `layer` with `d_sae` features, about 2% of which fire on
+/// a typical token (a bias of −2σ), to time steering.
+pub fn random_transcoder(model: &Model, layer: usize, d_sae: usize) -> Result<crate::transcoder::Transcoder> {
+    use crate::transcoder::{Transcoder, TranscoderMeta};
+    let dev = Device::Cpu;
+    let d = model.info.d_model;
+    let w_enc = Tensor::randn(0f32, 1.0 / (d as f32).sqrt(), (d, d_sae), &dev)?;
+    Ok(Transcoder {
+        meta: TranscoderMeta {
+            layer,
+            hook_in: crate::hooks::HookPoint::Ln2Normalized(layer).to_string(),
+            hook_out: crate::hooks::HookPoint::MlpOut(layer).to_string(),
+            d_in: d,
+            d_sae,
+            d_out: d,
+            format: "neurosteer".into(),
+            model_name: None,
+            extra: Default::default(),
+        },
+        w_enc,
+        b_enc: Tensor::full(-2.0f32, d_sae, &dev)?,
+        w_dec: Tensor::randn(0f32, 0.02, (d_sae, d), &dev)?,
+        b_dec_in: Tensor::zeros(d, DType::F32, &dev)?,
+        b_dec_out: Tensor::zeros(d, DType::F32, &dev)?,
+        threshold: None,
+        w_skip: None,
+        log_frequency: None,
+    })
+}

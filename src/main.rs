@@ -8,7 +8,12 @@ use clap::{Args, Parser, Subcommand};
 use neurosteer::bench::{self, Preset};
 use neurosteer::generate::{generate, GenerateOptions};
 use neurosteer::hooks::Hooks;
+use neurosteer::classify::Statistic;
+use neurosteer::experiment::{self, ClassifyJob, DatasetSpec, SteerJob, TraceJob};
 use neurosteer::model::{LoadOptions, LogitsAt, Model};
+use neurosteer::transcoder::splice::{SteerMode, Steering};
+use neurosteer::transcoder::Transcoder;
+use neurosteer::{demo, evaluate, transcoder};
 
 #[derive(Parser)]
 #[command(name = "neurosteer", version, about = "Find and steer the features that carry a language model's reasoning")]
@@ -25,6 +30,268 @@ enum Command {
     Activations(ActivationsArgs),
     /// Measure prefill and decode speed against the memory-bandwidth floor.
     Bench(BenchArgs),
+    /// Inspect, evaluate or train transcoders.
+    #[command(subcommand)]
+    Transcoder(TranscoderCommand),
+    /// Generate under the basic, 0shot and fewshot prompt styles and record every feature at each step.
+    Trace(TraceArgs),
+    /// Split alive features into reasoning and memory features from traces.
+    Classify(ClassifyArgs),
+    /// Estimate each feature's log10 firing frequency over a dataset's tokens.
+    Frequency(FrequencyArgs),
+    /// Answer BoolQ-style questions while scaling the reasoning features, under several strengths.
+    Steer(SteerArgs),
+    /// Score a steering results file: accuracy, Wilson CIs, McNemar tests, controls, plots.
+    Evaluate(EvaluateArgs),
+    /// Run trace, classify, steer and evaluate from one TOML config (each stage resumable).
+    Run(RunArgs),
+    /// The whole job on stories260K with a transcoder trained on the spot (a fresh machine's demo).
+    Demo(DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum TranscoderCommand {
+    /// Print a transcoder's config, sizes and alive count.
+    Info {
+        /// A sae_training `.pt`, a SAELens folder, or a neurosteer `.safetensors`.
+        path: PathBuf,
+        /// Alive means log10 frequency above this.
+        #[arg(long, default_value_t = -6.0, allow_hyphen_values = true)]
+        alive_threshold: f32,
+    },
+    /// Fidelity on held-out text: variance explained, L0, dead features, CE recovered, KL.
+    Eval(TranscoderEvalArgs),
+    /// Train a ReLU transcoder for one layer and save it (neurosteer format, with frequencies).
+    Train(TranscoderTrainArgs),
+}
+
+/// Which dataset to read.
+#[derive(Args, Clone)]
+struct DatasetArgs {
+    /// A `.jsonl`, `.json` or `.parquet` file, or a hub dataset id (e.g. `google/boolq`).
+    #[arg(long)]
+    dataset: String,
+    /// The split to read from a hub dataset.
+    #[arg(long, default_value = "validation")]
+    split: String,
+    /// Dataset kind: gsm8k, boolq, strategyqa, arc, commonsenseqa (guessed when absent).
+    #[arg(long)]
+    kind: Option<String>,
+    /// For other datasets: the field holding the question.
+    #[arg(long)]
+    question_field: Option<String>,
+    /// For other datasets: the field holding the answer.
+    #[arg(long)]
+    answer_field: Option<String>,
+    /// For other datasets: the field holding a passage.
+    #[arg(long)]
+    passage_field: Option<String>,
+    /// Keep the file order instead of a seeded shuffle.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Shuffle seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+impl DatasetArgs {
+    fn spec(&self, n: Option<usize>) -> DatasetSpec {
+        DatasetSpec {
+            path: self.dataset.clone(),
+            split: self.split.clone(),
+            kind: self.kind.clone(),
+            question_field: self.question_field.clone(),
+            answer_field: self.answer_field.clone(),
+            passage_field: self.passage_field.clone(),
+            n,
+            seed: self.seed,
+            shuffle: !self.no_shuffle,
+        }
+    }
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The transcoder whose features are recorded.
+    #[arg(long)]
+    transcoder: PathBuf,
+    #[command(flatten)]
+    data: DatasetArgs,
+    /// Prompt styles to trace.
+    #[arg(long, value_delimiter = ',', default_value = "basic,0shot,fewshot")]
+    styles: Vec<String>,
+    /// A TOML file with one table per style holding a `template` string.
+    #[arg(long)]
+    templates: Option<PathBuf>,
+    /// Wrap prompts in the Llama-3 chat template (instruct models).
+    #[arg(long)]
+    chat: bool,
+    /// Questions to trace.
+    #[arg(long, default_value_t = 512)]
+    n: usize,
+    /// New tokens per text (N new tokens give N + 1 recorded steps).
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Texts per forward pass (and per shard).
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Cut prompts that do not fit the context from the left instead of skipping them.
+    #[arg(long)]
+    truncate_left: bool,
+    /// Output folder (resumed when it holds the same trace).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct ClassifyArgs {
+    /// A trace folder (neurosteer's, or the seed notebook's layout).
+    #[arg(long)]
+    traces: PathBuf,
+    /// Log10 firing frequencies: a `*_log_feature_sparsity.pt`, a `.safetensors`, a JSON list, or
+    /// a transcoder carrying them (default: the traced transcoder).
+    #[arg(long)]
+    frequency: Option<PathBuf>,
+    /// Alive means log10 frequency above this.
+    #[arg(long, default_value_t = -6.0, allow_hyphen_values = true)]
+    alive_threshold: f64,
+    /// Reasoning means a CoT style exceeds basic by more than this.
+    #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
+    diff_threshold: f64,
+    /// Which per-style vector to compare.
+    #[arg(long, value_enum, default_value_t = Statistic::Mean)]
+    statistic: Statistic,
+    /// Output JSON (a CSV and plots are written beside it).
+    #[arg(long, default_value = "neurons.json")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct FrequencyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    transcoder: PathBuf,
+    #[command(flatten)]
+    data: DatasetArgs,
+    /// Tokens to count over.
+    #[arg(long, default_value_t = 100_000)]
+    n_tokens: usize,
+    /// Output `.safetensors` holding `log_frequency` `[d_sae]`.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct SteerArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    transcoder: PathBuf,
+    /// Reasoning features: neurons.json, a JSON list, or `1,5,9`.
+    #[arg(long)]
+    features: String,
+    #[command(flatten)]
+    data: DatasetArgs,
+    /// Items to answer (after the seeded shuffle).
+    #[arg(long, default_value_t = 300)]
+    n: usize,
+    /// Prompt template over dataset fields (stripped).
+    #[arg(long, default_value = neurosteer::data::prompts::BOOLQ_TEMPLATE)]
+    template: String,
+    #[arg(long, default_value_t = 50)]
+    max_new_tokens: usize,
+    /// Comma-separated `Name=strength` list; `Base` is the untouched model.
+    #[arg(long, default_value = neurosteer::steer::DEFAULT_CONFIGS)]
+    configs: String,
+    #[arg(long, value_enum, default_value_t = SteerMode::Delta)]
+    mode: SteerMode,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Random feature sets (alive, non-reasoning, same size) steered the same way, as controls.
+    #[arg(long, default_value_t = 0)]
+    random_controls: usize,
+    /// `generate` (parse the answer), `loglik` (yes vs no log-probabilities) or `both`.
+    #[arg(long, default_value = "generate")]
+    score: String,
+    #[arg(long, default_value = "results.json")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct EvaluateArgs {
+    /// A results file written by `steer`.
+    results: PathBuf,
+    /// Folder for evaluation.{json,md,csv} and the plot.
+    #[arg(long, default_value = "evaluation")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Experiment TOML (see examples/).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Output folder.
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    /// BoolQ items to steer on.
+    #[arg(long, default_value_t = 50)]
+    n: usize,
+}
+
+#[derive(Args)]
+struct TranscoderEvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    transcoder: PathBuf,
+    #[command(flatten)]
+    data: DatasetArgs,
+    /// Texts to evaluate on.
+    #[arg(long, default_value_t = 64)]
+    n: usize,
+    /// Write the numbers as JSON here too.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TranscoderTrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The layer whose MLP the transcoder stands for.
+    #[arg(long)]
+    layer: usize,
+    /// Training text: dataset files (prompts are built from their fields) or hub ids.
+    #[arg(long, num_args = 1.., required = true)]
+    dataset: Vec<String>,
+    /// Number of features.
+    #[arg(long, default_value_t = 512)]
+    d_sae: usize,
+    /// Sparsity coefficient λ.
+    #[arg(long, default_value_t = 0.05)]
+    l1_coefficient: f64,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 3000)]
+    steps: usize,
+    #[arg(long, default_value_t = 2048)]
+    batch_tokens: usize,
+    /// Activation buffer size in tokens.
+    #[arg(long, default_value_t = 200_000)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output `.safetensors` (neurosteer format).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 /// Which model to load.
@@ -69,6 +336,68 @@ struct GenerateArgs {
     /// Print one JSON object per prompt: {"prompt", "new_tokens", "text"}.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    steering: SteeringArgs,
+}
+
+/// Transcoder steering during generation. Several transcoders (at several layers) may be given;
+/// `--features` and `--strength` pair with them in order, and a single value applies to all.
+#[derive(Args, Clone)]
+struct SteeringArgs {
+    /// Transcoder to splice in (repeatable).
+    #[arg(long = "transcoder")]
+    transcoders: Vec<PathBuf>,
+    /// Features to scale: `1,5,9`, a JSON list, or neurons.json's "reasoning" (repeatable).
+    #[arg(long = "features")]
+    features: Vec<String>,
+    /// Scale of the chosen features (repeatable).
+    #[arg(long = "strength", allow_hyphen_values = true)]
+    strengths: Vec<f64>,
+    /// delta (real MLP output + (s-1)·Σ f_i W_dec[i]), replace (MLP output := transcoder output),
+    /// or seed-compat (the original notebook's hook).
+    #[arg(long, value_enum, default_value_t = SteerMode::Delta)]
+    mode: SteerMode,
+    /// Zero-ablate this layer's MLP (repeatable): a floor for comparisons.
+    #[arg(long = "ablate-mlp")]
+    ablate_mlp: Vec<usize>,
+}
+
+impl SteeringArgs {
+    /// Builds the hooks these flags ask for.
+    fn hooks(&self, model: &Model) -> Result<Hooks> {
+        let mut hooks = Hooks::none();
+        let n = self.transcoders.len();
+        let pick = |len: usize, what: &str| -> Result<()> {
+            if len > 1 && len != n {
+                bail!("{len} values of --{what} for {n} transcoders: give one, or one per transcoder");
+            }
+            Ok(())
+        };
+        pick(self.features.len(), "features")?;
+        pick(self.strengths.len(), "strength")?;
+        for (i, path) in self.transcoders.iter().enumerate() {
+            let tc = Transcoder::load(path)?;
+            experiment::check_fit(model, &tc, path)?;
+            let features = match self.features.get(i).or(self.features.first()) {
+                Some(f) => neurosteer::classify::parse_features(f)?,
+                None => Vec::new(),
+            };
+            let strength = self.strengths.get(i).or(self.strengths.first()).copied().unwrap_or(1.0);
+            let layer = tc.meta.layer;
+            let edit = Steering::new(std::sync::Arc::new(tc), features, strength, self.mode)?;
+            hooks.edit_mlp(layer, std::sync::Arc::new(edit));
+        }
+        if n == 0 && (!self.features.is_empty() || !self.strengths.is_empty()) {
+            bail!("--features and --strength need --transcoder");
+        }
+        for &l in &self.ablate_mlp {
+            if l >= model.info.n_layers {
+                bail!("--ablate-mlp {l}: the model has {} layers", model.info.n_layers);
+            }
+            hooks.edit_mlp(l, std::sync::Arc::new(neurosteer::hooks::ZeroAblation));
+        }
+        Ok(hooks)
+    }
 }
 
 #[derive(Args)]
@@ -85,6 +414,9 @@ struct ActivationsArgs {
     /// (TransformerLens's centred logits) and "tokens".
     #[arg(long)]
     out: PathBuf,
+    /// Also save this transcoder's feature activations as "features.L" `[seq, d_sae]`.
+    #[arg(long)]
+    transcoder: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -110,6 +442,10 @@ struct BenchArgs {
     /// Write the results as JSON here.
     #[arg(long, default_value = "bench.json")]
     out: PathBuf,
+    /// Also time steering with a random transcoder of this many features at the middle layer
+    /// (delta and replace, scaling 10% of the features).
+    #[arg(long)]
+    steer_features: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -118,6 +454,16 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd_generate(a),
         Command::Activations(a) => cmd_activations(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Transcoder(TranscoderCommand::Info { path, alive_threshold }) => cmd_transcoder_info(&path, alive_threshold),
+        Command::Transcoder(TranscoderCommand::Eval(a)) => cmd_transcoder_eval(a),
+        Command::Transcoder(TranscoderCommand::Train(a)) => cmd_transcoder_train(a),
+        Command::Trace(a) => cmd_trace(a),
+        Command::Classify(a) => cmd_classify(a),
+        Command::Frequency(a) => cmd_frequency(a),
+        Command::Steer(a) => cmd_steer(a),
+        Command::Evaluate(a) => cmd_evaluate(a),
+        Command::Run(a) => experiment::run_experiment(&a.config),
+        Command::Demo(a) => demo::run_demo(&a.out, a.n),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -169,7 +515,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         truncate_left: a.truncate_left,
         feed_last: false,
     };
-    let outputs = generate(&model, &ids, &opts, &Hooks::none(), |_| Ok(()))?;
+    let hooks = a.steering.hooks(&model)?;
+    let outputs = generate(&model, &ids, &opts, &hooks, |_| Ok(()))?;
     for (prompt, new) in prompts.iter().zip(outputs) {
         let text = model.codec.decode(&new)?;
         if a.json {
@@ -190,6 +537,15 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
         hooks.record(p);
         points.push(p);
     }
+    let transcoder = match &a.transcoder {
+        Some(p) => {
+            let tc = Transcoder::load(p)?;
+            experiment::check_fit(&model, &tc, p)?;
+            hooks.record(neurosteer::hooks::HookPoint::Ln2Normalized(tc.meta.layer));
+            Some(tc)
+        }
+        None => None,
+    };
     let ids = model.codec.to_tokens(&a.prompt)?;
     if ids.is_empty() {
         bail!("empty prompt: nothing to run");
@@ -206,6 +562,10 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
         let t = hooks.recorded(p).context("hook was not reached")?.squeeze(0)?;
         tensors.insert(p.to_string(), t);
     }
+    if let Some(tc) = &transcoder {
+        let x = hooks.recorded(neurosteer::hooks::HookPoint::Ln2Normalized(tc.meta.layer)).context("hook was not reached")?;
+        tensors.insert(format!("features.{}", tc.meta.layer), tc.encode(&x.squeeze(0)?)?);
+    }
     tensors.insert("logits".to_string(), centred);
     let n = ids.len();
     tensors.insert("tokens".to_string(), candle_core::Tensor::from_vec(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), n, &candle_core::Device::Cpu)?);
@@ -216,6 +576,13 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
     Ok(())
 }
 
+fn print_bench_row(row: &bench::BenchRow) {
+    println!(
+        "{:<30} {:>5} {:>11.1} {:>14.2} {:>12.1} {:>10.2} {:>9.2}",
+        row.model, row.batch, row.prefill_ms, row.decode_step_ms, row.decode_tokens_per_s, row.floor_ms, row.over_floor
+    );
+}
+
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     eprintln!("measuring memory bandwidth ...");
     let bandwidth = bench::measure_bandwidth();
@@ -224,16 +591,26 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         None => a.preset.iter().map(|&p| bench::random_model(p)).collect::<Result<_>>()?,
     };
     let mut rows = Vec::new();
-    println!("{:<22} {:>5} {:>11} {:>13} {:>12} {:>10} {:>9}", "model", "batch", "prefill ms", "decode ms/step", "decode tok/s", "floor ms", "x floor");
+    println!("{:<30} {:>5} {:>11} {:>14} {:>12} {:>10} {:>9}", "model", "batch", "prefill ms", "decode ms/step", "decode tok/s", "floor ms", "x floor");
     for model in &models {
         for &batch in &a.batch {
             let prompt = a.prompt_tokens.min(model.info.n_ctx - a.new_tokens - 1);
             let row = bench::measure(model, batch, prompt, a.new_tokens, &Hooks::none(), bandwidth)?;
-            println!(
-                "{:<22} {:>5} {:>11.1} {:>13.2} {:>12.1} {:>10.2} {:>9.2}",
-                row.model, row.batch, row.prefill_ms, row.decode_step_ms, row.decode_tokens_per_s, row.floor_ms, row.over_floor
-            );
+            print_bench_row(&row);
             rows.push(row);
+            if let Some(d_sae) = a.steer_features {
+                let layer = model.info.n_layers / 2;
+                let tc = std::sync::Arc::new(bench::random_transcoder(model, layer, d_sae)?);
+                let features: Vec<usize> = (0..d_sae).step_by(10).collect();
+                for mode in [SteerMode::Delta, SteerMode::Replace] {
+                    let mut hooks = Hooks::none();
+                    hooks.edit_mlp(layer, std::sync::Arc::new(Steering::new(tc.clone(), features.clone(), 0.5, mode)?));
+                    let mut row = bench::measure(model, batch, prompt, a.new_tokens, &hooks, bandwidth)?;
+                    row.model = format!("{} +{mode}", row.model);
+                    print_bench_row(&row);
+                    rows.push(row);
+                }
+            }
         }
     }
     println!("measured read bandwidth: {bandwidth:.1} GB/s ({} threads)", candle_core::utils::get_num_threads());
@@ -241,5 +618,140 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     std::fs::write(&a.out, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("{}: cannot write", a.out.display()))?;
     eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn cmd_transcoder_info(path: &std::path::Path, alive_threshold: f32) -> Result<()> {
+    let tc = Transcoder::load(path)?;
+    let m = &tc.meta;
+    println!("file:        {}", path.display());
+    println!("format:      {}", m.format);
+    if let Some(name) = &m.model_name {
+        println!("model:       {name}");
+    }
+    println!("layer:       {}", m.layer);
+    println!("reads:       {}", m.hook_in);
+    println!("writes:      {}", m.hook_out);
+    println!("d_in:        {}", m.d_in);
+    println!("d_sae:       {}", m.d_sae);
+    println!("d_out:       {}", m.d_out);
+    println!("activation:  {}", if tc.threshold.is_some() { "JumpReLU" } else { "ReLU" });
+    println!("skip:        {}", if tc.w_skip.is_some() { "yes" } else { "no" });
+    match tc.alive(alive_threshold) {
+        Some(alive) => println!("alive:       {} of {} (log10 frequency > {alive_threshold})", alive.len(), m.d_sae),
+        None => println!("alive:       unknown (no frequency file)"),
+    }
+    for (k, v) in &m.extra {
+        println!("cfg.{k}: {v}");
+    }
+    Ok(())
+}
+
+/// Texts for transcoder training and evaluation: each dataset item's prompt (the basic style,
+/// with the passage first when there is one).
+fn dataset_texts(spec: &DatasetSpec) -> Result<Vec<String>> {
+    let (items, _) = spec.load(0)?;
+    Ok(items
+        .iter()
+        .map(|it| {
+            let get = |k: &str| it.fields.get(k).and_then(|v| v.as_str()).unwrap_or("").trim().to_string();
+            match it.fields.get("text").and_then(|t| t.as_str()) {
+                Some(t) => t.to_string(),
+                None if it.fields.contains_key("passage") => format!("Question: {}\nPassage: {}\nAnswer:", get("question"), get("passage")),
+                None => format!("Question: {}\nAnswer:", get("question")),
+            }
+        })
+        .collect())
+}
+
+fn cmd_transcoder_eval(a: TranscoderEvalArgs) -> Result<()> {
+    let (model, tc) = experiment::load_model_and_transcoder(&a.model.model, a.model.tokenizer.clone(), &a.transcoder)?;
+    let texts = dataset_texts(&a.data.spec(Some(a.n)))?;
+    let report = transcoder::eval::evaluate(&model, &tc, &texts)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if let Some(out) = &a.out {
+        neurosteer::report::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn cmd_transcoder_train(a: TranscoderTrainArgs) -> Result<()> {
+    let model = a.model.load()?;
+    let mut texts = Vec::new();
+    for d in &a.dataset {
+        let spec = DatasetSpec { path: d.clone(), split: "train".into(), kind: None, question_field: None, answer_field: None, passage_field: None, n: None, seed: a.seed, shuffle: true };
+        texts.extend(dataset_texts(&spec)?);
+    }
+    let opts = transcoder::train::TrainOptions {
+        layer: a.layer,
+        d_sae: a.d_sae,
+        l1_coefficient: a.l1_coefficient,
+        lr: a.lr,
+        steps: a.steps,
+        batch_tokens: a.batch_tokens,
+        resample_every: 500,
+        seed: a.seed,
+    };
+    let report = transcoder::train::train_for_model(&model, &texts, &opts, a.max_tokens, &a.out)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn cmd_trace(a: TraceArgs) -> Result<()> {
+    let (model, tc) = experiment::load_model_and_transcoder(&a.model.model, a.model.tokenizer.clone(), &a.transcoder)?;
+    let job = TraceJob {
+        dataset: a.data.spec(Some(a.n)),
+        styles: a.styles,
+        templates: a.templates,
+        chat: a.chat,
+        max_new_tokens: a.max_new_tokens,
+        batch_size: a.batch_size,
+        truncate_left: a.truncate_left,
+    };
+    experiment::run_trace_job(&job, &model, tc, &a.transcoder, &a.out)?;
+    eprintln!("traces in {}", a.out.display());
+    Ok(())
+}
+
+fn cmd_classify(a: ClassifyArgs) -> Result<()> {
+    let job = ClassifyJob { frequency: a.frequency, alive_threshold: a.alive_threshold, diff_threshold: a.diff_threshold, statistic: a.statistic };
+    experiment::run_classify_job(&job, &a.traces, &a.out)?;
+    Ok(())
+}
+
+fn cmd_frequency(a: FrequencyArgs) -> Result<()> {
+    let (model, tc) = experiment::load_model_and_transcoder(&a.model.model, a.model.tokenizer.clone(), &a.transcoder)?;
+    let texts = dataset_texts(&a.data.spec(None))?;
+    let freq = transcoder::eval::log_frequency(&model, &tc, &texts, a.n_tokens)?;
+    let n = freq.len();
+    let t = candle_core::Tensor::from_vec(freq, n, &candle_core::Device::Cpu)?;
+    let bytes = safetensors::serialize([("log_frequency", &t)], None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    neurosteer::report::write_atomic(&a.out, &bytes)?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn cmd_steer(a: SteerArgs) -> Result<()> {
+    let (model, tc) = experiment::load_model_and_transcoder(&a.model.model, a.model.tokenizer.clone(), &a.transcoder)?;
+    let job = SteerJob {
+        dataset: a.data.spec(Some(a.n)),
+        template: a.template,
+        configs: a.configs,
+        mode: a.mode,
+        max_new_tokens: a.max_new_tokens,
+        batch_size: a.batch_size,
+        random_controls: a.random_controls,
+        score: a.score,
+    };
+    experiment::run_steer_job(&job, &model, tc, &a.transcoder, &a.features, &a.out)
+}
+
+fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
+    let (e, written) = evaluate::evaluate_file(&a.results, &a.out)?;
+    println!("{}", evaluate::table(&e).to_text());
+    for p in written {
+        println!("wrote {}", p.display());
+    }
     Ok(())
 }

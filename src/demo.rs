@@ -1,0 +1,115 @@
+//! `neurosteer demo`: the whole job on karpathy's stories260K, for a fresh machine.
+//!
+//! Files come from `$NEUROSTEER_ASSETS` when set (a folder laid out like `shared/assets`), else
+//! from the Hugging Face hub (karpathy/tinyllamas, google/boolq, openai/gsm8k) through the cache.
+//! A transcoder is trained on the spot at layer 2; then trace, classify, steer and evaluate run.
+//! stories260K writes children's stories and answers BoolQ near chance: the demo shows the
+//! machinery, not an effect.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use crate::experiment::{ClassifyJob, DatasetSpec, ExperimentConfig, SteerJob, TraceJob};
+use crate::hub::HubRepo;
+use crate::model::{LoadOptions, Model};
+use crate::transcoder::splice::SteerMode;
+use crate::transcoder::train::{train_for_model, TrainOptions};
+
+/// The demo's inputs: model, tokenizer, BoolQ and GSM8K.
+struct DemoFiles {
+    model: PathBuf,
+    tokenizer: PathBuf,
+    boolq: String,
+    gsm8k: String,
+}
+
+fn demo_files() -> Result<DemoFiles> {
+    if let Some(dir) = std::env::var_os("NEUROSTEER_ASSETS").map(PathBuf::from) {
+        return Ok(DemoFiles {
+            model: dir.join("stories260K/stories260K.bin"),
+            tokenizer: dir.join("stories260K/tok512.bin"),
+            boolq: dir.join("boolq/validation.jsonl").display().to_string(),
+            gsm8k: dir.join("reasoning/gsm8k/test.jsonl").display().to_string(),
+        });
+    }
+    let repo = HubRepo::model("karpathy/tinyllamas");
+    Ok(DemoFiles {
+        model: repo.get("stories260K/stories260K.bin")?,
+        tokenizer: repo.get("stories260K/tok512.bin")?,
+        boolq: "google/boolq".into(),
+        gsm8k: "openai/gsm8k".into(),
+    })
+}
+
+fn dataset(path: &str, split: &str, kind: &str, n: usize) -> DatasetSpec {
+    DatasetSpec {
+        path: path.to_string(),
+        split: split.to_string(),
+        kind: Some(kind.to_string()),
+        question_field: None,
+        answer_field: None,
+        passage_field: None,
+        n: Some(n),
+        seed: 42,
+        shuffle: true,
+    }
+}
+
+/// Runs the demo into `out`, steering on `n_boolq` BoolQ items.
+pub fn run_demo(out: &Path, n_boolq: usize) -> Result<()> {
+    let files = demo_files()?;
+    std::fs::create_dir_all(out)?;
+    let transcoder = out.join("transcoder_layer2.safetensors");
+    if !transcoder.exists() {
+        eprintln!("[0/4] training a transcoder for layer 2 of stories260K -> {}", transcoder.display());
+        let model = Model::load(&files.model.display().to_string(), &LoadOptions { tokenizer: Some(files.tokenizer.clone()), no_bos: false })?;
+        let (boolq, _) = dataset(&files.boolq, "train", "boolq", 300).load(0)?;
+        let (gsm, _) = dataset(&files.gsm8k, "train", "gsm8k", 600).load(0)?;
+        let mut texts: Vec<String> = Vec::new();
+        let field = |it: &crate::data::Item, k: &str| it.fields.get(k).and_then(|v| v.as_str()).unwrap_or("").trim().to_string();
+        for it in &boolq {
+            texts.push(format!("Question: {}\nPassage: {}\nAnswer:", field(it, "question"), field(it, "passage")));
+        }
+        for it in &gsm {
+            texts.push(format!("Question: {}\nAnswer:", field(it, "question")));
+            texts.push(format!("Question: {}\nAnswer: Let's think step by step.", field(it, "question")));
+        }
+        let opts = TrainOptions { layer: 2, d_sae: 512, steps: 2000, ..Default::default() };
+        let report = train_for_model(&model, &texts, &opts, 150_000, &transcoder)?;
+        eprintln!("      held-out FVE {:.3}, L0 {:.1}, dead {}", report.fve, report.l0, report.dead);
+    }
+    let cfg = ExperimentConfig {
+        model: files.model.display().to_string(),
+        tokenizer: Some(files.tokenizer),
+        transcoder: transcoder.clone(),
+        out: out.to_path_buf(),
+        trace: TraceJob {
+            dataset: dataset(&files.gsm8k, "test", "gsm8k", 48),
+            styles: vec!["basic".into(), "0shot".into(), "fewshot".into()],
+            templates: None,
+            chat: false,
+            max_new_tokens: 16,
+            batch_size: 8,
+            truncate_left: true,
+        },
+        classify: ClassifyJob { frequency: None, alive_threshold: -6.0, diff_threshold: 1e-3, statistic: crate::classify::Statistic::Mean },
+        steer: SteerJob {
+            dataset: dataset(&files.boolq, "validation", "boolq", n_boolq),
+            template: crate::data::prompts::BOOLQ_TEMPLATE.to_string(),
+            configs: crate::steer::DEFAULT_CONFIGS.to_string(),
+            mode: SteerMode::Delta,
+            max_new_tokens: 10,
+            batch_size: 8,
+            random_controls: 2,
+            score: "both".into(),
+        },
+    };
+    crate::experiment::run_pipeline(&cfg, Path::new("."))?;
+    println!(
+        "\nDemo done. Outputs in {}:\n  transcoder_layer2.safetensors  the trained transcoder\n  traces/                        feature traces per prompt style\n  neurons.json, neurons.csv      reasoning / memory classification (+ neurons*.png/svg)\n  results.json                   steered BoolQ generations (+ results.json.meta.json)\n  evaluation/                    accuracy table (md, csv, json) and accuracy_vs_strength.png/svg\n\
+         stories260K is a 260K-parameter story model: it answers BoolQ near chance, so these numbers show\n  the machinery, not a real effect. Use `neurosteer run --config examples/llama31_8b.toml` for the real experiment.",
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,515 @@
+//! The pipeline's stages as jobs (trace, classify, steer, evaluate), shared by the single
+//! commands, `neurosteer run --config experiment.toml` and `neurosteer demo`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::classify::{self, Statistic, Thresholds};
+use crate::data::prompts::PromptSet;
+use crate::data::{self, DatasetKind, Item};
+use crate::model::{LoadOptions, Model};
+use crate::report::{self, Series};
+use crate::steer::{self, SteerItem, SteerSettings};
+use crate::trace::{self, TraceManifest, TraceText};
+use crate::transcoder::splice::SteerMode;
+use crate::transcoder::Transcoder;
+
+/// Where a dataset comes from and how to read it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// A local `.jsonl`/`.json`/`.parquet` file or a hub dataset id.
+    pub path: String,
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// `gsm8k`, `boolq`, `strategyqa`, `arc`, `commonsenseqa`; guessed when absent.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// For other datasets: the question, answer and passage field names.
+    #[serde(default)]
+    pub question_field: Option<String>,
+    #[serde(default)]
+    pub answer_field: Option<String>,
+    #[serde(default)]
+    pub passage_field: Option<String>,
+    /// How many items (after the seeded shuffle).
+    #[serde(default)]
+    pub n: Option<usize>,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+}
+
+fn default_split() -> String {
+    "validation".into()
+}
+fn default_seed() -> u64 {
+    42
+}
+fn yes() -> bool {
+    true
+}
+
+impl DatasetSpec {
+    /// Reads, normalises, shuffles and cuts the dataset; `reserve` extra items are returned
+    /// apart (few-shot examples come from them, never from the evaluated items).
+    pub fn load(&self, reserve: usize) -> Result<(Vec<Item>, Vec<Item>)> {
+        let rows = data::load_rows(&self.path, &self.split)?;
+        let kind = match (&self.kind, &self.question_field) {
+            (_, Some(q)) => DatasetKind::Custom {
+                question: q.clone(),
+                answer: self.answer_field.clone(),
+                passage: self.passage_field.clone(),
+            },
+            (Some(k), None) => k.parse()?,
+            (None, None) => data::detect_kind(&rows),
+        };
+        let items = data::normalize(rows, kind).with_context(|| format!("{}", self.path))?;
+        let items = data::shuffle_take(items, self.shuffle, self.seed, None);
+        let n = self.n.unwrap_or(items.len()).min(items.len());
+        let mut items = items;
+        let rest = items.split_off(n);
+        Ok((items, rest.into_iter().take(reserve).collect()))
+    }
+}
+
+/// Loads a model and its transcoder, checking that they fit together.
+pub fn load_model_and_transcoder(model: &str, tokenizer: Option<PathBuf>, transcoder: &Path) -> Result<(Model, Arc<Transcoder>)> {
+    let model = Model::load(model, &LoadOptions { tokenizer, no_bos: false })?;
+    let tc = Transcoder::load(transcoder)?;
+    check_fit(&model, &tc, transcoder)?;
+    Ok((model, Arc::new(tc)))
+}
+
+/// Checks that a transcoder's hooks exist in the model and its widths equal the model's.
+pub fn check_fit(model: &Model, tc: &Transcoder, path: &Path) -> Result<()> {
+    let m = &tc.meta;
+    let hin = model.hook_point(&m.hook_in).with_context(|| format!("{}: input hook", path.display()))?;
+    let hout = model.hook_point(&m.hook_out).with_context(|| format!("{}: output hook", path.display()))?;
+    if hin != crate::hooks::HookPoint::Ln2Normalized(m.layer) || hout != crate::hooks::HookPoint::MlpOut(m.layer) {
+        bail!(
+            "{}: reads `{}` and writes `{}`; neurosteer splices transcoders that read blocks.L.ln2.hook_normalized and write blocks.L.hook_mlp_out",
+            path.display(),
+            m.hook_in,
+            m.hook_out
+        );
+    }
+    if m.d_in != model.info.d_model || m.d_out != model.info.d_model {
+        bail!(
+            "{}: d_in {} / d_out {} do not match the model's width {}",
+            path.display(),
+            m.d_in,
+            m.d_out,
+            model.info.d_model
+        );
+    }
+    Ok(())
+}
+
+/// The trace stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceJob {
+    pub dataset: DatasetSpec,
+    #[serde(default = "default_styles")]
+    pub styles: Vec<String>,
+    /// A TOML file overriding the prompt templates.
+    #[serde(default)]
+    pub templates: Option<PathBuf>,
+    /// Wrap prompts in the Llama-3 chat template.
+    #[serde(default)]
+    pub chat: bool,
+    #[serde(default = "default_trace_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Cut prompts that do not fit the context from the left instead of skipping them.
+    #[serde(default)]
+    pub truncate_left: bool,
+}
+
+fn default_styles() -> Vec<String> {
+    vec!["basic".into(), "0shot".into(), "fewshot".into()]
+}
+fn default_trace_tokens() -> usize {
+    32
+}
+fn default_batch() -> usize {
+    8
+}
+
+/// Renders every style's prompts and traces them into `out`.
+pub fn run_trace_job(job: &TraceJob, model: &Model, transcoder: Arc<Transcoder>, transcoder_path: &Path, out: &Path) -> Result<()> {
+    let prompts = match &job.templates {
+        Some(p) => PromptSet::from_toml_file(p)?,
+        None => PromptSet::builtin(),
+    };
+    let k = prompts.fewshot_k();
+    let (items, pool) = job.dataset.load(k * 4)?;
+    if items.is_empty() {
+        bail!("{}: no items to trace", job.dataset.path);
+    }
+    let examples: Vec<Item> = pool.into_iter().filter(|i| i.fields.contains_key("reasoning")).take(k).collect();
+    let mut styles = Vec::new();
+    for style in &job.styles {
+        let texts = items
+            .iter()
+            .map(|it| {
+                let p = prompts.render(style, it, &examples)?;
+                let p = if job.chat { crate::data::prompts::llama3_chat(&p) } else { p };
+                Ok(TraceText { id: it.id.clone(), prompt: p })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        styles.push((style.clone(), texts));
+    }
+    let manifest = TraceManifest {
+        model: model.info.source.clone(),
+        transcoder: transcoder_path.display().to_string(),
+        layer: transcoder.meta.layer,
+        hook_point: transcoder.meta.hook_in.clone(),
+        d_sae: transcoder.meta.d_sae,
+        max_new_tokens: job.max_new_tokens,
+        shard_size: job.batch_size.max(1),
+        truncate_left: job.truncate_left,
+        styles,
+    };
+    trace::run_trace(model, transcoder, &manifest, job.batch_size, out)
+}
+
+/// The classify stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyJob {
+    /// A file of log10 frequencies (or a transcoder carrying them); the traced transcoder's when
+    /// absent.
+    #[serde(default)]
+    pub frequency: Option<PathBuf>,
+    #[serde(default = "default_alive")]
+    pub alive_threshold: f64,
+    #[serde(default = "default_diff")]
+    pub diff_threshold: f64,
+    #[serde(default = "default_statistic")]
+    pub statistic: Statistic,
+}
+
+fn default_alive() -> f64 {
+    -6.0
+}
+fn default_diff() -> f64 {
+    1e-3
+}
+fn default_statistic() -> Statistic {
+    Statistic::Mean
+}
+
+/// Classifies the traces in `traces` and writes `out` (neurons.json), a CSV beside it and the
+/// plots. Prints the top features.
+pub fn run_classify_job(job: &ClassifyJob, traces: &Path, out: &Path) -> Result<classify::Classification> {
+    let manifest: Option<TraceManifest> = match std::fs::read_to_string(traces.join("trace.json")) {
+        Ok(t) => Some(serde_json::from_str(&t).with_context(|| format!("{}: bad trace manifest", traces.display()))?),
+        Err(_) => None,
+    };
+    let frequency_path = match (&job.frequency, &manifest) {
+        (Some(p), _) => p.clone(),
+        (None, Some(m)) => PathBuf::from(&m.transcoder),
+        (None, None) => bail!("{}: seed-layout traces need --frequency", traces.display()),
+    };
+    let log_frequency = classify::read_frequency(&frequency_path)?;
+    let style_names: Vec<String> = match &manifest {
+        Some(m) => m.styles.iter().map(|(s, _)| s.clone()).collect(),
+        None => ["basic", "0shot", "fewshot"].iter().filter(|s| traces.join(s).is_dir()).map(|s| s.to_string()).collect(),
+    };
+    let d_sae = manifest.as_ref().map(|m| m.d_sae);
+    let styles: Vec<(String, classify::StyleStats)> = style_names
+        .iter()
+        .map(|s| Ok((s.clone(), classify::load_style(traces, s, d_sae)?)))
+        .collect::<Result<_>>()?;
+    let th = Thresholds { alive: job.alive_threshold, diff: job.diff_threshold, statistic: job.statistic };
+    let c = classify::classify(&styles, &log_frequency, th)?;
+    let mut json = serde_json::to_value(&c)?;
+    if let Some(m) = &manifest {
+        json["layer"] = m.layer.into();
+        json["hook_point"] = m.hook_point.clone().into();
+        json["model"] = m.model.clone().into();
+        json["transcoder"] = m.transcoder.clone().into();
+    }
+    json["frequency_file"] = frequency_path.display().to_string().into();
+    json["n_texts"] = styles.iter().map(|(n, s)| (n.clone(), serde_json::Value::from(s.n_texts))).collect::<serde_json::Map<_, _>>().into();
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    report::write_atomic(out, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    let csv = out.with_extension("csv");
+    report::write_atomic(&csv, classify_table(&c).to_csv().as_bytes())?;
+    let stem = out.with_extension("");
+    let plots = classify_plots(&styles, &c, &stem)?;
+    println!(
+        "{} alive, {} reasoning, {} memory features (statistic {:?}, diff > {}, alive: log10 freq > {})",
+        c.n_alive, c.n_reasoning, c.n_memory, c.thresholds.statistic, c.thresholds.diff, c.thresholds.alive
+    );
+    print_top(&styles, &c);
+    println!("wrote {}, {} and {}", out.display(), csv.display(), plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    Ok(c)
+}
+
+fn classify_table(c: &classify::Classification) -> report::Table {
+    let styles: Vec<String> = c.features.first().map(|f| f.values.iter().map(|(s, _)| s.clone()).collect()).unwrap_or_default();
+    let mut headers: Vec<String> = ["index", "label", "log_frequency"].iter().map(|s| s.to_string()).collect();
+    for s in &styles {
+        for v in ["mean", "first", "last"] {
+            headers.push(format!("{s}_{v}"));
+        }
+    }
+    headers.extend(["diff_0shot", "diff_fewshot", "t_0shot", "p_0shot", "t_fewshot", "p_fewshot"].iter().map(|s| s.to_string()));
+    let rows = c
+        .features
+        .iter()
+        .map(|f| {
+            let mut r = vec![f.index.to_string(), f.label.to_string(), f.log_frequency.to_string()];
+            for (_, v) in &f.values {
+                r.extend(v.iter().map(|x| x.to_string()));
+            }
+            r.extend([f.diff_0shot, f.diff_fewshot, f.t_0shot, f.p_0shot, f.t_fewshot, f.p_fewshot].iter().map(|x| x.to_string()));
+            r
+        })
+        .collect();
+    report::Table { headers, rows }
+}
+
+/// The original work's three views (mean, first step, last step) over the alive features:
+/// per-style values, and CoT-minus-basic differences.
+fn classify_plots(styles: &[(String, classify::StyleStats)], c: &classify::Classification, stem: &Path) -> Result<Vec<PathBuf>> {
+    let views = [(Statistic::Mean, "Mean activation"), (Statistic::First, "First step"), (Statistic::Last, "Last step")];
+    let alive = &c.alive;
+    let values: Vec<_> = views
+        .iter()
+        .map(|(stat, title)| {
+            let series = styles
+                .iter()
+                .map(|(name, s)| Series {
+                    name: name.clone(),
+                    points: alive.iter().enumerate().map(|(x, &i)| (x as f64, s.statistic(*stat)[i])).collect(),
+                    errors: None,
+                })
+                .collect();
+            (title.to_string(), "alive feature (index order)".to_string(), "activation".to_string(), series)
+        })
+        .collect();
+    let basic = styles.iter().find(|(n, _)| n == "basic").map(|(_, s)| s);
+    let diffs: Vec<_> = views
+        .iter()
+        .map(|(stat, title)| {
+            let series = styles
+                .iter()
+                .filter(|(n, _)| n != "basic")
+                .filter_map(|(name, s)| {
+                    let b = basic?;
+                    Some(Series {
+                        name: format!("{name} - basic"),
+                        points: alive.iter().enumerate().map(|(x, &i)| (x as f64, s.statistic(*stat)[i] - b.statistic(*stat)[i])).collect(),
+                        errors: None,
+                    })
+                })
+                .collect();
+            (format!("{title}: difference"), "alive feature (index order)".to_string(), "CoT - basic".to_string(), series)
+        })
+        .collect();
+    let mut out = report::panels_chart(stem, &values)?;
+    let mut diff_stem = stem.as_os_str().to_owned();
+    diff_stem.push("_diff");
+    out.extend(report::panels_chart(Path::new(&diff_stem), &diffs)?);
+    Ok(out)
+}
+
+fn print_top(styles: &[(String, classify::StyleStats)], c: &classify::Classification) {
+    let mut rows: Vec<&classify::FeatureRow> = c.features.iter().filter(|f| f.alive).collect();
+    rows.sort_by(|a, b| b.diff_0shot.max(b.diff_fewshot).total_cmp(&a.diff_0shot.max(a.diff_fewshot)));
+    println!("top features by CoT - basic difference:");
+    for f in rows.iter().take(10) {
+        let tokens: Vec<String> = styles
+            .iter()
+            .flat_map(|(_, s)| s.top_tokens[f.index].iter().map(|(v, t)| format!("{t:?} {v:.2}")))
+            .take(3)
+            .collect();
+        println!(
+            "  #{:<6} {:<9} d0shot {:+.4}  dfewshot {:+.4}  p {:.2e}  fires most on: {}",
+            f.index,
+            f.label,
+            f.diff_0shot,
+            f.diff_fewshot,
+            f.p_0shot.min(f.p_fewshot),
+            if tokens.is_empty() { "-".into() } else { tokens.join(", ") }
+        );
+    }
+}
+
+/// The steer stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteerJob {
+    pub dataset: DatasetSpec,
+    /// Prompt template (`{question}`, `{passage}`, ... are dataset fields, stripped).
+    #[serde(default = "default_boolq_template")]
+    pub template: String,
+    #[serde(default = "default_configs")]
+    pub configs: String,
+    #[serde(default = "default_mode")]
+    pub mode: SteerMode,
+    #[serde(default = "default_steer_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub random_controls: usize,
+    /// `generate`, `loglik` or `both`.
+    #[serde(default = "default_score")]
+    pub score: String,
+}
+
+fn default_boolq_template() -> String {
+    crate::data::prompts::BOOLQ_TEMPLATE.to_string()
+}
+fn default_configs() -> String {
+    steer::DEFAULT_CONFIGS.to_string()
+}
+fn default_mode() -> SteerMode {
+    SteerMode::Delta
+}
+fn default_steer_tokens() -> usize {
+    50
+}
+fn default_score() -> String {
+    "generate".into()
+}
+
+/// Runs the steering experiment with the feature set in `features` (`neurons.json`, a JSON
+/// list or `1,5,9`).
+pub fn run_steer_job(job: &SteerJob, model: &Model, transcoder: Arc<Transcoder>, transcoder_path: &Path, features: &str, out: &Path) -> Result<()> {
+    if !["generate", "loglik", "both"].contains(&job.score.as_str()) {
+        bail!("--score must be generate, loglik or both, not `{}`", job.score);
+    }
+    let reasoning = classify::parse_features(features)?;
+    let (items, _) = job.dataset.load(0)?;
+    let items = items
+        .iter()
+        .map(|it| {
+            Ok(SteerItem {
+                id: it.id.clone(),
+                prompt: crate::data::prompts::render_template(&job.template, it, "steer")?,
+                ground_truth: it.fields.get("answer").and_then(|a| a.as_str()).unwrap_or("").to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut feature_sets = std::collections::BTreeMap::new();
+    if job.random_controls > 0 {
+        let pool = control_pool(features, &reasoning, &transcoder)?;
+        for (k, set) in steer::random_controls(&pool, reasoning.len(), job.random_controls, job.dataset.seed)?.into_iter().enumerate() {
+            feature_sets.insert(format!("control{}", k + 1), set);
+        }
+    }
+    feature_sets.insert("reasoning".to_string(), reasoning);
+    let configs = steer::with_controls(&steer::parse_configs(&job.configs)?, job.random_controls);
+    let settings = SteerSettings {
+        model: model.info.source.clone(),
+        transcoder: transcoder_path.display().to_string(),
+        layer: transcoder.meta.layer,
+        mode: job.mode,
+        max_new_tokens: job.max_new_tokens,
+        batch_size: job.batch_size.max(1),
+        score: job.score.clone(),
+        dataset: job.dataset.path.clone(),
+        seed: job.dataset.seed,
+        configs,
+        feature_sets,
+        items,
+    };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let records = steer::run_steer(model, transcoder, settings, out)?;
+    eprintln!("wrote {} ({} items)", out.display(), records.len());
+    Ok(())
+}
+
+/// Alive non-reasoning features: from `neurons.json`'s memory list, else from the transcoder's
+/// frequencies.
+fn control_pool(features: &str, reasoning: &[usize], tc: &Transcoder) -> Result<Vec<usize>> {
+    if let Ok(text) = std::fs::read_to_string(features) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            if let Some(mem) = v.get("memory").and_then(|m| m.as_array()) {
+                return Ok(mem.iter().filter_map(|x| x.as_u64().map(|u| u as usize)).collect());
+            }
+        }
+    }
+    let alive = tc.alive(-6.0).context("--random-controls needs neurons.json (with its memory list) or a transcoder with feature frequencies")?;
+    Ok(alive.into_iter().filter(|i| !reasoning.contains(i)).collect())
+}
+
+/// `neurosteer run`'s config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    pub model: String,
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    pub transcoder: PathBuf,
+    /// Output folder; each stage's results go below it.
+    pub out: PathBuf,
+    pub trace: TraceJob,
+    #[serde(default = "default_classify")]
+    pub classify: ClassifyJob,
+    pub steer: SteerJob,
+}
+
+fn default_classify() -> ClassifyJob {
+    ClassifyJob { frequency: None, alive_threshold: default_alive(), diff_threshold: default_diff(), statistic: default_statistic() }
+}
+
+/// Runs trace, classify, steer and evaluate; each stage resumes or is reused when its outputs
+/// exist. Relative paths in the config are taken from the config file's folder.
+pub fn run_experiment(config_path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(config_path).with_context(|| format!("{}: cannot read", config_path.display()))?;
+    let cfg: ExperimentConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", config_path.display(), e.to_string().replace('\n', " ")))?;
+    let base = config_path.parent().unwrap_or(Path::new("."));
+    run_pipeline(&cfg, base)
+}
+
+/// Runs every stage of `cfg`, resolving relative paths against `base`.
+pub fn run_pipeline(cfg: &ExperimentConfig, base: &Path) -> Result<()> {
+    let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+    let resolve_str = |s: &str| {
+        let p = base.join(s);
+        if !Path::new(s).is_absolute() && p.exists() { p.display().to_string() } else { s.to_string() }
+    };
+    let out = resolve(&cfg.out);
+    let transcoder_path = resolve(&cfg.transcoder);
+    let (model, tc) = load_model_and_transcoder(&resolve_str(&cfg.model), cfg.tokenizer.as_deref().map(resolve), &transcoder_path)?;
+    let mut trace_job = cfg.trace.clone();
+    trace_job.dataset.path = resolve_str(&trace_job.dataset.path);
+    trace_job.templates = trace_job.templates.as_deref().map(resolve);
+    let traces = out.join("traces");
+    eprintln!("[1/4] trace -> {}", traces.display());
+    run_trace_job(&trace_job, &model, tc.clone(), &transcoder_path, &traces)?;
+    let neurons = out.join("neurons.json");
+    eprintln!("[2/4] classify -> {}", neurons.display());
+    let mut cj = cfg.classify.clone();
+    cj.frequency = cj.frequency.as_deref().map(resolve);
+    run_classify_job(&cj, &traces, &neurons)?;
+    let results = out.join("results.json");
+    eprintln!("[3/4] steer -> {}", results.display());
+    let mut sj = cfg.steer.clone();
+    sj.dataset.path = resolve_str(&sj.dataset.path);
+    run_steer_job(&sj, &model, tc, &transcoder_path, &neurons.display().to_string(), &results)?;
+    let eval_dir = out.join("evaluation");
+    eprintln!("[4/4] evaluate -> {}", eval_dir.display());
+    let (e, written) = crate::evaluate::evaluate_file(&results, &eval_dir)?;
+    println!("{}", crate::evaluate::table(&e).to_text());
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! The steering experiment: answer questions while scaling a feature set, under several
+//! configurations, with random feature sets of the same size as controls.
+//!
+//! Output: a JSON array in the original notebook's schema, one record per item:
+//! `{"id", "prompt", "ground_truth": "True"|"False", "generations": {config: text}}`, plus
+//! `"new_tokens": {config: [ids]}` and, with `--score loglik`, `"loglik": {config: {"yes", "no"}}`.
+//! Beside it, `{out}.meta.json` holds the run's settings, the configurations and the skipped
+//! items. Both are rewritten atomically after every batch; a rerun with the same settings resumes
+//! and ends with byte-identical files, a rerun with other settings is refused.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_nn::ops::log_softmax;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::generate::{generate, GenerateOptions};
+use crate::hooks::Hooks;
+use crate::model::{LogitsAt, Model};
+use crate::report::write_atomic;
+use crate::transcoder::splice::{SteerMode, Steering};
+use crate::transcoder::Transcoder;
+
+/// One configuration: a name, a strength (None = the untouched model) and the feature set it
+/// scales (`reasoning` or `control{k}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SteerConfig {
+    pub name: String,
+    pub strength: Option<f64>,
+    pub feature_set: String,
+}
+
+/// Parses `Base,Original=1.0,Suppressed=0.5` into configurations on the reasoning set.
+pub fn parse_configs(spec: &str) -> Result<Vec<SteerConfig>> {
+    let mut out: Vec<SteerConfig> = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, strength) = match part.split_once('=') {
+            None if part.eq_ignore_ascii_case("base") => (part.to_string(), None),
+            None => bail!("--configs: `{part}` needs a strength (`Name=0.5`), or is `Base`"),
+            Some((n, s)) => {
+                let v: f64 = s.trim().parse().with_context(|| format!("--configs: `{s}` is not a number"))?;
+                if !v.is_finite() {
+                    bail!("--configs: strength `{s}` is not finite");
+                }
+                (n.trim().to_string(), Some(v))
+            }
+        };
+        if name.is_empty() || out.iter().any(|c| c.name == name) {
+            bail!("--configs: empty or repeated name `{name}`");
+        }
+        out.push(SteerConfig { name, strength, feature_set: "reasoning".into() });
+    }
+    if out.is_empty() {
+        bail!("--configs: no configuration");
+    }
+    Ok(out)
+}
+
+/// The original work's configurations.
+pub const DEFAULT_CONFIGS: &str = "Base,Original=1.0,Suppressed=0.5,Strengthen=2.0";
+
+/// One item to answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SteerItem {
+    pub id: String,
+    pub prompt: String,
+    pub ground_truth: String,
+}
+
+/// Everything that determines the results; a rerun must match it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SteerSettings {
+    pub model: String,
+    pub transcoder: String,
+    pub layer: usize,
+    pub mode: SteerMode,
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+    pub score: String,
+    pub dataset: String,
+    pub seed: u64,
+    pub configs: Vec<SteerConfig>,
+    /// Feature sets by name: `reasoning`, `control1`, ...
+    pub feature_sets: BTreeMap<String, Vec<usize>>,
+    pub items: Vec<SteerItem>,
+}
+
+/// The sidecar file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SteerMeta {
+    pub settings: SteerSettings,
+    /// Items skipped because prompt plus new tokens exceed the context.
+    pub skipped: Vec<String>,
+    pub completed: usize,
+}
+
+/// One result record (the original schema plus extras).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SteerRecord {
+    pub id: serde_json::Value,
+    pub prompt: String,
+    pub ground_truth: String,
+    pub generations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub new_tokens: BTreeMap<String, Vec<u32>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub loglik: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+/// Draws `k` control sets of `size` features from `pool` (seeded, without replacement inside a
+/// set).
+pub fn random_controls(pool: &[usize], size: usize, k: usize, seed: u64) -> Result<Vec<Vec<usize>>> {
+    if k > 0 && pool.len() < size {
+        bail!("--random-controls: only {} alive non-reasoning features to draw {size} from", pool.len());
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    Ok((0..k)
+        .map(|_| {
+            let mut s: Vec<usize> = pool.choose_multiple(&mut rng, size).copied().collect();
+            s.sort_unstable();
+            s
+        })
+        .collect())
+}
+
+/// Adds, for each control set, a copy of every steered configuration whose strength is not 1.
+pub fn with_controls(configs: &[SteerConfig], n_controls: usize) -> Vec<SteerConfig> {
+    let mut out = configs.to_vec();
+    for k in 1..=n_controls {
+        for c in configs {
+            if let Some(s) = c.strength {
+                if s != 1.0 {
+                    out.push(SteerConfig { name: format!("{}@control{k}", c.name), strength: Some(s), feature_set: format!("control{k}") });
+                }
+            }
+        }
+    }
+    out
+}
+
+fn meta_path(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".meta.json");
+    PathBuf::from(s)
+}
+
+/// Runs (or resumes) the experiment and writes `out` and its sidecar.
+pub fn run_steer(model: &Model, transcoder: Arc<Transcoder>, settings: SteerSettings, out: &Path) -> Result<Vec<SteerRecord>> {
+    let meta_file = meta_path(out);
+    let mut records: Vec<SteerRecord> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
+    if out.exists() || meta_file.exists() {
+        let old: SteerMeta = serde_json::from_str(
+            &std::fs::read_to_string(&meta_file).with_context(|| format!("{}: cannot read (results exist without their meta file)", meta_file.display()))?,
+        )
+        .with_context(|| format!("{}: not a steer meta file", meta_file.display()))?;
+        if old.settings != settings {
+            bail!(
+                "{}: was made with other arguments (model, transcoder, features, items, configs or mode); \
+                 pass another --out or delete it",
+                out.display()
+            );
+        }
+        records = serde_json::from_str(&std::fs::read_to_string(out).with_context(|| format!("{}: cannot read", out.display()))?)
+            .with_context(|| format!("{}: not a results file", out.display()))?;
+        skipped = old.skipped;
+        if records.len() + skipped.len() != old.completed {
+            bail!("{}: results and meta file disagree; delete both to start over", out.display());
+        }
+    }
+    let done = records.len() + skipped.len();
+    let opts = GenerateOptions {
+        max_new_tokens: settings.max_new_tokens,
+        batch_size: settings.batch_size,
+        stop_at_eos: true,
+        truncate_left: false,
+        feed_last: false,
+    };
+    let hooks_for: BTreeMap<String, Hooks> = settings
+        .configs
+        .iter()
+        .map(|c| -> Result<(String, Hooks)> {
+            let mut hooks = Hooks::none();
+            if let Some(s) = c.strength {
+                let features = settings.feature_sets.get(&c.feature_set).with_context(|| format!("no feature set `{}`", c.feature_set))?;
+                let edit = Steering::new(transcoder.clone(), features.clone(), s, settings.mode)?;
+                hooks.edit_mlp(settings.layer, Arc::new(edit));
+            }
+            Ok((c.name.clone(), hooks))
+        })
+        .collect::<Result<_>>()?;
+
+    let bar = ProgressBar::new(settings.items.len() as u64)
+        .with_style(ProgressStyle::with_template("steer [{bar:30}] {pos}/{len} items, {elapsed} elapsed, eta {eta}").expect("valid template"));
+    bar.set_position(done as u64);
+    let chunk_size = settings.batch_size.max(1);
+    if done % chunk_size != 0 && done != settings.items.len() {
+        bail!("{}: partial batch recorded; delete it to start over", out.display());
+    }
+    for chunk in settings.items[done..].chunks(chunk_size) {
+        let mut kept = Vec::new();
+        let mut ids = Vec::new();
+        for item in chunk {
+            let toks = model.codec.to_tokens(&item.prompt)?;
+            if toks.len() + settings.max_new_tokens > model.info.n_ctx {
+                skipped.push(item.id.clone());
+            } else {
+                kept.push(item);
+                ids.push(toks);
+            }
+        }
+        let mut recs: Vec<SteerRecord> = kept
+            .iter()
+            .map(|it| SteerRecord {
+                id: serde_json::from_str(&it.id).unwrap_or(serde_json::Value::String(it.id.clone())),
+                prompt: it.prompt.clone(),
+                ground_truth: it.ground_truth.clone(),
+                generations: BTreeMap::new(),
+                new_tokens: BTreeMap::new(),
+                loglik: BTreeMap::new(),
+            })
+            .collect();
+        if !ids.is_empty() {
+            for c in &settings.configs {
+                let hooks = &hooks_for[&c.name];
+                if settings.score != "loglik" {
+                    let outs = generate(model, &ids, &opts, hooks, |_| Ok(()))?;
+                    for (r, new) in recs.iter_mut().zip(outs) {
+                        r.generations.insert(c.name.clone(), model.codec.decode(&new)?);
+                        r.new_tokens.insert(c.name.clone(), new);
+                    }
+                }
+                if settings.score != "generate" {
+                    for (r, toks) in recs.iter_mut().zip(&ids) {
+                        r.loglik.insert(c.name.clone(), yes_no_loglik(model, toks, hooks)?);
+                    }
+                }
+            }
+        }
+        records.extend(recs);
+        let meta = SteerMeta { settings: settings.clone(), skipped: skipped.clone(), completed: records.len() + skipped.len() };
+        write_atomic(out, serde_json::to_string_pretty(&records)?.as_bytes())?;
+        write_atomic(&meta_file, serde_json::to_string_pretty(&meta)?.as_bytes())?;
+        bar.inc(chunk.len() as u64);
+    }
+    if settings.items.is_empty() || done == settings.items.len() {
+        // Nothing to do, but make sure both files exist.
+        let meta = SteerMeta { settings: settings.clone(), skipped: skipped.clone(), completed: records.len() + skipped.len() };
+        write_atomic(out, serde_json::to_string_pretty(&records)?.as_bytes())?;
+        write_atomic(&meta_file, serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    }
+    bar.finish_and_clear();
+    if !skipped.is_empty() {
+        eprintln!("skipped {} items whose prompt plus {} new tokens exceed the context of {}", skipped.len(), settings.max_new_tokens, model.info.n_ctx);
+    }
+    Ok(records)
+}
+
+/// Reads the sidecar of a results file, if there is one.
+pub fn read_meta(out: &Path) -> Result<Option<SteerMeta>> {
+    let p = meta_path(out);
+    if !p.exists() {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::from_str(&std::fs::read_to_string(&p)?).with_context(|| format!("{}: not a steer meta file", p.display()))?))
+}
+
+/// Next-token log-probabilities of the answers " yes" and " no" after the prompt (summed over
+/// their tokens when they take several), as lm-eval scores BoolQ.
+pub fn yes_no_loglik(model: &Model, prompt: &[u32], hooks: &Hooks) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for answer in ["yes", "no"] {
+        let cont = model.codec.tokenizer.encode(&format!(" {answer}"))?;
+        let mut seq = prompt.to_vec();
+        seq.extend(&cont);
+        let mut h = hooks.clone();
+        let mut cache = model.new_cache(1);
+        let logits = model.forward(&[seq.clone()], &[vec![true; seq.len()]], &mut cache, &mut h, LogitsAt::All)?;
+        let lp = log_softmax(&logits.squeeze(0)?, 1)?;
+        let mut total = 0.0;
+        for (j, &tok) in cont.iter().enumerate() {
+            let pos = prompt.len() - 1 + j;
+            total += lp.get(pos)?.get(tok as usize)?.to_scalar::<f32>()? as f64;
+        }
+        out.insert(answer.to_string(), total);
+    }
+    Ok(out)
+}

@@ -1,0 +1,126 @@
+//! The command line end to end: real commands on the fixtures, and bad input that must end
+//! with one clear line and a non-zero exit, never a panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("neurosteer-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> Output {
+    common::bin().args(args).output().unwrap()
+}
+
+/// Asserts a clean failure: non-zero exit, one line on stderr containing every `needle`.
+fn assert_clean_error(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` missing from: {err}");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn generate_json_matches_library_and_karpathy() {
+    let Some(shared) = common::shared() else { return };
+    let s = shared.join("assets/stories260K");
+    let out = run(&[
+        "generate", "--model", s.join("stories260K.bin").to_str().unwrap(), "--tokenizer", s.join("tok512.bin").to_str().unwrap(),
+        "--prompt", "Once upon a time, there was a little girl named Lily.", "--max-new-tokens", "12", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["text"].as_str().unwrap(), "She loved to play outside in the");
+    assert_eq!(v["new_tokens"].as_array().unwrap().len(), 12);
+}
+
+#[test]
+fn prompts_file_with_newlines_and_batches() {
+    let Some(shared) = common::shared() else { return };
+    let d = tmpdir("prompts");
+    let f = d.join("p.jsonl");
+    std::fs::write(&f, "\"Question: why?\\nAnswer:\"\n{\"prompt\": \"Once upon a time\"}\n\"Hi\"\n").unwrap();
+    let model = shared.join("fixtures/tiny-llama3");
+    let batched = run(&["generate", "--model", model.to_str().unwrap(), "--prompts", f.to_str().unwrap(), "--max-new-tokens", "6", "--json", "--batch-size", "3"]);
+    let single = run(&["generate", "--model", model.to_str().unwrap(), "--prompts", f.to_str().unwrap(), "--max-new-tokens", "6", "--json", "--batch-size", "1"]);
+    assert!(batched.status.success(), "{}", String::from_utf8_lossy(&batched.stderr));
+    assert_eq!(String::from_utf8_lossy(&batched.stdout).lines().count(), 3);
+    assert_eq!(batched.stdout, single.stdout);
+}
+
+#[test]
+fn activations_writes_hooks_logits_tokens() {
+    let Some(shared) = common::shared() else { return };
+    let d = tmpdir("acts");
+    let out = d.join("a.safetensors");
+    let r = run(&["activations", "--model", shared.join("fixtures/tiny-gpt2").to_str().unwrap(), "--prompt", "Hello world",
+        "--hook", "blocks.1.ln2.hook_normalized", "--hook", "hook_pos_embed", "--out", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    let n = t["tokens"].dims()[0];
+    assert_eq!(n, 3, "BOS + 2 tokens");
+    assert_eq!(t["blocks.1.ln2.hook_normalized"].dims(), &[n, 64]);
+    assert_eq!(t["logits"].dims(), &[n, 50257]);
+    let tok: Vec<i64> = t["tokens"].to_vec1().unwrap();
+    assert_eq!(tok[0], 50256);
+}
+
+#[test]
+fn bad_inputs_fail_with_one_clear_line() {
+    let Some(shared) = common::shared() else { return };
+    let d = tmpdir("bad");
+    let gpt2 = shared.join("fixtures/tiny-gpt2");
+
+    // Unknown architecture.
+    let arch = d.join("arch");
+    copy_dir(&gpt2, &arch);
+    std::fs::write(arch.join("config.json"), r#"{"architectures": ["MistralForCausalLM"]}"#).unwrap();
+    assert_clean_error(&run(&["generate", "--model", arch.to_str().unwrap(), "--prompt", "x"]), &["MistralForCausalLM", "GPT2LMHeadModel", "config.json"]);
+
+    // Truncated weights.
+    let trunc = d.join("trunc");
+    copy_dir(&gpt2, &trunc);
+    let w = std::fs::read(trunc.join("model.safetensors")).unwrap();
+    std::fs::write(trunc.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    assert_clean_error(&run(&["generate", "--model", trunc.to_str().unwrap(), "--prompt", "x"]), &["model.safetensors"]);
+
+    // Wrong shapes: the config says a wider model than the weights.
+    let shape = d.join("shape");
+    copy_dir(&gpt2, &shape);
+    let cfg = std::fs::read_to_string(shape.join("config.json")).unwrap().replace("\"n_embd\": 64", "\"n_embd\": 128");
+    std::fs::write(shape.join("config.json"), cfg).unwrap();
+    assert_clean_error(&run(&["generate", "--model", shape.to_str().unwrap(), "--prompt", "x"]), &["shape"]);
+
+    // Missing folder, bad hook names.
+    assert_clean_error(&run(&["generate", "--model", d.join("nothing/here").to_str().unwrap(), "--prompt", "x"]), &["nothing/here"]);
+    let out = d.join("a.safetensors");
+    assert_clean_error(&run(&["activations", "--model", gpt2.to_str().unwrap(), "--prompt", "x", "--hook", "blocks.0.hook_nope", "--out", out.to_str().unwrap()]), &["blocks.0.hook_nope"]);
+    assert_clean_error(&run(&["activations", "--model", gpt2.to_str().unwrap(), "--prompt", "x", "--hook", "blocks.7.hook_mlp_out", "--out", out.to_str().unwrap()]), &["blocks.7.hook_mlp_out"]);
+    assert!(!out.exists(), "no half-written output");
+
+    // A prompt that does not fit the context.
+    let long = "word ".repeat(200);
+    assert_clean_error(&run(&["generate", "--model", gpt2.to_str().unwrap(), "--prompt", &long, "--max-new-tokens", "10"]), &["context"]);
+    // Truncated llama2.c checkpoint.
+    let s = shared.join("assets/stories260K");
+    let ck = std::fs::read(s.join("stories260K.bin")).unwrap();
+    std::fs::write(d.join("short.bin"), &ck[..1000]).unwrap();
+    assert_clean_error(&run(&["generate", "--model", d.join("short.bin").to_str().unwrap(), "--tokenizer", s.join("tok512.bin").to_str().unwrap(), "--prompt", "x"]), &["short.bin", "truncated"]);
+}
