@@ -437,10 +437,13 @@ impl<'a> Machine<'a> {
                     // STACK_GLOBAL
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    let (Obj::Str(m), Obj::Str(n)) = (&*module.borrow(), &*name.borrow()) else {
-                        bail!("STACK_GLOBAL needs two strings at byte {at}");
+                    let o = {
+                        let (mb, nb) = (module.borrow(), name.borrow());
+                        match (&*mb, &*nb) {
+                            (Obj::Str(m), Obj::Str(n)) => Obj::Global { module: m.clone(), name: n.clone() },
+                            _ => bail!("STACK_GLOBAL needs two strings at byte {at}"),
+                        }
                     };
-                    let o = Obj::Global { module: m.clone(), name: n.clone() };
                     self.push(o);
                 }
                 b'q' => {
@@ -777,6 +780,14 @@ fn load_pt_inner(path: &Path) -> Result<Pt> {
         entry.take(MAX_PICKLE_BYTES).read_to_end(&mut bytes).map_err(|e| anyhow!("cannot read {pkl}: {e}"))?;
         bytes
     };
+    let bo_name = if archive.is_empty() { "byteorder".to_string() } else { format!("{archive}/byteorder") };
+    if let Ok(entry) = zip.by_name(&bo_name) {
+        let mut bo = String::new();
+        entry.take(16).read_to_string(&mut bo).map_err(|e| anyhow!("cannot read {bo_name}: {e}"))?;
+        if bo.trim() != "little" {
+            bail!("unsupported byte order {:?} (only little-endian archives are read)", bo.trim());
+        }
+    }
     let root = parse_pickle(&bytes)?;
     Ok(Pt { path: path.to_path_buf(), archive, root, zip: RefCell::new(zip) })
 }

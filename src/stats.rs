@@ -269,7 +269,7 @@ pub fn bootstrap_diff_ci(a: &[f64], b: &[f64], n_boot: usize, alpha: f64, seed: 
         return (f64::NAN, f64::NAN);
     }
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut resample_mean = |xs: &[f64], rng: &mut StdRng| {
+    let resample_mean = |xs: &[f64], rng: &mut StdRng| {
         (0..xs.len()).map(|_| xs[rng.gen_range(0..xs.len())]).sum::<f64>() / xs.len() as f64
     };
     let mut diffs: Vec<f64> = (0..n_boot)

@@ -230,10 +230,11 @@ fn write_shard(path: &Path, s: &Shard) -> Result<()> {
     t.insert("row_offsets".into(), Tensor::from_vec(s.offsets.iter().map(|&o| o as i64).collect::<Vec<_>>(), n + 1, &dev)?);
     t.insert("feature".into(), Tensor::from_vec(s.features.clone(), s.features.len(), &dev)?);
     t.insert("value".into(), Tensor::from_vec(s.values.clone(), s.values.len(), &dev)?);
-    let meta = HashMap::from([
-        ("texts".to_string(), serde_json::to_string(&s.texts)?),
-        ("tokens".to_string(), serde_json::to_string(&s.token_text)?),
-    ]);
+    let tokens: std::collections::BTreeMap<&u32, &String> = s.token_text.iter().collect();
+    let meta = HashMap::from([(
+        "neurosteer_trace".to_string(),
+        serde_json::to_string(&serde_json::json!({"texts": s.texts, "tokens": tokens}))?,
+    )]);
     let views: Vec<(String, Tensor)> = t.into_iter().collect();
     let bytes = safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
         .map_err(|e| anyhow::anyhow!("{}: cannot serialize shard: {e}", path.display()))?;
@@ -247,20 +248,19 @@ pub fn read_shard(path: &Path) -> Result<Shard> {
         .map_err(|e| anyhow::anyhow!("{}: corrupt trace shard: {e}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: corrupt trace shard: {e}", path.display()))?;
-    let texts: Vec<ShardText> = meta
+    #[derive(Deserialize)]
+    struct ShardMeta {
+        texts: Vec<ShardText>,
+        tokens: HashMap<u32, String>,
+    }
+    let ShardMeta { texts, tokens: token_text } = meta
         .metadata()
         .as_ref()
-        .and_then(|m| m.get("texts"))
+        .and_then(|m| m.get("neurosteer_trace"))
         .map(|t| serde_json::from_str(t))
-        .transpose()?
-        .with_context(|| format!("{}: trace shard has no texts", path.display()))?;
-    let token_text: HashMap<u32, String> = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("tokens"))
-        .map(|t| serde_json::from_str(t))
-        .transpose()?
-        .unwrap_or_default();
+        .transpose()
+        .with_context(|| format!("{}: corrupt trace shard metadata", path.display()))?
+        .with_context(|| format!("{}: trace shard has no metadata", path.display()))?;
     let get = |name: &str| -> Result<Tensor> {
         let v = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: trace shard lacks `{name}`: {e}", path.display()))?;
         Ok(candle_core::safetensors::Load::load(&v, &Device::Cpu)?)
@@ -329,12 +329,10 @@ fn write_summary(path: &Path, s: &Summary) -> Result<()> {
         ("mean", Tensor::from_vec(s.mean.clone(), n, &dev)?),
         ("first", Tensor::from_vec(s.first.clone(), n, &dev)?),
         ("last", Tensor::from_vec(s.last.clone(), n, &dev)?),
+        ("n_texts", Tensor::new(&[s.n_texts as i64], &dev)?),
+        ("n_vectors", Tensor::new(&[s.n_vectors as i64], &dev)?),
     ];
-    let meta = HashMap::from([
-        ("n_texts".to_string(), s.n_texts.to_string()),
-        ("n_vectors".to_string(), s.n_vectors.to_string()),
-    ]);
-    let bytes = safetensors::serialize(views.iter().map(|(k, v)| (*k, v)), Some(meta))
+    let bytes = safetensors::serialize(views.iter().map(|(k, v)| (*k, v)), None)
         .map_err(|e| anyhow::anyhow!("{}: cannot serialize summary: {e}", path.display()))?;
     crate::report::write_atomic(path, &bytes)
 }

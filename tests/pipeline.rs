@@ -75,7 +75,7 @@ fn fixture(shared: &Path) -> Fixture {
 
 fn trace_cmd(f: &Fixture, out: &Path) -> Command {
     let mut c = common::bin();
-    c.args(["trace", "--model", &f.model, "--transcoder", &f.transcoder, "--dataset", &f.gsm8k, "--n", "24",
+    c.args(["trace", "--model", &f.model, "--transcoder", &f.transcoder, "--dataset", &f.gsm8k, "--n", "12",
         "--max-new-tokens", "8", "--batch-size", "4", "--truncate-left", "--out", &s(out)]);
     c
 }
@@ -122,7 +122,7 @@ fn trace_classify_steer_evaluate_with_crashes() {
     }
     // Other arguments against the same folder are refused.
     let other = common::bin()
-        .args(["trace", "--model", &f.model, "--transcoder", &f.transcoder, "--dataset", &f.gsm8k, "--n", "20", "--max-new-tokens", "8", "--out", &s(&crashed)])
+        .args(["trace", "--model", &f.model, "--transcoder", &f.transcoder, "--dataset", &f.gsm8k, "--n", "10", "--max-new-tokens", "8", "--out", &s(&crashed)])
         .output()
         .unwrap();
     assert!(!other.status.success());
@@ -144,7 +144,7 @@ fn trace_classify_steer_evaluate_with_crashes() {
     let steer = |out: &Path| {
         let mut c = common::bin();
         c.args(["steer", "--model", &f.model, "--transcoder", &f.transcoder, "--features", &s(&chosen), "--dataset", &f.boolq,
-            "--n", "24", "--max-new-tokens", "6", "--batch-size", "4", "--mode", "replace", "--random-controls", "1",
+            "--n", "12", "--max-new-tokens", "6", "--batch-size", "4", "--mode", "replace", "--random-controls", "1",
             "--score", "both", "--out", &s(out)]);
         c
     };

@@ -331,10 +331,10 @@ pub fn detect_kind(rows: &[Row]) -> DatasetKind {
     if has("question") && has("passage") && (has("answer") || has("label")) {
         return DatasetKind::BoolQ;
     }
-    if let Some(Value::String(a)) = row.get("answer") {
-        if a.contains("####") {
-            return DatasetKind::Gsm8k;
-        }
+    // GSM8K answers end in `#### N`; look past a first row that lacks it.
+    let gsm8k_answer = |r: &Row| matches!(r.get("answer"), Some(Value::String(a)) if a.contains("####"));
+    if rows.iter().take(20).any(gsm8k_answer) {
+        return DatasetKind::Gsm8k;
     }
     custom(Some(row))
 }

@@ -79,7 +79,7 @@ fn parse(template: &str) -> Result<Vec<Piece<'_>>> {
             }
             b'{' => {
                 let end = template[i + 1..]
-                    .find(|c| c == '}' || c == '{')
+                    .find(|c: char| c == '}' || c == '{')
                     .map(|e| e + i + 1)
                     .filter(|&e| bytes[e] == b'}')
                     .ok_or_else(|| anyhow!("unclosed `{{` at byte {i} (write `{{{{` for a literal brace)"))?;
@@ -334,7 +334,8 @@ mod tests {
     }
 
     fn worked(i: usize) -> Item {
-        item(&format!("ex{i}"), &[("question", &format!("Q{i}?")), ("reasoning", &format!("R{i}.")), ("answer", &i.to_string())])
+        let (q, r, a) = (format!("Q{i}?"), format!("R{i}."), i.to_string());
+        item(&format!("ex{i}"), &[("question", q.as_str()), ("reasoning", r.as_str()), ("answer", a.as_str())])
     }
 
     #[test]
@@ -409,7 +410,7 @@ mod tests {
         let dir = tmp_dir();
         std::fs::write(
             dir.join("ex.jsonl"),
-            "{\"question\": \"no reasoning\", \"answer\": \"x\"}\n\
+            "{\"question\": \"no reasoning\", \"answer\": \"#### 3\"}\n\
              {\"question\": \"A?\", \"answer\": \"R. #### 5\"}\n\
              {\"question\": \"B?\", \"answer\": \"S <<1+1=2>>2. #### 2\"}\n",
         )

@@ -347,7 +347,7 @@ pub fn save_neurosteer(t: &Transcoder, path: &Path) -> Result<()> {
         tensors.push(("W_skip".into(), cpu(ws)?));
     }
     if let Some(lf) = &t.log_frequency {
-        tensors.push(("log_frequency".into(), Tensor::from_slice(lf, lf.len(), &Device::Cpu)?));
+        tensors.push(("log_frequency".into(), Tensor::from_slice(lf.as_slice(), lf.len(), &Device::Cpu)?));
     }
     let name = path
         .file_name()

@@ -1,0 +1,193 @@
+//! Transcoder loading (sae_training .pt, SAELens, own format) against the reference arrays.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use neurosteer::transcoder::Transcoder;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("neurosteer-tc-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn reference(shared: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(shared.join("fixtures/transcoders/reference_arrays.safetensors"), &Device::Cpu)
+        .unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn stories_l2(shared: &Path) -> PathBuf {
+    shared.join("fixtures/transcoders/stories260K/layer_02/stories260K_blocks.2.ln2.hook_normalized_512.pt")
+}
+
+fn tiny_l1(shared: &Path) -> PathBuf {
+    shared.join("fixtures/transcoders/tiny-gpt2/layer_01/tiny-gpt2_blocks.1.ln2.hook_normalized_256.pt")
+}
+
+#[test]
+fn stories260k_pt_and_saelens_agree_with_reference() {
+    let Some(shared) = common::shared() else { return };
+    let r = reference(&shared);
+    let pt = Transcoder::load(&stories_l2(&shared)).unwrap();
+    let sl = Transcoder::load(&shared.join("fixtures/transcoders/stories260K/layer_02/saelens")).unwrap();
+    for t in [&pt, &sl] {
+        assert_eq!(t.meta.layer, 2);
+        assert_eq!(t.meta.hook_in, "blocks.2.ln2.hook_normalized");
+        assert_eq!(t.meta.hook_out, "blocks.2.hook_mlp_out");
+        assert_eq!((t.meta.d_in, t.meta.d_sae, t.meta.d_out), (64, 512, 64));
+        assert_eq!(t.meta.model_name.as_deref(), Some("stories260K"));
+    }
+    assert_eq!(pt.meta.format, "sae_training");
+    assert_eq!(sl.meta.format, "saelens");
+    assert_eq!(pt.meta.extra["l1_coefficient"], serde_json::json!(0.05));
+    assert_eq!(pt.alive(-6.0).unwrap().len(), 512);
+    assert!(sl.log_frequency.is_none());
+
+    let x = &r["stories260K_layer2/ln2_hook_normalized"];
+    let f_pt = pt.encode(x).unwrap();
+    let f_sl = sl.encode(x).unwrap();
+    assert_eq!(f_pt.dims(), &[35, 512]);
+    let d = common::max_abs_diff(&flat(&f_pt), &flat(&f_sl));
+    assert!(d <= 5e-6, "pt vs saelens features differ by {d}");
+    let d = common::max_abs_diff(&flat(&f_pt), &flat(&r["stories260K_layer2/feature_acts"]));
+    assert!(d <= 1e-4, "features differ from reference by {d}");
+    let want = flat(&r["stories260K_layer2/transcoder_out"]);
+    for (name, t, f) in [("pt", &pt, &f_pt), ("saelens", &sl, &f_sl)] {
+        let d = common::max_abs_diff(&flat(&t.decode(f).unwrap()), &want);
+        assert!(d <= 1e-4, "{name} output differs from reference by {d}");
+        let d = common::max_abs_diff(&flat(&t.forward(x).unwrap()), &want);
+        assert!(d <= 1e-4, "{name} forward differs from reference by {d}");
+    }
+    // Leading dims are kept: [1, T, d_in] and [d_in].
+    let x3 = x.unsqueeze(0).unwrap();
+    assert_eq!(pt.encode(&x3).unwrap().dims(), &[1, 35, 512]);
+    let x1 = x.get(3).unwrap();
+    let f1 = pt.encode(&x1).unwrap();
+    assert_eq!(f1.dims(), &[512]);
+    assert_eq!(pt.decode(&f1).unwrap().dims(), &[64]);
+    assert!(pt.encode(&f_pt).is_err());
+}
+
+#[test]
+fn tiny_gpt2_matches_reference() {
+    let Some(shared) = common::shared() else { return };
+    let r = reference(&shared);
+    let t = Transcoder::load(&tiny_l1(&shared)).unwrap();
+    assert_eq!((t.meta.layer, t.meta.d_in, t.meta.d_sae, t.meta.d_out), (1, 64, 256, 64));
+    assert_eq!(t.meta.model_name.as_deref(), Some("tiny-gpt2"));
+    let alive = t.alive(-6.0).unwrap();
+    assert_eq!(alive.len(), 240);
+    assert!(alive.iter().all(|&i| i < 240));
+    let x = &r["tiny-gpt2_layer1/ln2_hook_normalized"];
+    let f = t.encode(x).unwrap();
+    let d = common::max_abs_diff(&flat(&f), &flat(&r["tiny-gpt2_layer1/feature_acts"]));
+    assert!(d <= 1e-4, "features differ by {d}");
+    let d = common::max_abs_diff(&flat(&t.decode(&f).unwrap()), &flat(&r["tiny-gpt2_layer1/transcoder_out"]));
+    assert!(d <= 1e-4, "output differs by {d}");
+}
+
+#[test]
+fn own_format_round_trip_is_exact() {
+    let Some(shared) = common::shared() else { return };
+    let dir = tmpdir("roundtrip");
+    let mut t = Transcoder::load(&tiny_l1(&shared)).unwrap();
+    // Exercise the optional tensors too.
+    t.threshold = Some((Tensor::ones(256, candle_core::DType::F32, &Device::Cpu).unwrap() * 0.25).unwrap());
+    t.w_skip = Some(Tensor::randn(0f32, 1.0, (64, 64), &Device::Cpu).unwrap());
+    let p = dir.join("tc.safetensors");
+    t.save(&p).unwrap();
+    let u = Transcoder::load(&p).unwrap();
+    assert_eq!(u.meta.format, "neurosteer");
+    let mut m = t.meta.clone();
+    m.format = "neurosteer".into();
+    assert_eq!(u.meta, m);
+    let pairs = [
+        (&t.w_enc, &u.w_enc),
+        (&t.b_enc, &u.b_enc),
+        (&t.w_dec, &u.w_dec),
+        (&t.b_dec_in, &u.b_dec_in),
+        (&t.b_dec_out, &u.b_dec_out),
+        (t.threshold.as_ref().unwrap(), u.threshold.as_ref().unwrap()),
+        (t.w_skip.as_ref().unwrap(), u.w_skip.as_ref().unwrap()),
+    ];
+    for (a, b) in pairs {
+        assert_eq!(a.dims(), b.dims());
+        assert_eq!(flat(a), flat(b));
+    }
+    assert_eq!(t.log_frequency, u.log_frequency);
+    // Saving again over the same path works and leaves no temp file.
+    u.save(&p).unwrap();
+    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(Transcoder::load(&p).unwrap().meta, u.meta);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn err_of(r: anyhow::Result<Transcoder>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn corrupt_inputs_give_clean_errors() {
+    let Some(shared) = common::shared() else { return };
+    let dir = tmpdir("corrupt");
+
+    // Truncated .pt
+    let bytes = std::fs::read(stories_l2(&shared)).unwrap();
+    let p = dir.join("trunc.pt");
+    std::fs::write(&p, &bytes[..bytes.len() / 3]).unwrap();
+    let e = err_of(Transcoder::load(&p));
+    assert!(e.contains("trunc.pt"), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+
+    // SAELens copy with wrong-shape weights.
+    let src = shared.join("fixtures/transcoders/stories260K/layer_02/saelens");
+    let sl = dir.join("saelens_bad_shape");
+    std::fs::create_dir_all(&sl).unwrap();
+    std::fs::copy(src.join("cfg.json"), sl.join("cfg.json")).unwrap();
+    let mut w = candle_core::safetensors::load(src.join("sae_weights.safetensors"), &Device::Cpu).unwrap();
+    w.insert("W_dec".into(), w["W_dec"].narrow(0, 0, 500).unwrap());
+    candle_core::safetensors::save(&w, sl.join("sae_weights.safetensors")).unwrap();
+    let e = err_of(Transcoder::load(&sl));
+    assert!(e.contains("sae_weights.safetensors") && e.contains("W_dec") && e.contains("[500, 64]"), "{e}");
+
+    // cfg.json missing a field.
+    let sl2 = dir.join("saelens_no_field");
+    std::fs::create_dir_all(&sl2).unwrap();
+    std::fs::copy(src.join("sae_weights.safetensors"), sl2.join("sae_weights.safetensors")).unwrap();
+    let mut cfg = common::json(&src.join("cfg.json"));
+    cfg.as_object_mut().unwrap().remove("d_sae");
+    std::fs::write(sl2.join("cfg.json"), cfg.to_string()).unwrap();
+    let e = err_of(Transcoder::load(&sl2));
+    assert!(e.contains("cfg.json") && e.contains("d_sae"), "{e}");
+
+    // cfg.json that says apply_b_dec_to_input.
+    cfg["d_sae"] = 512.into();
+    cfg["apply_b_dec_to_input"] = true.into();
+    std::fs::write(sl2.join("cfg.json"), cfg.to_string()).unwrap();
+    let e = err_of(Transcoder::load(&sl2));
+    assert!(e.contains("apply_b_dec_to_input"), "{e}");
+
+    // Garbage own-format file, and a safetensors file that is not ours.
+    let p = dir.join("garbage.safetensors");
+    std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x7fnope").unwrap();
+    let e = err_of(Transcoder::load(&p));
+    assert!(e.contains("garbage.safetensors"), "{e}");
+    let e = err_of(Transcoder::load(&src.join("sae_weights.safetensors")));
+    assert!(e.contains("not a neurosteer transcoder"), "{e}");
+
+    // Missing file.
+    let e = err_of(Transcoder::load(&dir.join("nothing.pt")));
+    assert!(e.contains("nothing.pt"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
