@@ -8,6 +8,9 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
+use super::LogitsAt;
+use crate::hooks::{HookPoint, Hooks};
+
 /// Keys and values of every layer, plus which cached slots hold real tokens.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -136,6 +139,25 @@ pub fn normalize(x: &Tensor, eps: f64, center: bool) -> Result<(Tensor, Tensor)>
     let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
     let normalized = x.broadcast_div(&scale)?;
     Ok((normalized, scale))
+}
+
+/// Normalizes `x` and passes the scale and the normalized value through their hook points;
+/// returns the (possibly rewritten) normalized value.
+pub fn hooked_norm(hooks: &mut Hooks, x: &Tensor, eps: f64, center: bool, scale_at: HookPoint, normalized_at: HookPoint) -> Result<Tensor> {
+    let (normalized, scale) = normalize(x, eps, center)?;
+    hooks.visit(scale_at, scale)?;
+    hooks.visit(normalized_at, normalized)
+}
+
+/// Keeps every position, or only the last one, of `x [batch, seq, d]`.
+pub fn select_positions(x: Tensor, at: LogitsAt) -> Result<Tensor> {
+    Ok(match at {
+        LogitsAt::All => x,
+        LogitsAt::Last => {
+            let t = x.dim(1)?;
+            x.narrow(1, t - 1, 1)?
+        }
+    })
 }
 
 /// `x @ w.T` for `x [.., in]` and an `nn.Linear` weight `w [out, in]`, as one matrix product.

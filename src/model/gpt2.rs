@@ -11,7 +11,7 @@ use anyhow::Result;
 use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::attention::{attend, normalize, KvCache, Step};
+use super::attention::{attend, hooked_norm, select_positions, KvCache, Step};
 use super::config::Gpt2Config;
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
@@ -135,9 +135,7 @@ impl Gpt2 {
         for (l, blk) in self.blocks.iter().enumerate() {
             x = hooks.visit(HookPoint::ResidPre(l), x)?;
             // Attention.
-            let (normed, scale) = normalize(&x, eps, true)?;
-            hooks.visit(HookPoint::Ln1Scale(l), scale)?;
-            let normed = hooks.visit(HookPoint::Ln1Normalized(l), normed)?;
+            let normed = hooked_norm(hooks, &x, eps, true, HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l))?;
             let qkv = blk.c_attn.forward(&blk.ln_1.affine(&normed)?)?;
             let split = |i: usize| -> Result<Tensor> {
                 Ok(qkv.narrow(2, i * d, d)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?)
@@ -148,9 +146,7 @@ impl Gpt2 {
             let attn_out = hooks.visit(HookPoint::AttnOut(l), blk.c_proj.forward(&attn)?)?;
             x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
             // MLP.
-            let (normed, scale) = normalize(&x, eps, true)?;
-            hooks.visit(HookPoint::Ln2Scale(l), scale)?;
-            let normed = hooks.visit(HookPoint::Ln2Normalized(l), normed)?;
+            let normed = hooked_norm(hooks, &x, eps, true, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l))?;
             let normed = hooks.mlp_input(l, normed)?;
             let pre = hooks.visit(HookPoint::MlpPre(l), blk.c_fc.forward(&blk.ln_2.affine(&normed)?)?)?;
             let post = hooks.visit(HookPoint::MlpPost(l), pre.gelu()?)?;
@@ -159,13 +155,8 @@ impl Gpt2 {
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), mlp_out)?;
             x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
         }
-        let x = match logits_at {
-            LogitsAt::All => x,
-            LogitsAt::Last => x.narrow(1, t - 1, 1)?,
-        };
-        let (normed, scale) = normalize(&x, eps, true)?;
-        hooks.visit(HookPoint::LnFinalScale, scale)?;
-        let normed = hooks.visit(HookPoint::LnFinalNormalized, normed)?;
+        let x = select_positions(x, logits_at)?;
+        let normed = hooked_norm(hooks, &x, eps, true, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized)?;
         let hidden = self.ln_f.affine(&normed)?;
         super::attention::linear(&hidden, &self.wte)
     }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{attend, linear, normalize, KvCache, Step};
+use super::attention::{attend, hooked_norm, linear, select_positions, KvCache, Step};
 use super::config::LlamaConfig;
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
@@ -90,9 +90,7 @@ impl Llama {
         for (l, blk) in self.blocks.iter().enumerate() {
             x = hooks.visit(HookPoint::ResidPre(l), x)?;
             // Attention.
-            let (normed, scale) = normalize(&x, eps, false)?;
-            hooks.visit(HookPoint::Ln1Scale(l), scale)?;
-            let normed = hooks.visit(HookPoint::Ln1Normalized(l), normed)?;
+            let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l))?;
             let h = normed.broadcast_mul(&blk.attn_norm)?;
             let q = linear(&h, &blk.wq)?.reshape((b, t, c.num_attention_heads, c.head_dim))?.transpose(1, 2)?.contiguous()?;
             let k = linear(&h, &blk.wk)?.reshape((b, t, c.num_key_value_heads, c.head_dim))?.transpose(1, 2)?.contiguous()?;
@@ -104,9 +102,7 @@ impl Llama {
             let attn_out = hooks.visit(HookPoint::AttnOut(l), linear(&attn, &blk.wo)?)?;
             x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
             // MLP.
-            let (normed, scale) = normalize(&x, eps, false)?;
-            hooks.visit(HookPoint::Ln2Scale(l), scale)?;
-            let normed = hooks.visit(HookPoint::Ln2Normalized(l), normed)?;
+            let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l))?;
             let normed = hooks.mlp_input(l, normed)?;
             let h = normed.broadcast_mul(&blk.mlp_norm)?;
             let pre = hooks.visit(HookPoint::MlpPre(l), linear(&h, &blk.gate)?)?;
@@ -117,13 +113,8 @@ impl Llama {
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), mlp_out)?;
             x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
         }
-        let x = match logits_at {
-            LogitsAt::All => x,
-            LogitsAt::Last => x.narrow(1, t - 1, 1)?,
-        };
-        let (normed, scale) = normalize(&x, eps, false)?;
-        hooks.visit(HookPoint::LnFinalScale, scale)?;
-        let normed = hooks.visit(HookPoint::LnFinalNormalized, normed)?;
+        let x = select_positions(x, logits_at)?;
+        let normed = hooked_norm(hooks, &x, eps, false, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized)?;
         let h = normed.broadcast_mul(&self.final_norm)?;
         linear(&h, &self.lm_head)
     }
