@@ -435,18 +435,37 @@ pub fn run_steer_job(job: &SteerJob, model: &Model, transcoder: Arc<Transcoder>,
     Ok(())
 }
 
-/// Alive non-reasoning features: from `neurons.json`'s memory list, else from the transcoder's
-/// frequencies.
+/// The features random controls are drawn from: the alive non-reasoning ones, or every alive
+/// feature when there are fewer of those than the reasoning set holds (a warning says so).
+/// Alive and memory lists come from `neurons.json`, else from the transcoder's frequencies.
 fn control_pool(features: &str, reasoning: &[usize], tc: &Transcoder) -> Result<Vec<usize>> {
-    if let Ok(text) = std::fs::read_to_string(features) {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-            if let Some(mem) = v.get("memory").and_then(|m| m.as_array()) {
-                return Ok(mem.iter().filter_map(|x| x.as_u64().map(|u| u as usize)).collect());
-            }
+    let from_file = std::fs::read_to_string(features)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|v| {
+            let list = |k: &str| -> Option<Vec<usize>> {
+                Some(v.get(k)?.as_array()?.iter().filter_map(|x| x.as_u64().map(|u| u as usize)).collect())
+            };
+            Some((list("alive")?, list("memory")?))
+        });
+    let (alive, non_reasoning) = match from_file {
+        Some(lists) => lists,
+        None => {
+            let alive = tc.alive(-6.0).context("--random-controls needs neurons.json (with its memory list) or a transcoder with feature frequencies")?;
+            let rest = alive.iter().copied().filter(|i| !reasoning.contains(i)).collect();
+            (alive, rest)
         }
+    };
+    if non_reasoning.len() >= reasoning.len() {
+        return Ok(non_reasoning);
     }
-    let alive = tc.alive(-6.0).context("--random-controls needs neurons.json (with its memory list) or a transcoder with feature frequencies")?;
-    Ok(alive.into_iter().filter(|i| !reasoning.contains(i)).collect())
+    eprintln!(
+        "warning: only {} alive non-reasoning features for control sets of {}; drawing controls from all {} alive features",
+        non_reasoning.len(),
+        reasoning.len(),
+        alive.len()
+    );
+    Ok(alive)
 }
 
 /// `neurosteer run`'s config file.
