@@ -22,7 +22,8 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("huggingface").join("hub")
 }
 
-fn offline() -> bool {
+/// Whether `HF_HUB_OFFLINE` forbids the network.
+pub fn offline() -> bool {
     matches!(
         std::env::var("HF_HUB_OFFLINE").unwrap_or_default().to_lowercase().as_str(),
         "1" | "true" | "yes" | "on"

@@ -124,3 +124,29 @@ fn bad_inputs_fail_with_one_clear_line() {
     std::fs::write(d.join("short.bin"), &ck[..1000]).unwrap();
     assert_clean_error(&run(&["generate", "--model", d.join("short.bin").to_str().unwrap(), "--tokenizer", s.join("tok512.bin").to_str().unwrap(), "--prompt", "x"]), &["short.bin", "truncated"]);
 }
+
+#[test]
+fn mismatched_transcoder_and_offline_hub_fail_cleanly() {
+    let Some(shared) = common::shared() else { return };
+    // A tiny-gpt2 transcoder (d_in 64, layer 1) on stories260K works shape-wise, so use a layer
+    // the model lacks: stories260K's layer-4 transcoder on tiny-gpt2 (2 layers).
+    let tc = shared.join("fixtures/transcoders/stories260K/layer_04/stories260K_blocks.4.ln2.hook_normalized_512.pt");
+    let out = run(&["generate", "--model", shared.join("fixtures/tiny-gpt2").to_str().unwrap(), "--prompt", "x",
+        "--transcoder", tc.to_str().unwrap(), "--features", "1,2", "--strength", "2"]);
+    assert_clean_error(&out, &["blocks.4", "layer 4 does not exist"]);
+    // A truncated transcoder file.
+    let d = tmpdir("tc");
+    let bytes = std::fs::read(&tc).unwrap();
+    let bad = d.join("bad.pt");
+    std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
+    let out = run(&["transcoder", "info", bad.to_str().unwrap()]);
+    assert_clean_error(&out, &["bad.pt"]);
+    // A hub id that is not cached, offline.
+    let out = common::bin()
+        .args(["generate", "--model", "someone/not-cached", "--prompt", "x"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", d.join("hf"))
+        .output()
+        .unwrap();
+    assert_clean_error(&out, &["someone/not-cached", "config.json", "tokenizer.json", "model.safetensors"]);
+}

@@ -210,6 +210,22 @@ impl HfFiles {
 
     fn from_hub(id: &str) -> Result<Self> {
         let repo = HubRepo::model(id);
+        if crate::hub::offline() {
+            // Say at once everything that is missing, not only the first file.
+            let mut missing: Vec<&str> =
+                ["config.json", "tokenizer.json"].into_iter().filter(|f| repo.cached(f).is_none()).collect();
+            if repo.cached("model.safetensors").is_none() && repo.cached("model.safetensors.index.json").is_none() {
+                missing.push("model.safetensors (or model.safetensors.index.json and its shards)");
+            }
+            if !missing.is_empty() {
+                bail!(
+                    "{id}: not in the hub cache at {} and HF_HUB_OFFLINE is set; missing: {}; download them where the hub \
+                     is reachable (`huggingface-cli download {id}`) or pass a local folder",
+                    crate::hub::cache_dir().display(),
+                    missing.join(", ")
+                );
+            }
+        }
         let config = repo.get("config.json")?;
         let tokenizer = Some(repo.get("tokenizer.json")?);
         let weights = match repo.cached("model.safetensors.index.json") {
