@@ -84,6 +84,19 @@ pub fn pick_split_files(files: &[String], split: &str) -> Vec<String> {
         .cloned()
         .collect();
     picked.sort();
+    // Datasets with several configurations keep them in folders (openai/gsm8k: main/, socratic/):
+    // read one, `main` or `default` when present, else the first.
+    let folder = |f: &String| f.split_once('/').map(|(d, _)| d.to_string()).unwrap_or_default();
+    let mut folders: Vec<String> = picked.iter().map(folder).collect();
+    folders.dedup();
+    if folders.len() > 1 {
+        let keep = ["main", "default", "data"]
+            .iter()
+            .find(|k| folders.iter().any(|f| f == *k))
+            .map(|k| k.to_string())
+            .unwrap_or_else(|| folders[0].clone());
+        picked.retain(|f| folder(f) == keep);
+    }
     picked
 }
 
@@ -718,6 +731,15 @@ pub(crate) mod tests {
         assert_eq!(load_rows(p.to_str().unwrap(), "train").unwrap().len(), 1);
         let p = tmp_file("none.json", r#"{"other": []}"#);
         assert!(load_rows(p.to_str().unwrap(), "train").is_err());
+    }
+
+    #[test]
+    fn split_file_picking_one_config() {
+        let files: Vec<String> = ["main/test-00000-of-00001.parquet", "socratic/test-00000-of-00001.parquet", "main/train-00000-of-00001.parquet"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(pick_split_files(&files, "test"), vec!["main/test-00000-of-00001.parquet".to_string()]);
     }
 
     #[test]
