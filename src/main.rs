@@ -449,6 +449,13 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
+    // Die quietly when the reader of stdout goes away (`neurosteer ... | head`), as Unix tools do,
+    // instead of panicking on a broken pipe.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => cmd_generate(a),
