@@ -172,29 +172,17 @@ pub fn load_style(dir: &Path, style: &str, d_sae: Option<usize>) -> Result<Style
     Ok(stats)
 }
 
-/// Reads log10 firing frequencies: a `.pt` bare tensor, a `.safetensors` (`log_frequency` or its
-/// only tensor), a JSON list, or a transcoder (its own frequencies).
+/// Reads log10 firing frequencies: a JSON list, a `.pt` bare tensor or `.safetensors` (read by
+/// [`crate::transcoder::formats::read_frequency`]), or a transcoder (its own frequencies).
 pub fn read_frequency(path: &Path) -> Result<Vec<f32>> {
-    let name = path.to_string_lossy();
-    if name.ends_with(".pt") {
-        if let Ok((v, _)) = crate::pickle::read_bare_tensor(path) {
-            return Ok(v);
-        }
-    }
-    if name.ends_with(".json") {
-        let v: Vec<f32> = serde_json::from_str(&std::fs::read_to_string(path)?)
+    if path.extension().is_some_and(|e| e == "json") {
+        let v: Vec<f32> = serde_json::from_str(&std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?)
             .with_context(|| format!("{}: expected a JSON list of numbers", path.display()))?;
         return Ok(v);
     }
-    if name.ends_with(".safetensors") {
-        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
-        let names = st.names();
-        if names.len() == 1 || names.iter().any(|n| *n == "log_frequency") && !names.iter().any(|n| *n == "W_enc") {
-            let key = if names.iter().any(|n| *n == "log_frequency") { "log_frequency" } else { names[0] };
-            let t = candle_core::safetensors::Load::load(&st.tensor(key)?, &candle_core::Device::Cpu)?;
-            return Ok(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?);
+    if path.is_file() {
+        if let Ok(v) = crate::transcoder::formats::read_frequency(path) {
+            return Ok(v);
         }
     }
     let tc = crate::transcoder::Transcoder::load(path)?;

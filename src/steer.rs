@@ -174,6 +174,12 @@ pub fn run_steer(model: &Model, transcoder: Arc<Transcoder>, settings: SteerSett
         }
     }
     let done = records.len() + skipped.len();
+    // Results, then the meta file that vouches for them, each written atomically.
+    let save = |records: &[SteerRecord], skipped: &[String]| -> Result<()> {
+        let meta = SteerMeta { settings: settings.clone(), skipped: skipped.to_vec(), completed: records.len() + skipped.len() };
+        write_atomic(out, serde_json::to_string_pretty(records)?.as_bytes())?;
+        write_atomic(&meta_file, serde_json::to_string_pretty(&meta)?.as_bytes())
+    };
     let opts = GenerateOptions {
         max_new_tokens: settings.max_new_tokens,
         batch_size: settings.batch_size,
@@ -243,16 +249,12 @@ pub fn run_steer(model: &Model, transcoder: Arc<Transcoder>, settings: SteerSett
             }
         }
         records.extend(recs);
-        let meta = SteerMeta { settings: settings.clone(), skipped: skipped.clone(), completed: records.len() + skipped.len() };
-        write_atomic(out, serde_json::to_string_pretty(&records)?.as_bytes())?;
-        write_atomic(&meta_file, serde_json::to_string_pretty(&meta)?.as_bytes())?;
+        save(&records, &skipped)?;
         bar.inc(chunk.len() as u64);
     }
     if settings.items.is_empty() || done == settings.items.len() {
         // Nothing to do, but make sure both files exist.
-        let meta = SteerMeta { settings: settings.clone(), skipped: skipped.clone(), completed: records.len() + skipped.len() };
-        write_atomic(out, serde_json::to_string_pretty(&records)?.as_bytes())?;
-        write_atomic(&meta_file, serde_json::to_string_pretty(&meta)?.as_bytes())?;
+        save(&records, &skipped)?;
     }
     bar.finish_and_clear();
     if !skipped.is_empty() {
