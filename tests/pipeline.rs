@@ -151,8 +151,8 @@ fn trace_classify_steer_evaluate_with_crashes() {
     let clean_results = d.join("clean.json");
     ok(steer(&clean_results).output().unwrap());
     let results = d.join("results.json");
-    let r2 = results.clone();
-    let killed = kill_when(steer(&results), move || std::fs::read_to_string(&r2).map(|t| t.len() > 10).unwrap_or(false));
+    let m2 = d.join("results.json.meta.json");
+    let killed = kill_when(steer(&results), move || m2.exists());
     eprintln!("steer killed mid-run: {killed}");
     ok(steer(&results).output().unwrap());
     let (a, b) = (std::fs::read_to_string(&clean_results).unwrap(), std::fs::read_to_string(&results).unwrap());
