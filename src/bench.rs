@@ -1,5 +1,7 @@
 //! `neurosteer bench`: prefill and decode throughput on random models of real shapes (or on a
-//! given model), and the memory-bandwidth floor they should be measured against.
+//! given model), against the floors they should be measured by: the memory-bandwidth floor
+//! (weight bytes read per step / measured bandwidth) and the compute floor (matrix flops per step /
+//! measured peak multiply-add throughput).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -7,63 +9,90 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::hooks::Hooks;
 use crate::model::config::{Gpt2Config, LlamaConfig, ModelConfig};
 use crate::model::tokenizer::Tokenizer;
-use crate::model::{LogitsAt, Model};
+use crate::model::{LogitsAt, Model, Network};
 
 /// A model shape to benchmark with random weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
     /// GPT-2 small: 12 layers, d 768, vocab 50,257 (124M parameters).
     Gpt2Small,
-    /// A Llama-3.2-1B shape: 16 layers, d 2048, GQA 32/8, vocab 128,256 (1.2B parameters).
-    Llama1b,
+    /// Llama-3.2-1B: 16 layers, d 2048, GQA 32/8, tied embeddings, vocab 128,256 (1.2B parameters).
+    #[value(name = "llama-3.2-1b")]
+    Llama32_1b,
+    /// Llama-3.1-8B: 32 layers, d 4096, GQA 32/8, d_mlp 14,336, vocab 128,256 (8.0B parameters).
+    #[value(name = "llama-3.1-8b")]
+    Llama31_8b,
 }
 
 /// One measured configuration.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
     pub model: String,
+    /// The weights' dtype.
+    pub dtype: String,
     pub batch: usize,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
     /// Prefill time for the whole batch, in milliseconds.
     pub prefill_ms: f64,
+    /// Prompt tokens per second in the prefill.
+    pub prefill_tokens_per_s: f64,
     /// Median time of one cached decode step (all sequences), in milliseconds.
     pub decode_step_ms: f64,
     /// Generated tokens per second over the batch.
     pub decode_tokens_per_s: f64,
     /// Bytes of weights read per decode step.
     pub weight_bytes: u64,
-    /// `weight_bytes / bandwidth`: the fastest a decode step can be, in milliseconds.
+    /// `weight_bytes / bandwidth`: the fastest a decode step can read its weights, in ms.
     pub floor_ms: f64,
-    /// `decode_step_ms / floor_ms` at this batch.
+    /// Matrix flops of one decode step / peak FMA throughput, in ms (null where not measured).
+    pub compute_floor_ms: Option<f64>,
+    /// `decode_step_ms / max(floor_ms, compute_floor_ms)`.
     pub over_floor: f64,
+    /// The process's peak resident memory so far, GiB (null where the system does not say).
+    pub peak_rss_gib: Option<f64>,
 }
 
 /// Everything `bench` measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
-    /// Measured read bandwidth, GB/s.
+    /// Measured read bandwidth of the device, GB/s.
     pub bandwidth_gb_s: f64,
+    /// Measured peak multiply-add throughput (CPU), GFLOP/s.
+    pub peak_gflops: Option<f64>,
+    /// The CPU kernels' instruction set.
+    pub isa: String,
     pub threads: usize,
     pub rows: Vec<BenchRow>,
 }
 
-/// Builds a model of `preset`'s shape with random weights (std 0.02) in memory.
-pub fn random_model(preset: Preset) -> Result<Model> {
-    let dev = Device::Cpu;
-    let mut t = HashMap::new();
-    let mut put = |name: String, shape: &[usize]| -> Result<()> {
-        t.insert(name, Tensor::randn(0f32, 0.02, shape, &dev)?);
-        Ok(())
+/// A config for `preset`.
+pub fn preset_config(preset: Preset) -> (ModelConfig, &'static str) {
+    let llama = |hidden_size, intermediate_size, num_hidden_layers, tie_word_embeddings| LlamaConfig {
+        hidden_size,
+        intermediate_size,
+        num_hidden_layers,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+        head_dim: hidden_size / 32,
+        vocab_size: 128256,
+        max_position_embeddings: 4096,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500000.0,
+        rope_scaling: None,
+        tie_word_embeddings,
+        bos_token_id: Some(128000),
+        eos_token_ids: vec![128001],
     };
-    let (config, name) = match preset {
-        Preset::Gpt2Small => {
-            let c = Gpt2Config {
+    match preset {
+        Preset::Gpt2Small => (
+            ModelConfig::Gpt2(Gpt2Config {
                 n_embd: 768,
                 n_layer: 12,
                 n_head: 12,
@@ -73,13 +102,26 @@ pub fn random_model(preset: Preset) -> Result<Model> {
                 layer_norm_epsilon: 1e-5,
                 bos_token_id: Some(50256),
                 eos_token_ids: vec![50256],
-            };
-            put("wte.weight".into(), &[c.vocab_size, c.n_embd])?;
-            put("wpe.weight".into(), &[c.n_positions, c.n_embd])?;
-            put("ln_f.weight".into(), &[c.n_embd])?;
-            put("ln_f.bias".into(), &[c.n_embd])?;
+            }),
+            "gpt2-small (random)",
+        ),
+        Preset::Llama32_1b => (ModelConfig::Llama(llama(2048, 8192, 16, true)), "llama-3.2-1b (random)"),
+        Preset::Llama31_8b => (ModelConfig::Llama(llama(4096, 14336, 32, false)), "llama-3.1-8b (random)"),
+    }
+}
+
+/// The weight names and shapes of a config, with whether each is a matrix (held in the weight
+/// dtype) or a norm/bias vector (f32).
+fn weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let mut v: Vec<(String, Vec<usize>)> = Vec::new();
+    match config {
+        ModelConfig::Gpt2(c) => {
+            let (d, f) = (c.n_embd, c.n_inner);
+            v.push(("wte.weight".into(), vec![c.vocab_size, d]));
+            v.push(("wpe.weight".into(), vec![c.n_positions, d]));
+            v.push(("ln_f.weight".into(), vec![d]));
+            v.push(("ln_f.bias".into(), vec![d]));
             for i in 0..c.n_layer {
-                let (d, f) = (c.n_embd, c.n_inner);
                 for (n, s) in [
                     ("ln_1.weight", vec![d]), ("ln_1.bias", vec![d]), ("ln_2.weight", vec![d]), ("ln_2.bias", vec![d]),
                     ("attn.c_attn.weight", vec![d, 3 * d]), ("attn.c_attn.bias", vec![3 * d]),
@@ -87,125 +129,197 @@ pub fn random_model(preset: Preset) -> Result<Model> {
                     ("mlp.c_fc.weight", vec![d, f]), ("mlp.c_fc.bias", vec![f]),
                     ("mlp.c_proj.weight", vec![f, d]), ("mlp.c_proj.bias", vec![d]),
                 ] {
-                    put(format!("h.{i}.{n}"), &s)?;
+                    v.push((format!("h.{i}.{n}"), s));
                 }
             }
-            (ModelConfig::Gpt2(c), "gpt2-small (random)")
         }
-        Preset::Llama1b => {
-            let c = LlamaConfig {
-                hidden_size: 2048,
-                intermediate_size: 8192,
-                num_hidden_layers: 16,
-                num_attention_heads: 32,
-                num_key_value_heads: 8,
-                head_dim: 64,
-                vocab_size: 128256,
-                max_position_embeddings: 4096,
-                rms_norm_eps: 1e-5,
-                rope_theta: 500000.0,
-                rope_scaling: None,
-                tie_word_embeddings: true,
-                bos_token_id: Some(128000),
-                eos_token_ids: vec![128001],
-            };
-            let (d, f, kv) = (c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim);
-            put("model.embed_tokens.weight".into(), &[c.vocab_size, d])?;
-            put("model.norm.weight".into(), &[d])?;
+        ModelConfig::Llama(c) => {
+            let (d, f) = (c.hidden_size, c.intermediate_size);
+            let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+            v.push(("model.embed_tokens.weight".into(), vec![c.vocab_size, d]));
+            if !c.tie_word_embeddings {
+                v.push(("lm_head.weight".into(), vec![c.vocab_size, d]));
+            }
+            v.push(("model.norm.weight".into(), vec![d]));
             for i in 0..c.num_hidden_layers {
                 for (n, s) in [
                     ("input_layernorm.weight", vec![d]), ("post_attention_layernorm.weight", vec![d]),
-                    ("self_attn.q_proj.weight", vec![d, d]), ("self_attn.k_proj.weight", vec![kv, d]),
-                    ("self_attn.v_proj.weight", vec![kv, d]), ("self_attn.o_proj.weight", vec![d, d]),
+                    ("self_attn.q_proj.weight", vec![q, d]), ("self_attn.k_proj.weight", vec![kv, d]),
+                    ("self_attn.v_proj.weight", vec![kv, d]), ("self_attn.o_proj.weight", vec![d, q]),
                     ("mlp.gate_proj.weight", vec![f, d]), ("mlp.up_proj.weight", vec![f, d]),
                     ("mlp.down_proj.weight", vec![d, f]),
                 ] {
-                    put(format!("model.layers.{i}.{n}"), &s)?;
+                    v.push((format!("model.layers.{i}.{n}"), s));
                 }
             }
-            (ModelConfig::Llama(c), "llama-1b (random)")
         }
-    };
-    let vb = VarBuilder::from_tensors(t, DType::F32, &dev);
-    Model::build(name, config, vb, Tokenizer::None)
+    }
+    v
 }
 
-/// Bytes of weights one decode step reads (every matrix once; embeddings only by row).
-pub fn weight_bytes(model: &Model) -> u64 {
+/// Uniform random values with standard deviation `std` (seeded, generated on every thread),
+/// straight into `dtype`: a model of several GB is never built in f32 first.
+fn random_tensor(shape: &[usize], std: f32, dtype: DType, seed: u64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let half_width = std * 3f32.sqrt();
+    let fill = |chunk: usize| -> Vec<f32> {
+        let len = 1 << 16;
+        let (start, end) = (chunk * len, ((chunk + 1) * len).min(n));
+        let mut s = (seed ^ (chunk as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+        (start..end)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * half_width
+            })
+            .collect()
+    };
+    let chunks = n.div_ceil(1 << 16);
+    let dev = Device::Cpu;
+    Ok(match dtype {
+        DType::BF16 => {
+            let v: Vec<half::bf16> = (0..chunks).into_par_iter().flat_map_iter(|c| fill(c).into_iter().map(half::bf16::from_f32)).collect();
+            Tensor::from_vec(v, shape, &dev)?
+        }
+        DType::F16 => {
+            let v: Vec<half::f16> = (0..chunks).into_par_iter().flat_map_iter(|c| fill(c).into_iter().map(half::f16::from_f32)).collect();
+            Tensor::from_vec(v, shape, &dev)?
+        }
+        _ => {
+            let v: Vec<f32> = (0..chunks).into_par_iter().flat_map_iter(fill).collect();
+            Tensor::from_vec(v, shape, &dev)?
+        }
+    })
+}
+
+/// Builds a model of `preset`'s shape with random weights (std 0.02) in memory: matrices in
+/// `dtype`, norms and biases in f32, on `device`.
+pub fn random_model(preset: Preset, dtype: DType, device: &Device) -> Result<Model> {
+    let (config, name) = preset_config(preset);
+    let mut tensors = HashMap::new();
+    for (i, (name, shape)) in weight_shapes(&config).into_iter().enumerate() {
+        let dt = if shape.len() == 2 { dtype } else { DType::F32 };
+        tensors.insert(name, random_tensor(&shape, 0.02, dt, i as u64 + 1)?);
+    }
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    Model::build(name, config, vb, dtype, Tokenizer::None)
+}
+
+/// Matrix parameters one decode step reads (every matrix once; embeddings only by row).
+pub fn matrix_params(model: &Model) -> u64 {
     let i = &model.info;
     let d = i.d_model as u64;
-    let (attn, mlp) = match &model.network {
-        crate::model::Network::Gpt2(_) => (4 * d * d, 2 * d * i.d_mlp as u64),
-        crate::model::Network::Llama(m) => {
+    let (attn, mlp, unembed) = match &model.network {
+        Network::Gpt2(_) => (4 * d * d, 2 * d * i.d_mlp as u64, d * i.vocab_size as u64),
+        Network::Llama(m) => {
             let c = &m.config;
             let q = (c.num_attention_heads * c.head_dim) as u64;
             let kv = (c.num_key_value_heads * c.head_dim) as u64;
-            (2 * d * q + 2 * d * kv, 3 * d * i.d_mlp as u64)
+            (2 * d * q + 2 * d * kv, 3 * d * i.d_mlp as u64, d * i.vocab_size as u64)
         }
     };
-    4 * (i.n_layers as u64 * (attn + mlp) + d * i.vocab_size as u64)
+    i.n_layers as u64 * (attn + mlp) + unembed
 }
 
-/// Measures read bandwidth: every thread sums its share of a 512 MiB buffer with independent
-/// lanes (so the adds vectorise and memory, not arithmetic, is the limit); best of 3, in GB/s.
-pub fn measure_bandwidth() -> f64 {
+/// Bytes of weights one decode step reads.
+pub fn weight_bytes(model: &Model) -> u64 {
+    matrix_params(model) * model.dtype.size_in_bytes() as u64
+}
+
+/// Measures read bandwidth, GB/s. On the CPU every thread sums its share of a 512 MiB buffer
+/// with independent lanes (so the adds vectorise and memory, not arithmetic, is the limit); on a
+/// GPU a 1 GiB copy-scale (read + write). Best of 3.
+pub fn measure_bandwidth(device: &Device) -> Result<f64> {
+    if !device.is_cpu() {
+        let n = 256 * 1024 * 1024;
+        let x = Tensor::ones(n, DType::F32, device)?;
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            device.synchronize()?;
+            let t = Instant::now();
+            let y = x.affine(1.0, 0.0)?;
+            device.synchronize()?;
+            best = best.min(t.elapsed().as_secs_f64());
+            drop(y);
+        }
+        return Ok((2 * n * 4) as f64 / best / 1e9);
+    }
     let n: usize = 128 * 1024 * 1024;
     let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = rayon::current_num_threads().max(1);
     let mut best = f64::MAX;
     for _ in 0..3 {
         let t = Instant::now();
-        std::thread::scope(|scope| {
-            for part in buf.chunks(n.div_ceil(threads)) {
-                scope.spawn(move || {
-                    let mut lanes = [0f32; 16];
-                    for c in part.chunks_exact(16) {
-                        for (l, v) in lanes.iter_mut().zip(c) {
-                            *l += v;
-                        }
-                    }
-                    std::hint::black_box(lanes);
-                });
+        buf.par_chunks(n.div_ceil(threads)).for_each(|part| {
+            let mut lanes = [0f32; 16];
+            for c in part.chunks_exact(16) {
+                for (l, v) in lanes.iter_mut().zip(c) {
+                    *l += v;
+                }
             }
+            std::hint::black_box(lanes);
         });
         best = best.min(t.elapsed().as_secs_f64());
     }
-    (n * 4) as f64 / best / 1e9
+    Ok((n * 4) as f64 / best / 1e9)
+}
+
+/// The process's peak resident set (VmHWM), in GiB, where /proc says.
+pub fn peak_rss_gib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / (1024.0 * 1024.0))
+}
+
+/// The floors a decode step is measured against.
+#[derive(Debug, Clone, Copy)]
+pub struct Floors {
+    pub bandwidth_gb_s: f64,
+    pub peak_gflops: Option<f64>,
 }
 
 /// Times prefill and `new_tokens` cached decode steps at `batch`.
-pub fn measure(model: &Model, batch: usize, prompt_tokens: usize, new_tokens: usize, hooks: &Hooks, bandwidth_gb_s: f64) -> Result<BenchRow> {
+pub fn measure(model: &Model, batch: usize, prompt_tokens: usize, new_tokens: usize, hooks: &Hooks, floors: Floors) -> Result<BenchRow> {
     let vocab = model.info.vocab_size as u32;
     let tokens: Vec<Vec<u32>> =
         (0..batch).map(|b| (0..prompt_tokens).map(|i| ((i * 7919 + b * 104729) as u32) % vocab).collect()).collect();
     let valid = vec![vec![true; prompt_tokens]; batch];
     let mut hooks = hooks.clone();
-    let mut cache = model.new_cache(batch);
+    let mut cache = model.new_cache(batch, prompt_tokens + new_tokens);
     let t = Instant::now();
     let mut logits = model.forward(&tokens, &valid, &mut cache, &mut hooks, LogitsAt::Last)?;
+    model.device.synchronize()?;
     let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
     let mut steps = Vec::with_capacity(new_tokens);
     for _ in 0..new_tokens {
         let next: Vec<Vec<u32>> = crate::generate::argmax(&logits)?.into_iter().map(|t| vec![t]).collect();
         let t = Instant::now();
         logits = model.forward(&next, &vec![vec![true]; batch], &mut cache, &mut hooks, LogitsAt::Last)?;
+        model.device.synchronize()?;
         steps.push(t.elapsed().as_secs_f64() * 1e3);
     }
     steps.sort_by(|a, b| a.total_cmp(b));
     let decode_step_ms = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN);
     let wb = weight_bytes(model);
-    let floor_ms = wb as f64 / (bandwidth_gb_s * 1e9) * 1e3;
+    let floor_ms = wb as f64 / (floors.bandwidth_gb_s * 1e9) * 1e3;
+    let compute_floor_ms = floors.peak_gflops.map(|g| 2.0 * batch as f64 * matrix_params(model) as f64 / (g * 1e9) * 1e3);
     Ok(BenchRow {
         model: model.info.source.clone(),
+        dtype: format!("{:?}", model.dtype).to_lowercase(),
         batch,
         prompt_tokens,
         new_tokens,
         prefill_ms,
+        prefill_tokens_per_s: (batch * prompt_tokens) as f64 / prefill_ms * 1e3,
         decode_step_ms,
         decode_tokens_per_s: batch as f64 / decode_step_ms * 1e3,
         weight_bytes: wb,
         floor_ms,
-        over_floor: decode_step_ms / floor_ms,
+        compute_floor_ms,
+        over_floor: decode_step_ms / floor_ms.max(compute_floor_ms.unwrap_or(0.0)),
+        peak_rss_gib: peak_rss_gib(),
     })
 }
 
@@ -213,9 +327,9 @@ pub fn measure(model: &Model, batch: usize, prompt_tokens: usize, new_tokens: us
 /// a typical token (a bias of −2σ), to time steering.
 pub fn random_transcoder(model: &Model, layer: usize, d_sae: usize) -> Result<crate::transcoder::Transcoder> {
     use crate::transcoder::{Transcoder, TranscoderMeta};
-    let dev = Device::Cpu;
+    let dev = &model.device;
     let d = model.info.d_model;
-    let w_enc = Tensor::randn(0f32, 1.0 / (d as f32).sqrt(), (d, d_sae), &dev)?;
+    let w_enc = (random_tensor(&[d, d_sae], 1.0 / (d as f32).sqrt(), DType::F32, 101)?).to_device(dev)?;
     Ok(Transcoder {
         meta: TranscoderMeta {
             layer,
@@ -229,10 +343,10 @@ pub fn random_transcoder(model: &Model, layer: usize, d_sae: usize) -> Result<cr
             extra: Default::default(),
         },
         w_enc,
-        b_enc: Tensor::full(-2.0f32, d_sae, &dev)?,
-        w_dec: Tensor::randn(0f32, 0.02, (d_sae, d), &dev)?,
-        b_dec_in: Tensor::zeros(d, DType::F32, &dev)?,
-        b_dec_out: Tensor::zeros(d, DType::F32, &dev)?,
+        b_enc: Tensor::full(-2.0f32, d_sae, dev)?,
+        w_dec: random_tensor(&[d_sae, d], 0.02, DType::F32, 102)?.to_device(dev)?,
+        b_dec_in: Tensor::zeros(d, DType::F32, dev)?,
+        b_dec_out: Tensor::zeros(d, DType::F32, dev)?,
         threshold: None,
         w_skip: None,
         log_frequency: None,

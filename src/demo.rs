@@ -12,7 +12,7 @@ use anyhow::Result;
 
 use crate::experiment::{ClassifyJob, DatasetSpec, ExperimentConfig, SteerJob, TraceJob};
 use crate::hub::HubRepo;
-use crate::model::{LoadOptions, Model};
+use crate::model::{Model, Placement};
 use crate::transcoder::splice::SteerMode;
 use crate::transcoder::train::{train_for_model, TrainOptions};
 
@@ -57,13 +57,13 @@ fn dataset(path: &str, split: &str, kind: &str, n: usize) -> DatasetSpec {
 }
 
 /// Runs the demo into `out`, steering on `n_boolq` BoolQ items.
-pub fn run_demo(out: &Path, n_boolq: usize) -> Result<()> {
+pub fn run_demo(out: &Path, n_boolq: usize, placement: &Placement) -> Result<()> {
     let files = demo_files()?;
     std::fs::create_dir_all(out)?;
     let transcoder = out.join("transcoder_layer2.safetensors");
     if !transcoder.exists() {
         eprintln!("[0/4] training a transcoder for layer 2 of stories260K -> {}", transcoder.display());
-        let model = Model::load(&files.model.display().to_string(), &LoadOptions { tokenizer: Some(files.tokenizer.clone()), no_bos: false })?;
+        let model = Model::load(&files.model.display().to_string(), &placement.load_options(Some(files.tokenizer.clone()), false)?)?;
         let (boolq, _) = dataset(&files.boolq, "train", "boolq", 300).load(0)?;
         let (gsm, _) = dataset(&files.gsm8k, "train", "gsm8k", 600).load(0)?;
         let mut texts: Vec<String> = Vec::new();
@@ -82,6 +82,8 @@ pub fn run_demo(out: &Path, n_boolq: usize) -> Result<()> {
     let cfg = ExperimentConfig {
         model: files.model.display().to_string(),
         tokenizer: Some(files.tokenizer),
+        device: placement.device.clone(),
+        dtype: placement.dtype,
         transcoder: transcoder.clone(),
         out: out.to_path_buf(),
         trace: TraceJob {

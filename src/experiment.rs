@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::classify::{self, Statistic, Thresholds};
 use crate::data::prompts::PromptSet;
 use crate::data::{self, DatasetKind, Item};
-use crate::model::{LoadOptions, Model};
+use crate::model::{LoadOptions, Model, Placement};
 use crate::report::{self, Series};
 use crate::steer::{self, SteerItem, SteerSettings};
 use crate::trace::{self, TraceManifest, TraceText};
@@ -77,11 +77,13 @@ impl DatasetSpec {
     }
 }
 
-/// Loads a model and its transcoder, checking that they fit together.
-pub fn load_model_and_transcoder(model: &str, tokenizer: Option<PathBuf>, transcoder: &Path) -> Result<(Model, Arc<Transcoder>)> {
-    let model = Model::load(model, &LoadOptions { tokenizer, no_bos: false })?;
+/// Loads a model and its transcoder, checking that they fit together; the transcoder is moved to
+/// the model's device (in f32).
+pub fn load_model_and_transcoder(model: &str, options: &LoadOptions, transcoder: &Path) -> Result<(Model, Arc<Transcoder>)> {
+    let model = Model::load(model, options)?;
     let tc = Transcoder::load(transcoder)?;
     check_fit(&model, &tc, transcoder)?;
+    let tc = if model.device.is_cpu() { tc } else { tc.to_device(&model.device)? };
     Ok((model, Arc::new(tc)))
 }
 
@@ -475,6 +477,12 @@ pub struct ExperimentConfig {
     pub model: String,
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "Placement::default_device")]
+    pub device: String,
+    /// `auto`, `f32`, `bf16` or `f16`.
+    #[serde(default)]
+    pub dtype: crate::model::DTypeChoice,
     pub transcoder: PathBuf,
     /// Output folder; each stage's results go below it.
     pub out: PathBuf,
@@ -506,7 +514,9 @@ pub fn run_pipeline(cfg: &ExperimentConfig, base: &Path) -> Result<()> {
     };
     let out = resolve(&cfg.out);
     let transcoder_path = resolve(&cfg.transcoder);
-    let (model, tc) = load_model_and_transcoder(&resolve_str(&cfg.model), cfg.tokenizer.as_deref().map(resolve), &transcoder_path)?;
+    let placement = Placement { device: cfg.device.clone(), dtype: cfg.dtype };
+    let options = placement.load_options(cfg.tokenizer.as_deref().map(resolve), false)?;
+    let (model, tc) = load_model_and_transcoder(&resolve_str(&cfg.model), &options, &transcoder_path)?;
     let mut trace_job = cfg.trace.clone();
     trace_job.dataset.path = resolve_str(&trace_job.dataset.path);
     trace_job.templates = trace_job.templates.as_deref().map(resolve);

@@ -114,7 +114,7 @@ fn generate_batch(
         tokens.push(std::iter::repeat_n(pad, n_pad).chain(p.iter().copied()).collect::<Vec<_>>());
         valid.push(std::iter::repeat_n(false, n_pad).chain(std::iter::repeat_n(true, p.len())).collect::<Vec<_>>());
     }
-    let mut cache = model.new_cache(b);
+    let mut cache = model.new_cache(b, longest + opts.max_new_tokens + 1);
     let mut logits = model.forward(&tokens, &valid, &mut cache, hooks, LogitsAt::Last)?;
     on_step(0, &vec![true; b], &last_positions(hooks)?)?;
 

@@ -10,7 +10,7 @@ use neurosteer::generate::{generate, GenerateOptions};
 use neurosteer::hooks::Hooks;
 use neurosteer::classify::Statistic;
 use neurosteer::experiment::{self, ClassifyJob, DatasetSpec, SteerJob, TraceJob};
-use neurosteer::model::{LoadOptions, LogitsAt, Model};
+use neurosteer::model::{LoadOptions, LogitsAt, Model, Placement};
 use neurosteer::transcoder::splice::{SteerMode, Steering};
 use neurosteer::transcoder::Transcoder;
 use neurosteer::{demo, evaluate, transcoder};
@@ -244,6 +244,8 @@ struct DemoArgs {
     /// BoolQ items to steer on.
     #[arg(long, default_value_t = 50)]
     n: usize,
+    #[command(flatten)]
+    placement: Placement,
 }
 
 #[derive(Args)]
@@ -306,11 +308,21 @@ struct ModelArgs {
     /// Do not prepend BOS (TransformerLens's `to_tokens` prepends it by default).
     #[arg(long)]
     no_bos: bool,
+    #[command(flatten)]
+    placement: Placement,
 }
 
 impl ModelArgs {
+    fn options(&self) -> Result<LoadOptions> {
+        self.placement.load_options(self.tokenizer.clone(), self.no_bos)
+    }
+
     fn load(&self) -> Result<Model> {
-        Model::load(&self.model, &LoadOptions { tokenizer: self.tokenizer.clone(), no_bos: self.no_bos })
+        Model::load(&self.model, &self.options()?)
+    }
+
+    fn load_with_transcoder(&self, transcoder: &std::path::Path) -> Result<(Model, std::sync::Arc<Transcoder>)> {
+        experiment::load_model_and_transcoder(&self.model, &self.options()?, transcoder)
     }
 }
 
@@ -421,14 +433,10 @@ struct ActivationsArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Benchmark this model instead of random ones.
-    #[arg(long)]
-    model: Option<String>,
-    /// Tokenizer for --model (llama2.c checkpoints).
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    model: BenchModelArgs,
     /// Random-weight shapes to benchmark when no --model is given.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Preset::Gpt2Small, Preset::Llama1b])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Preset::Gpt2Small, Preset::Llama32_1b])]
     preset: Vec<Preset>,
     /// Prompt length.
     #[arg(long, default_value_t = 128)]
@@ -436,7 +444,7 @@ struct BenchArgs {
     /// Decode steps to time.
     #[arg(long, default_value_t = 16)]
     new_tokens: usize,
-    /// Batch sizes.
+    /// Batch sizes (comma-separated or repeated).
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8])]
     batch: Vec<usize>,
     /// Write the results as JSON here.
@@ -448,6 +456,19 @@ struct BenchArgs {
     steer_features: Option<usize>,
 }
 
+/// `bench`'s model: a real one, or random presets (in `--dtype`; `auto` means f32 for them).
+#[derive(Args)]
+struct BenchModelArgs {
+    /// Benchmark this model instead of random ones.
+    #[arg(long)]
+    model: Option<String>,
+    /// Tokenizer for --model (llama2.c checkpoints).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    placement: Placement,
+}
+
 fn main() -> ExitCode {
     // Die quietly when the reader of stdout goes away (`neurosteer ... | head`), as Unix tools do,
     // instead of panicking on a broken pipe.
@@ -455,6 +476,14 @@ fn main() -> ExitCode {
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    // Activation buffers of a decode step are allocated and freed every step: keep buffers below
+    // 64 MiB on the heap for reuse instead of mapping and unmapping (and page-faulting) them anew.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: tuning the allocator before any allocation-heavy work or thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
     let cli = Cli::parse();
     let result = match cli.command {
@@ -470,7 +499,7 @@ fn main() -> ExitCode {
         Command::Steer(a) => cmd_steer(a),
         Command::Evaluate(a) => cmd_evaluate(a),
         Command::Run(a) => experiment::run_experiment(&a.config),
-        Command::Demo(a) => demo::run_demo(&a.out, a.n),
+        Command::Demo(a) => demo::run_demo(&a.out, a.n, &a.placement),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -560,7 +589,7 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
     if ids.len() > model.info.n_ctx {
         bail!("prompt of {} tokens exceeds the model's context of {}", ids.len(), model.info.n_ctx);
     }
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_cache(1, ids.len());
     let logits = model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::All)?;
     let logits = logits.squeeze(0)?;
     let centred = logits.broadcast_sub(&logits.mean_keepdim(1)?)?;
@@ -584,35 +613,69 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
 }
 
 fn print_bench_row(row: &bench::BenchRow) {
+    let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
     println!(
-        "{:<30} {:>5} {:>11.1} {:>14.2} {:>12.1} {:>10.2} {:>9.2}",
-        row.model, row.batch, row.prefill_ms, row.decode_step_ms, row.decode_tokens_per_s, row.floor_ms, row.over_floor
+        "{:<34} {:>5} {:>5} {:>10.1} {:>10.1} {:>9.2} {:>9.1} {:>8.2} {:>9} {:>7.2} {:>6}",
+        row.model,
+        row.dtype,
+        row.batch,
+        row.prefill_ms,
+        row.prefill_tokens_per_s,
+        row.decode_step_ms,
+        row.decode_tokens_per_s,
+        row.floor_ms,
+        opt(row.compute_floor_ms, 2),
+        row.over_floor,
+        opt(row.peak_rss_gib, 2)
     );
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    eprintln!("measuring memory bandwidth ...");
-    let bandwidth = bench::measure_bandwidth();
-    let models: Vec<Model> = match &a.model {
-        Some(m) => vec![Model::load(m, &LoadOptions { tokenizer: a.tokenizer.clone(), no_bos: false })?],
-        None => a.preset.iter().map(|&p| bench::random_model(p)).collect::<Result<_>>()?,
+    let device = neurosteer::model::parse_device(&a.model.placement.device)?;
+    eprintln!("measuring memory bandwidth and peak multiply-add throughput ...");
+    let floors = bench::Floors {
+        bandwidth_gb_s: bench::measure_bandwidth(&device)?,
+        peak_gflops: device.is_cpu().then(neurosteer::model::matmul::peak_gflops),
+    };
+    println!(
+        "{:<34} {:>5} {:>5} {:>10} {:>10} {:>9} {:>9} {:>8} {:>9} {:>7} {:>6}",
+        "model", "dtype", "batch", "prefill ms", "prefill/s", "decode ms", "decode/s", "floor ms", "flop floor", "x floor", "RSS GiB"
+    );
+    let sources: Vec<Option<Preset>> = match &a.model.model {
+        Some(_) => vec![None],
+        None => a.preset.iter().copied().map(Some).collect(),
     };
     let mut rows = Vec::new();
-    println!("{:<30} {:>5} {:>11} {:>14} {:>12} {:>10} {:>9}", "model", "batch", "prefill ms", "decode ms/step", "decode tok/s", "floor ms", "x floor");
-    for model in &models {
+    for source in sources {
+        let model = match (source, &a.model.model) {
+            (Some(p), _) => {
+                let dtype = match a.model.placement.dtype {
+                    neurosteer::model::DTypeChoice::Auto | neurosteer::model::DTypeChoice::F32 => candle_core::DType::F32,
+                    neurosteer::model::DTypeChoice::Bf16 => candle_core::DType::BF16,
+                    neurosteer::model::DTypeChoice::F16 => candle_core::DType::F16,
+                };
+                eprintln!("building a random {p:?} model in {dtype:?} ...");
+                bench::random_model(p, dtype, &device)?
+            }
+            (None, Some(m)) => Model::load(m, &a.model.placement.load_options(a.model.tokenizer.clone(), false)?)?,
+            (None, None) => unreachable!("a model or presets"),
+        };
+        if a.new_tokens + 1 >= model.info.n_ctx {
+            bail!("--new-tokens {} leaves no room in the context of {}", a.new_tokens, model.info.n_ctx);
+        }
+        let prompt = a.prompt_tokens.clamp(1, model.info.n_ctx - a.new_tokens - 1);
         for &batch in &a.batch {
-            let prompt = a.prompt_tokens.min(model.info.n_ctx - a.new_tokens - 1);
-            let row = bench::measure(model, batch, prompt, a.new_tokens, &Hooks::none(), bandwidth)?;
+            let row = bench::measure(&model, batch, prompt, a.new_tokens, &Hooks::none(), floors)?;
             print_bench_row(&row);
             rows.push(row);
             if let Some(d_sae) = a.steer_features {
                 let layer = model.info.n_layers / 2;
-                let tc = std::sync::Arc::new(bench::random_transcoder(model, layer, d_sae)?);
+                let tc = std::sync::Arc::new(bench::random_transcoder(&model, layer, d_sae)?);
                 let features: Vec<usize> = (0..d_sae).step_by(10).collect();
                 for mode in [SteerMode::Delta, SteerMode::Replace] {
                     let mut hooks = Hooks::none();
                     hooks.edit_mlp(layer, std::sync::Arc::new(Steering::new(tc.clone(), features.clone(), 0.5, mode)?));
-                    let mut row = bench::measure(model, batch, prompt, a.new_tokens, &hooks, bandwidth)?;
+                    let mut row = bench::measure(&model, batch, prompt, a.new_tokens, &hooks, floors)?;
                     row.model = format!("{} +{mode}", row.model);
                     print_bench_row(&row);
                     rows.push(row);
@@ -620,10 +683,21 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             }
         }
     }
-    println!("measured read bandwidth: {bandwidth:.1} GB/s ({} threads)", candle_core::utils::get_num_threads());
-    let report = bench::BenchReport { bandwidth_gb_s: bandwidth, threads: candle_core::utils::get_num_threads(), rows };
-    std::fs::write(&a.out, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("{}: cannot write", a.out.display()))?;
+    let threads = rayon::current_num_threads();
+    println!(
+        "measured read bandwidth: {:.1} GB/s; peak multiply-add: {}; {threads} threads; kernels: {:?}",
+        floors.bandwidth_gb_s,
+        floors.peak_gflops.map_or("-".into(), |g| format!("{g:.0} GFLOP/s")),
+        neurosteer::model::matmul::Isa::detected()
+    );
+    let report = bench::BenchReport {
+        bandwidth_gb_s: floors.bandwidth_gb_s,
+        peak_gflops: floors.peak_gflops,
+        isa: format!("{:?}", neurosteer::model::matmul::Isa::detected()),
+        threads,
+        rows,
+    };
+    neurosteer::report::write_atomic(&a.out, serde_json::to_string_pretty(&report)?.as_bytes())?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }
@@ -672,7 +746,7 @@ fn dataset_texts(spec: &DatasetSpec) -> Result<Vec<String>> {
 }
 
 fn cmd_transcoder_eval(a: TranscoderEvalArgs) -> Result<()> {
-    let (model, tc) = experiment::load_model_and_transcoder(&a.model.model, a.model.tokenizer.clone(), &a.transcoder)?;
+    let (model, tc) = a.model.load_with_transcoder(&a.transcoder)?;
     let texts = dataset_texts(&a.data.spec(Some(a.n)))?;
     let report = transcoder::eval::evaluate(&model, &tc, &texts)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
@@ -706,7 +780,7 @@ fn cmd_transcoder_train(a: TranscoderTrainArgs) -> Result<()> {
 }
 
 fn cmd_trace(a: TraceArgs) -> Result<()> {
-    let (model, tc) = experiment::load_model_and_transcoder(&a.model.model, a.model.tokenizer.clone(), &a.transcoder)?;
+    let (model, tc) = a.model.load_with_transcoder(&a.transcoder)?;
     let job = TraceJob {
         dataset: a.data.spec(Some(a.n)),
         styles: a.styles,
@@ -728,7 +802,7 @@ fn cmd_classify(a: ClassifyArgs) -> Result<()> {
 }
 
 fn cmd_frequency(a: FrequencyArgs) -> Result<()> {
-    let (model, tc) = experiment::load_model_and_transcoder(&a.model.model, a.model.tokenizer.clone(), &a.transcoder)?;
+    let (model, tc) = a.model.load_with_transcoder(&a.transcoder)?;
     let texts = dataset_texts(&a.data.spec(None))?;
     let freq = transcoder::eval::log_frequency(&model, &tc, &texts, a.n_tokens)?;
     let n = freq.len();
@@ -740,7 +814,7 @@ fn cmd_frequency(a: FrequencyArgs) -> Result<()> {
 }
 
 fn cmd_steer(a: SteerArgs) -> Result<()> {
-    let (model, tc) = experiment::load_model_and_transcoder(&a.model.model, a.model.tokenizer.clone(), &a.transcoder)?;
+    let (model, tc) = a.model.load_with_transcoder(&a.transcoder)?;
     let job = SteerJob {
         dataset: a.data.spec(Some(a.n)),
         template: a.template,

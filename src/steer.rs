@@ -97,6 +97,23 @@ pub struct SteerMeta {
     /// Items skipped because prompt plus new tokens exceed the context.
     pub skipped: Vec<String>,
     pub completed: usize,
+    /// Configurations that are another one by construction (in `delta` mode strength 1 is the
+    /// base model), mapped to it: they were computed once and recorded under both names.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub identical: BTreeMap<String, String>,
+}
+
+/// Which configurations equal an earlier one by construction: in `delta` mode, strength 1 adds
+/// nothing and is the untouched model, as is `Base`.
+pub fn identical_configs(configs: &[SteerConfig], mode: SteerMode) -> BTreeMap<String, String> {
+    let is_base = |c: &SteerConfig| c.strength.is_none() || (mode == SteerMode::Delta && c.strength == Some(1.0));
+    let mut out = BTreeMap::new();
+    if let Some(first) = configs.iter().find(|c| is_base(c)) {
+        for c in configs.iter().filter(|c| is_base(c) && c.name != first.name) {
+            out.insert(c.name.clone(), first.name.clone());
+        }
+    }
+    out
 }
 
 /// One result record (the original schema plus extras).
@@ -174,9 +191,15 @@ pub fn run_steer(model: &Model, transcoder: Arc<Transcoder>, settings: SteerSett
         }
     }
     let done = records.len() + skipped.len();
+    let identical = identical_configs(&settings.configs, settings.mode);
     // Results, then the meta file that vouches for them, each written atomically.
     let save = |records: &[SteerRecord], skipped: &[String]| -> Result<()> {
-        let meta = SteerMeta { settings: settings.clone(), skipped: skipped.to_vec(), completed: records.len() + skipped.len() };
+        let meta = SteerMeta {
+            settings: settings.clone(),
+            skipped: skipped.to_vec(),
+            completed: records.len() + skipped.len(),
+            identical: identical.clone(),
+        };
         write_atomic(out, serde_json::to_string_pretty(records)?.as_bytes())?;
         write_atomic(&meta_file, serde_json::to_string_pretty(&meta)?.as_bytes())
     };
@@ -233,6 +256,14 @@ pub fn run_steer(model: &Model, transcoder: Arc<Transcoder>, settings: SteerSett
             .collect();
         if !ids.is_empty() {
             for c in &settings.configs {
+                if let Some(same) = identical.get(&c.name) {
+                    for r in recs.iter_mut() {
+                        copy_entry(&mut r.generations, same, &c.name);
+                        copy_entry(&mut r.new_tokens, same, &c.name);
+                        copy_entry(&mut r.loglik, same, &c.name);
+                    }
+                    continue;
+                }
                 let hooks = &hooks_for[&c.name];
                 if settings.score != "loglik" {
                     let outs = generate(model, &ids, &opts, hooks, |_| Ok(()))?;
@@ -263,6 +294,12 @@ pub fn run_steer(model: &Model, transcoder: Arc<Transcoder>, settings: SteerSett
     Ok(records)
 }
 
+fn copy_entry<V: Clone>(map: &mut BTreeMap<String, V>, from: &str, to: &str) {
+    if let Some(v) = map.get(from).cloned() {
+        map.insert(to.to_string(), v);
+    }
+}
+
 /// Reads the sidecar of a results file, if there is one.
 pub fn read_meta(out: &Path) -> Result<Option<SteerMeta>> {
     let p = meta_path(out);
@@ -273,21 +310,28 @@ pub fn read_meta(out: &Path) -> Result<Option<SteerMeta>> {
 }
 
 /// Next-token log-probabilities of the answers " yes" and " no" after the prompt (summed over
-/// their tokens when they take several), as lm-eval scores BoolQ.
+/// their tokens when they take several), as lm-eval scores BoolQ. The prompt is run once; an
+/// answer of several tokens continues from its cache, which is then cut back for the next one.
 pub fn yes_no_loglik(model: &Model, prompt: &[u32], hooks: &Hooks) -> Result<BTreeMap<String, f64>> {
+    let answers: Vec<(&str, Vec<u32>)> =
+        ["yes", "no"].into_iter().map(|a| Ok((a, model.codec.tokenizer.encode(&format!(" {a}"))?))).collect::<Result<_>>()?;
+    let longest = answers.iter().map(|(_, c)| c.len()).max().unwrap_or(1);
+    let mut h = hooks.clone();
+    let mut cache = model.new_cache(1, prompt.len() + longest);
+    let last = model.forward(&[prompt.to_vec()], &[vec![true; prompt.len()]], &mut cache, &mut h, LogitsAt::Last)?;
+    let first = log_softmax(&last.flatten_all()?, 0)?;
     let mut out = BTreeMap::new();
-    for answer in ["yes", "no"] {
-        let cont = model.codec.tokenizer.encode(&format!(" {answer}"))?;
-        let mut seq = prompt.to_vec();
-        seq.extend(&cont);
-        let mut h = hooks.clone();
-        let mut cache = model.new_cache(1);
-        let logits = model.forward(&[seq.clone()], &[vec![true; seq.len()]], &mut cache, &mut h, LogitsAt::All)?;
-        let lp = log_softmax(&logits.squeeze(0)?, 1)?;
-        let mut total = 0.0;
-        for (j, &tok) in cont.iter().enumerate() {
-            let pos = prompt.len() - 1 + j;
-            total += lp.get(pos)?.get(tok as usize)?.to_scalar::<f32>()? as f64;
+    for (answer, cont) in answers {
+        let Some((&head, rest)) = cont.split_first() else { bail!("the answer `{answer}` encodes to no token") };
+        let mut total = first.get(head as usize)?.to_scalar::<f32>()? as f64;
+        if !rest.is_empty() {
+            let feed = cont[..cont.len() - 1].to_vec();
+            let logits = model.forward(&[feed.clone()], &[vec![true; feed.len()]], &mut cache, &mut h, LogitsAt::All)?;
+            let lp = log_softmax(&logits.squeeze(0)?, 1)?;
+            for (j, &tok) in rest.iter().enumerate() {
+                total += lp.get(j)?.get(tok as usize)?.to_scalar::<f32>()? as f64;
+            }
+            cache.truncate(prompt.len());
         }
         out.insert(answer.to_string(), total);
     }

@@ -12,7 +12,7 @@ use neurosteer::hooks::Hooks;
 use neurosteer::model::{LoadOptions, LogitsAt, Model};
 
 fn final_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_cache(1, ids.len());
     let logits = model
         .forward(&[ids.to_vec()], &[vec![true; ids.len()]], &mut cache, &mut Hooks::none(), LogitsAt::Last)
         .unwrap();
@@ -67,7 +67,7 @@ fn check_hooks(model: &Model, dir: &Path) {
     for n in names {
         hooks.record(model.hook_point(n).unwrap());
     }
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_cache(1, ids.len());
     let logits = model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::All).unwrap();
     for n in names {
         let ours: Tensor = hooks.recorded(model.hook_point(n).unwrap()).unwrap().squeeze(0).unwrap();
@@ -114,7 +114,7 @@ fn stories260k_llama2c_matches_reference_and_karpathy() {
     let Some(shared) = common::shared() else { return };
     let dir = shared.join("assets/stories260K");
     for ckpt in ["stories260K.bin", "stories260K_v1_ak42.bin"] {
-        let opts = LoadOptions { tokenizer: Some(dir.join("tok512.bin")), no_bos: false };
+        let opts = LoadOptions { tokenizer: Some(dir.join("tok512.bin")), ..Default::default() };
         let model = Model::load(dir.join(ckpt).to_str().unwrap(), &opts).unwrap();
         check_reference(&model, &dir.join("hf/reference.json"), true);
         // karpathy's documented temperature-0 output from BOS.

@@ -51,7 +51,7 @@ fn every_mode_and_strength_matches_reference() {
         for (cfg_name, cfg) in case["configs"].as_object().unwrap() {
             let hooks = hooks_for(&tc, &features, cfg["mode"].as_str().unwrap(), cfg["s"].as_f64());
             let mut h = hooks.clone();
-            let mut cache = model.new_cache(1);
+            let mut cache = model.new_cache(1, ids.len());
             let logits = model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut h, LogitsAt::Last).unwrap();
             let ours: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
             let want: Vec<f32> = arrays[cfg["final_logits_key"].as_str().unwrap()].to_vec1().unwrap();
@@ -74,7 +74,7 @@ fn delta_at_strength_one_is_exactly_the_model() {
     let ids = model.codec.to_tokens("Question: is the sky blue?\nAnswer:").unwrap();
     let run = |hooks: &Hooks| -> Tensor {
         let mut h = hooks.clone();
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_cache(1, ids.len());
         model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut h, LogitsAt::All).unwrap()
     };
     let base = run(&Hooks::none());

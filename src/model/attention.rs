@@ -12,8 +12,14 @@ use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
 
 /// Keys and values of every layer, plus which cached slots hold real tokens.
+///
+/// Each layer's keys and values live in buffers `[batch, kv_heads, capacity, head_dim]` allocated
+/// once, in f32 on the model's device, and written in place step by step; a step past the
+/// capacity (only when the caller's estimate was short) moves them to buffers twice as large.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Slots allocated per sequence.
+    capacity: usize,
     /// `valid[b][slot]`: whether slot `slot` of sequence `b` is a real token (not padding).
     valid: Vec<Vec<bool>>,
     /// The position the next real token of each sequence takes.
@@ -31,10 +37,11 @@ pub struct Step {
 }
 
 impl KvCache {
-    /// An empty cache for `n_layers` layers and `batch` sequences.
-    pub fn new(n_layers: usize, batch: usize) -> Self {
+    /// An empty cache for `n_layers` layers and `batch` sequences of up to `capacity` tokens.
+    pub fn new(n_layers: usize, batch: usize, capacity: usize) -> Self {
         Self {
             layers: vec![None; n_layers],
+            capacity: capacity.max(1),
             valid: vec![Vec::new(); batch],
             next_pos: vec![0; batch],
         }
@@ -53,6 +60,16 @@ impl KvCache {
     /// The largest position any sequence has reached.
     pub fn max_position(&self) -> usize {
         self.next_pos.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Forgets every slot from `len` on (their buffers are overwritten by the next steps).
+    pub fn truncate(&mut self, len: usize) {
+        for (valid, next) in self.valid.iter_mut().zip(&mut self.next_pos) {
+            if len < valid.len() {
+                *next -= valid[len..].iter().filter(|&&v| v).count();
+                valid.truncate(len);
+            }
+        }
     }
 
     /// Registers `valid` (`[batch][seq]`, false = padding) as the next step and returns its
@@ -98,15 +115,32 @@ impl KvCache {
         })
     }
 
-    /// Appends this step's keys and values `[batch, kv_heads, seq, head_dim]` for `layer` and
-    /// returns the whole cached keys and values.
+    /// Writes this step's keys and values `[batch, kv_heads, seq, head_dim]` for `layer` (called
+    /// after [`KvCache::begin_step`]) and returns views of all cached keys and values.
     pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let kv = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        let (b, kv_h, t, hd) = k.dims4()?;
+        let total = self.len();
+        let past = total - t;
+        let buffers = match self.layers[layer].take() {
+            Some((bk, bv)) if bk.dim(2)? >= total => (bk, bv),
+            old => {
+                while self.capacity < total {
+                    self.capacity *= 2;
+                }
+                let alloc = || Tensor::zeros((b, kv_h, self.capacity, hd), DType::F32, k.device());
+                let (bk, bv) = (alloc()?, alloc()?);
+                if let Some((ok, ov)) = old {
+                    bk.slice_set(&ok.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
+                    bv.slice_set(&ov.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
+                }
+                (bk, bv)
+            }
         };
-        self.layers[layer] = Some(kv.clone());
-        Ok(kv)
+        buffers.0.slice_set(&k.to_dtype(DType::F32)?.contiguous()?, 2, past)?;
+        buffers.1.slice_set(&v.to_dtype(DType::F32)?.contiguous()?, 2, past)?;
+        let views = (buffers.0.narrow(2, 0, total)?, buffers.1.narrow(2, 0, total)?);
+        self.layers[layer] = Some(buffers);
+        Ok(views)
     }
 }
 
@@ -126,7 +160,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tenso
     let mask = mask.unsqueeze(1)?; // [b, 1, 1, t, T]
     let scores = scores.broadcast_add(&mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores.reshape((b, kv_h, group * t, total))?)?;
-    let out = probs.matmul(&v.contiguous()?)?; // [b, kv_h, group*t, hd]
+    let out = probs.matmul(v)?; // [b, kv_h, group*t, hd]
     out.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))
         .map_err(Into::into)
 }
@@ -158,20 +192,4 @@ pub fn select_positions(x: Tensor, at: LogitsAt) -> Result<Tensor> {
             x.narrow(1, t - 1, 1)?
         }
     })
-}
-
-/// `x @ w.T` for `x [.., in]` and an `nn.Linear` weight `w [out, in]`, as one matrix product.
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let inner = dims[dims.len() - 1];
-    let rows = x.elem_count() / inner;
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
-    let mut out = dims;
-    *out.last_mut().unwrap() = w.dim(0)?;
-    Ok(y.reshape(out)?)
-}
-
-/// Converts a tensor to f32 if it is not already.
-pub fn to_f32(t: Tensor) -> Result<Tensor> {
-    Ok(if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? })
 }

@@ -8,10 +8,11 @@
 //! input, which is what TransformerLens's folded and centred weights compute.
 
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::attention::{attend, hooked_norm, select_positions, KvCache, Step};
+use super::linear::Linear;
 use super::config::Gpt2Config;
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
@@ -33,81 +34,67 @@ impl LayerNorm {
     }
 }
 
-/// GPT-2's `Conv1D`: weight `[in, out]`, `y = x @ W + b`.
-struct Conv1D {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Conv1D {
-    fn load(vb: &VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
-        Ok(Self { weight: vb.get((d_in, d_out), "weight")?, bias: vb.get(d_out, "bias")? })
+/// Loads GPT-2's `Conv1D` (weight `[in, out]`, `y = x @ W + b`) as a [`Linear`] in `dtype`,
+/// optionally centring its output over the columns (TransformerLens's `center_writing_weights`).
+fn conv1d(vb: &VarBuilder, d_in: usize, d_out: usize, centre: bool, dtype: DType) -> Result<Linear> {
+    let mut weight = vb.get((d_in, d_out), "weight")?;
+    let mut bias = vb.get(d_out, "bias")?;
+    if centre {
+        weight = weight.broadcast_sub(&weight.mean_keepdim(1)?)?;
+        bias = bias.broadcast_sub(&bias.mean_keepdim(0)?)?;
     }
-
-    /// Centres the output over its columns (TransformerLens's `center_writing_weights`).
-    fn centre_output(self) -> Result<Self> {
-        let weight = self.weight.broadcast_sub(&self.weight.mean_keepdim(1)?)?;
-        let bias = self.bias.broadcast_sub(&self.bias.mean_keepdim(0)?)?;
-        Ok(Self { weight, bias })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let rows = x.elem_count() / dims[dims.len() - 1];
-        let y = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&self.weight)?.broadcast_add(&self.bias)?;
-        let mut out = dims;
-        *out.last_mut().unwrap() = self.weight.dim(1)?;
-        Ok(y.reshape(out)?)
-    }
+    Linear::new(weight.t()?.contiguous()?.to_dtype(dtype)?, Some(bias))
 }
 
 struct Block {
     ln_1: LayerNorm,
-    c_attn: Conv1D,
-    c_proj: Conv1D,
+    c_attn: Linear,
+    c_proj: Linear,
     ln_2: LayerNorm,
-    c_fc: Conv1D,
-    mlp_proj: Conv1D,
+    c_fc: Linear,
+    mlp_proj: Linear,
 }
 
 /// A GPT-2 model with hook points.
 pub struct Gpt2 {
     pub config: Gpt2Config,
-    /// Token embeddings, centred (what the residual stream receives).
+    /// Token embeddings, centred (what the residual stream receives), in the weight dtype.
     wte_centred: Tensor,
-    /// Token embeddings as stored (the tied unembedding).
-    wte: Tensor,
+    /// Token embeddings as stored: the tied unembedding.
+    unembed: Linear,
     wpe_centred: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
 }
 
 impl Gpt2 {
-    /// Loads HF-named weights, with or without the `transformer.` prefix.
-    pub fn load(config: Gpt2Config, vb: VarBuilder) -> Result<Self> {
+    /// Loads HF-named weights, with or without the `transformer.` prefix: matrices and
+    /// embeddings in `dtype`, LayerNorm gains and all biases in f32.
+    pub fn load(config: Gpt2Config, vb: VarBuilder, dtype: DType) -> Result<Self> {
         let c = &config;
+        let vb = vb.to_dtype(DType::F32);
         let vb = if vb.contains_tensor("transformer.wte.weight") { vb.pp("transformer") } else { vb };
         let d = c.n_embd;
         let wte = vb.get((c.vocab_size, d), "wte.weight")?;
         let wpe = vb.get((c.n_positions, d), "wpe.weight")?;
-        let centre_rows = |t: &Tensor| -> Result<Tensor> { Ok(t.broadcast_sub(&t.mean_keepdim(1)?)?) };
+        let centre_rows = |t: &Tensor| -> Result<Tensor> { Ok(t.broadcast_sub(&t.mean_keepdim(1)?)?.to_dtype(dtype)?) };
         let mut blocks = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let b = vb.pp(format!("h.{i}"));
             blocks.push(Block {
                 ln_1: LayerNorm::load(&b.pp("ln_1"), d)?,
-                c_attn: Conv1D::load(&b.pp("attn.c_attn"), d, 3 * d)?,
-                c_proj: Conv1D::load(&b.pp("attn.c_proj"), d, d)?.centre_output()?,
+                c_attn: conv1d(&b.pp("attn.c_attn"), d, 3 * d, false, dtype)?,
+                c_proj: conv1d(&b.pp("attn.c_proj"), d, d, true, dtype)?,
                 ln_2: LayerNorm::load(&b.pp("ln_2"), d)?,
-                c_fc: Conv1D::load(&b.pp("mlp.c_fc"), d, c.n_inner)?,
-                mlp_proj: Conv1D::load(&b.pp("mlp.c_proj"), c.n_inner, d)?.centre_output()?,
+                c_fc: conv1d(&b.pp("mlp.c_fc"), d, c.n_inner, false, dtype)?,
+                mlp_proj: conv1d(&b.pp("mlp.c_proj"), c.n_inner, d, true, dtype)?,
             });
         }
         let ln_f = LayerNorm::load(&vb.pp("ln_f"), d)?;
         Ok(Self {
             config: config.clone(),
             wte_centred: centre_rows(&wte)?,
-            wte,
+            unembed: Linear::new(wte.to_dtype(dtype)?, None)?,
             wpe_centred: centre_rows(&wpe)?,
             blocks,
             ln_f,
@@ -127,9 +114,9 @@ impl Gpt2 {
         let (b, t, d) = (step.batch, step.seq, c.n_embd);
         let (h, hd) = (c.n_head, c.n_embd / c.n_head);
         let eps = c.layer_norm_epsilon;
-        let embed = self.wte_centred.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, d))?;
+        let embed = self.wte_centred.index_select(&tokens.flatten_all()?, 0)?.to_dtype(DType::F32)?.reshape((b, t, d))?;
         let embed = hooks.visit(HookPoint::Embed, embed)?;
-        let pos = self.wpe_centred.index_select(&step.positions, 0)?.reshape((b, t, d))?;
+        let pos = self.wpe_centred.index_select(&step.positions, 0)?.to_dtype(DType::F32)?.reshape((b, t, d))?;
         let pos = hooks.visit(HookPoint::PosEmbed, pos)?;
         let mut x = (embed + pos)?;
         for (l, blk) in self.blocks.iter().enumerate() {
@@ -158,6 +145,6 @@ impl Gpt2 {
         let x = select_positions(x, logits_at)?;
         let normed = hooked_norm(hooks, &x, eps, true, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized)?;
         let hidden = self.ln_f.affine(&normed)?;
-        super::attention::linear(&hidden, &self.wte)
+        self.unembed.forward(&hidden)
     }
 }

@@ -5,69 +5,76 @@
 //! `ln*.hook_normalized` is `x / rms(x)` and the gain is applied after the hook.
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{attend, hooked_norm, linear, select_positions, KvCache, Step};
+use super::attention::{attend, hooked_norm, select_positions, KvCache, Step};
+use super::linear::Linear;
 use super::config::LlamaConfig;
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
 
 struct Block {
     attn_norm: Tensor,
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
-    wo: Tensor,
+    /// q, k and v projections, outputs side by side: `[(heads + 2 kv_heads) * head_dim]`.
+    qkv: Linear,
+    wo: Linear,
     mlp_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    /// Gate and up projections, outputs side by side: `[2 d_mlp]`.
+    gate_up: Linear,
+    down: Linear,
 }
 
 /// A Llama model with hook points.
 pub struct Llama {
     pub config: LlamaConfig,
+    /// Token embeddings in the weight dtype.
     embed: Tensor,
     blocks: Vec<Block>,
     final_norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
     /// Rotary tables `[max_positions, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Llama {
-    /// Loads HF-named weights (`model.layers.N.self_attn.q_proj.weight`, ...).
-    pub fn load(config: LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    /// Loads HF-named weights (`model.layers.N.self_attn.q_proj.weight`, ...): matrices and
+    /// embeddings in `dtype`, norm gains in f32.
+    pub fn load(config: LlamaConfig, vb: VarBuilder, dtype: DType) -> Result<Self> {
         let c = &config;
-        let (d, hd) = (c.hidden_size, c.head_dim);
+        let (d, hd, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let q_out = c.num_attention_heads * hd;
         let kv_out = c.num_key_value_heads * hd;
-        let embed = vb.get((c.vocab_size, d), "model.embed_tokens.weight")?;
+        let vb = vb.to_dtype(DType::F32);
+        let w = vb.to_dtype(dtype);
+        let embed = w.get((c.vocab_size, d), "model.embed_tokens.weight")?;
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            let b = vb.pp(format!("model.layers.{i}"));
+            let (b, bw) = (vb.pp(format!("model.layers.{i}")), w.pp(format!("model.layers.{i}")));
+            let qkv = Linear::stacked(vec![
+                bw.get((q_out, d), "self_attn.q_proj.weight")?,
+                bw.get((kv_out, d), "self_attn.k_proj.weight")?,
+                bw.get((kv_out, d), "self_attn.v_proj.weight")?,
+            ])?;
+            let gate_up = Linear::stacked(vec![bw.get((f, d), "mlp.gate_proj.weight")?, bw.get((f, d), "mlp.up_proj.weight")?])?;
             blocks.push(Block {
                 attn_norm: b.get(d, "input_layernorm.weight")?,
-                wq: b.get((q_out, d), "self_attn.q_proj.weight")?,
-                wk: b.get((kv_out, d), "self_attn.k_proj.weight")?,
-                wv: b.get((kv_out, d), "self_attn.v_proj.weight")?,
-                wo: b.get((d, q_out), "self_attn.o_proj.weight")?,
+                qkv,
+                wo: Linear::new(bw.get((d, q_out), "self_attn.o_proj.weight")?, None)?,
                 mlp_norm: b.get(d, "post_attention_layernorm.weight")?,
-                gate: b.get((c.intermediate_size, d), "mlp.gate_proj.weight")?,
-                up: b.get((c.intermediate_size, d), "mlp.up_proj.weight")?,
-                down: b.get((d, c.intermediate_size), "mlp.down_proj.weight")?,
+                gate_up,
+                down: Linear::new(bw.get((d, f), "mlp.down_proj.weight")?, None)?,
             });
         }
         let final_norm = vb.get(d, "model.norm.weight")?;
-        let lm_head = if vb.contains_tensor("lm_head.weight") {
-            vb.get((c.vocab_size, d), "lm_head.weight")?
+        let lm_head = if w.contains_tensor("lm_head.weight") {
+            w.get((c.vocab_size, d), "lm_head.weight")?
         } else {
             embed.clone()
         };
         let (cos, sin) = rotary_tables(c, vb.device()).context("building rotary tables")?;
-        Ok(Self { config, embed, blocks, final_norm, lm_head, cos, sin })
+        Ok(Self { config, embed, blocks, final_norm, lm_head: Linear::new(lm_head, None)?, cos, sin })
     }
 
     /// Runs `tokens [batch, seq]` (u32) through the model, appending to `cache`.
@@ -85,30 +92,36 @@ impl Llama {
         let cos = self.cos.index_select(&step.positions, 0)?.reshape((b, t, c.head_dim / 2))?;
         let sin = self.sin.index_select(&step.positions, 0)?.reshape((b, t, c.head_dim / 2))?;
 
-        let x = self.embed.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, c.hidden_size))?;
+        let x = self.embed.index_select(&tokens.flatten_all()?, 0)?.to_dtype(DType::F32)?.reshape((b, t, c.hidden_size))?;
         let mut x = hooks.visit(HookPoint::Embed, x)?;
         for (l, blk) in self.blocks.iter().enumerate() {
             x = hooks.visit(HookPoint::ResidPre(l), x)?;
             // Attention.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l))?;
             let h = normed.broadcast_mul(&blk.attn_norm)?;
-            let q = linear(&h, &blk.wq)?.reshape((b, t, c.num_attention_heads, c.head_dim))?.transpose(1, 2)?.contiguous()?;
-            let k = linear(&h, &blk.wk)?.reshape((b, t, c.num_key_value_heads, c.head_dim))?.transpose(1, 2)?.contiguous()?;
-            let v = linear(&h, &blk.wv)?.reshape((b, t, c.num_key_value_heads, c.head_dim))?.transpose(1, 2)?;
+            let qkv = blk.qkv.forward(&h)?;
+            let (q_out, kv_out) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+            let heads = |start: usize, n: usize| -> Result<Tensor> {
+                Ok(qkv.narrow(2, start, n * c.head_dim)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?)
+            };
+            let q = heads(0, c.num_attention_heads)?;
+            let k = heads(q_out, c.num_key_value_heads)?;
+            let v = heads(q_out + kv_out, c.num_key_value_heads)?;
             let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-            let (k, v) = cache.append(l, k, v.contiguous()?)?;
+            let (k, v) = cache.append(l, k, v)?;
             let attn = attend(&q, &k, &v, &step.mask)?;
-            let attn_out = hooks.visit(HookPoint::AttnOut(l), linear(&attn, &blk.wo)?)?;
+            let attn_out = hooks.visit(HookPoint::AttnOut(l), blk.wo.forward(&attn)?)?;
             x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
             // MLP.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l))?;
             let normed = hooks.mlp_input(l, normed)?;
             let h = normed.broadcast_mul(&blk.mlp_norm)?;
-            let pre = hooks.visit(HookPoint::MlpPre(l), linear(&h, &blk.gate)?)?;
-            let post = (candle_nn::ops::silu(&pre)? * linear(&h, &blk.up)?)?;
+            let gate_up = blk.gate_up.forward(&h)?;
+            let pre = hooks.visit(HookPoint::MlpPre(l), gate_up.narrow(2, 0, c.intermediate_size)?)?;
+            let post = (candle_nn::ops::silu(&pre)? * gate_up.narrow(2, c.intermediate_size, c.intermediate_size)?)?;
             let post = hooks.visit(HookPoint::MlpPost(l), post)?;
-            let mlp_out = linear(&post, &blk.down)?;
+            let mlp_out = blk.down.forward(&post)?;
             let mlp_out = hooks.mlp_output(l, &normed, mlp_out)?;
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), mlp_out)?;
             x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
@@ -116,7 +129,7 @@ impl Llama {
         let x = select_positions(x, logits_at)?;
         let normed = hooked_norm(hooks, &x, eps, false, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized)?;
         let h = normed.broadcast_mul(&self.final_norm)?;
-        linear(&h, &self.lm_head)
+        self.lm_head.forward(&h)
     }
 }
 

@@ -4,9 +4,12 @@
 pub mod attention;
 pub mod config;
 pub mod gpt2;
+pub mod linear;
 pub mod llama;
 pub mod llama2c;
+pub mod matmul;
 pub mod tokenizer;
+pub mod weights;
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +25,102 @@ use tokenizer::{TextCodec, Tokenizer};
 
 use crate::hooks::{HookPoint, Hooks};
 use crate::hub::HubRepo;
+use weights::SafetensorsFiles;
+
+/// Precision of the weights: `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeChoice {
+    /// On a GPU the checkpoint's dtype; on the CPU f32 when an f32 copy fits comfortably in the
+    /// available memory (at most half of it), else the checkpoint's dtype.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DTypeChoice {
+    /// The dtype to hold `params` weights stored as `stored` on `device`.
+    pub fn resolve(self, stored: DType, params: u64, device: &Device) -> DType {
+        match self {
+            DTypeChoice::F32 => DType::F32,
+            DTypeChoice::Bf16 => DType::BF16,
+            DTypeChoice::F16 => DType::F16,
+            DTypeChoice::Auto if !device.is_cpu() => stored,
+            DTypeChoice::Auto => {
+                let fits = available_memory().is_none_or(|avail| params * 4 <= avail / 2);
+                if fits || !matches!(stored, DType::BF16 | DType::F16) { DType::F32 } else { stored }
+            }
+        }
+    }
+}
+
+/// Where a model runs and the precision of its weights: `--device` and `--dtype` on the command
+/// line, `device` and `dtype` in a `run` config.
+#[derive(Debug, Clone, clap::Args, serde::Deserialize, serde::Serialize)]
+pub struct Placement {
+    /// Where to run: cpu, cuda (the first GPU) or cuda:N.
+    #[arg(long, default_value_t = Placement::default_device())]
+    #[serde(default = "Placement::default_device")]
+    pub device: String,
+    /// Weight precision: auto, f32, bf16 or f16. Activations, norms, softmax, attention, hook
+    /// values and logits stay f32.
+    #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
+    #[serde(default)]
+    pub dtype: DTypeChoice,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self { device: Self::default_device(), dtype: DTypeChoice::Auto }
+    }
+}
+
+impl Placement {
+    pub fn default_device() -> String {
+        "cpu".into()
+    }
+
+    /// Load options for this placement.
+    pub fn load_options(&self, tokenizer: Option<PathBuf>, no_bos: bool) -> Result<LoadOptions> {
+        Ok(LoadOptions { tokenizer, no_bos, device: parse_device(&self.device)?, dtype: self.dtype })
+    }
+}
+
+/// Bytes of memory available to new allocations (`MemAvailable`), where the system says.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Parses `--device`: `cpu`, `cuda` (the first GPU) or `cuda:N`. A device this build lacks, or
+/// that is absent, is one clear error.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let (kind, ordinal) = match spec.split_once(':') {
+        Some((k, n)) => (k, n.parse::<usize>().with_context(|| format!("--device {spec}: `{n}` is not a device number"))?),
+        None => (spec, 0),
+    };
+    match kind {
+        "cpu" if ordinal == 0 => Ok(Device::Cpu),
+        "cuda" if !candle_core::utils::cuda_is_available() => bail!(
+            "--device {spec}: this neurosteer was built without CUDA support (rebuild with `--features cuda`; see the README's \"Devices and precision\")"
+        ),
+        "cuda" => Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("--device {spec}: no usable CUDA GPU ({e})")),
+        _ => bail!("--device {spec}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
+    }
+}
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,41 +160,64 @@ pub struct Model {
     pub codec: TextCodec,
     pub info: ModelInfo,
     pub device: Device,
+    /// The dtype the weight matrices are held in (activations are f32).
+    pub dtype: DType,
 }
 
 /// How to load a model.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// A tokenizer file to use instead of the model's own (required for llama2.c checkpoints
     /// unless a `tok*.bin` lies beside them).
     pub tokenizer: Option<PathBuf>,
     /// Do not prepend BOS.
     pub no_bos: bool,
+    /// Where to run.
+    pub device: Device,
+    /// Weight precision.
+    pub dtype: DTypeChoice,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { tokenizer: None, no_bos: false, device: Device::Cpu, dtype: DTypeChoice::Auto }
+    }
 }
 
 impl Model {
     /// Loads `spec`: a Hugging Face folder, a llama2.c `.bin` checkpoint, or a hub id.
     pub fn load(spec: &str, options: &LoadOptions) -> Result<Self> {
-        let device = Device::Cpu;
         let path = Path::new(spec);
-        if path.is_dir() {
-            load_hf_folder(spec, &HfFiles::from_folder(path)?, options, device)
+        let model = if path.is_dir() {
+            load_hf_folder(spec, &HfFiles::from_folder(path)?, options)
         } else if path.is_file() {
-            load_llama2c(path, options, device)
+            load_llama2c(path, options)
         } else if looks_like_hub_id(spec) {
-            load_hf_folder(spec, &HfFiles::from_hub(spec)?, options, device)
+            load_hf_folder(spec, &HfFiles::from_hub(spec)?, options)
         } else {
             bail!("{spec}: no such file or folder, and not a hub id (like `gpt2` or `org/name`)")
+        }?;
+        // Say where the model runs unless it is the plain default (f32 on the CPU).
+        if !(model.device.is_cpu() && model.dtype == DType::F32) {
+            eprintln!(
+                "neurosteer: {} on {} with {} weights{}",
+                model.info.source,
+                device_name(&model.device),
+                dtype_name(model.dtype),
+                if options.dtype == DTypeChoice::Auto { " (chosen by --dtype auto)" } else { "" }
+            );
         }
+        Ok(model)
     }
 
-    /// Builds a model from a parsed config and its weights (BOS on when the config names one).
-    pub fn build(source: &str, config: ModelConfig, vb: VarBuilder, tokenizer: Tokenizer) -> Result<Self> {
+    /// Builds a model from a parsed config and its weights (BOS on when the config names one),
+    /// holding the weight matrices in `dtype` on `vb`'s device.
+    pub fn build(source: &str, config: ModelConfig, vb: VarBuilder, dtype: DType, tokenizer: Tokenizer) -> Result<Self> {
         let device = vb.device().clone();
         let (network, info) = match config {
             ModelConfig::Llama(c) => {
                 let info = llama_info(source, &c);
-                let m = Llama::load(c, vb).with_context(|| format!("{source}: bad weights"))?;
+                let m = Llama::load(c, vb, dtype).with_context(|| format!("{source}: bad weights"))?;
                 (Network::Llama(Box::new(m)), info)
             }
             ModelConfig::Gpt2(c) => {
@@ -110,12 +232,12 @@ impl Model {
                     bos: c.bos_token_id,
                     eos: c.eos_token_ids.clone(),
                 };
-                let m = Gpt2::load(c, vb).with_context(|| format!("{source}: bad weights"))?;
+                let m = Gpt2::load(c, vb, dtype).with_context(|| format!("{source}: bad weights"))?;
                 (Network::Gpt2(Box::new(m)), info)
             }
         };
         let codec = TextCodec { tokenizer, bos: info.bos };
-        Ok(Model { network, codec, info, device })
+        Ok(Model { network, codec, info, device, dtype })
     }
 
     /// Turns BOS prepending on (TransformerLens's default) or off.
@@ -163,9 +285,9 @@ impl Model {
         }
     }
 
-    /// A fresh KV cache for `batch` sequences.
-    pub fn new_cache(&self, batch: usize) -> KvCache {
-        KvCache::new(self.info.n_layers, batch)
+    /// A fresh KV cache for `batch` sequences of up to `capacity` tokens (it grows if needed).
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        KvCache::new(self.info.n_layers, batch, capacity)
     }
 }
 
@@ -262,7 +384,7 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-fn load_hf_folder(spec: &str, files: &HfFiles, options: &LoadOptions, device: Device) -> Result<Model> {
+fn load_hf_folder(spec: &str, files: &HfFiles, options: &LoadOptions) -> Result<Model> {
     let config = ModelConfig::from_file(&files.config)?;
     let tok_path = options
         .tokenizer
@@ -270,25 +392,19 @@ fn load_hf_folder(spec: &str, files: &HfFiles, options: &LoadOptions, device: De
         .or_else(|| files.tokenizer.clone())
         .with_context(|| format!("{spec}: no tokenizer.json; pass --tokenizer"))?;
     let tokenizer = Tokenizer::from_hf_file(&tok_path)?;
-    for w in &files.weights {
-        check_safetensors(w)?;
-    }
-    // SAFETY: the files are memory-mapped read-only; neurosteer never writes to them.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, DType::F32, &device) }
-        .with_context(|| format!("{spec}: cannot read the safetensors weights"))?;
-    let model = Model::build(spec, config, vb, tokenizer)?;
+    let weights = SafetensorsFiles::open(&files.weights)?;
+    let dtype = options.dtype.resolve(weights.stored_dtype(), weights.param_count(), &options.device);
+    let vb = VarBuilder::from_backend(Box::new(weights), DType::F32, options.device.clone());
+    let model = Model::build(spec, config, vb, dtype, tokenizer)?;
     Ok(model.with_bos(!options.no_bos))
 }
 
-/// Checks a safetensors file's header before memory-mapping it, so that a truncated or corrupt
-/// file gives an error naming it.
-fn check_safetensors(path: &Path) -> Result<()> {
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    // SAFETY: read-only mapping of a file we do not modify.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
-    safetensors::SafeTensors::deserialize(&mmap)
-        .map_err(|e| anyhow::anyhow!("{}: corrupt or truncated safetensors file: {e:?}", path.display()))?;
-    Ok(())
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 fn llama_info(spec: &str, c: &config::LlamaConfig) -> ModelInfo {
@@ -305,9 +421,9 @@ fn llama_info(spec: &str, c: &config::LlamaConfig) -> ModelInfo {
     }
 }
 
-fn load_llama2c(path: &Path, options: &LoadOptions, device: Device) -> Result<Model> {
+fn load_llama2c(path: &Path, options: &LoadOptions) -> Result<Model> {
     let spec = path.display().to_string();
-    let ckpt = llama2c::load_checkpoint(path, &device)?;
+    let ckpt = llama2c::load_checkpoint(path, &Device::Cpu)?;
     let tok_path = match &options.tokenizer {
         Some(p) => p.clone(),
         None => sibling_tokenizer(path, ckpt.config.vocab_size)
@@ -318,8 +434,10 @@ fn load_llama2c(path: &Path, options: &LoadOptions, device: Device) -> Result<Mo
     } else {
         Tokenizer::Llama2c(llama2c::Llama2cTokenizer::load(&tok_path, ckpt.config.vocab_size)?)
     };
-    let vb = VarBuilder::from_tensors(ckpt.tensors, DType::F32, &device);
-    let model = Model::build(&spec, ModelConfig::Llama(ckpt.config), vb, tokenizer)?;
+    let params = ckpt.tensors.values().map(|t| t.elem_count() as u64).sum();
+    let dtype = options.dtype.resolve(DType::F32, params, &options.device);
+    let vb = VarBuilder::from_tensors(ckpt.tensors, DType::F32, &options.device);
+    let model = Model::build(&spec, ModelConfig::Llama(ckpt.config), vb, dtype, tokenizer)?;
     Ok(model.with_bos(!options.no_bos))
 }
 

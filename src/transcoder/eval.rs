@@ -38,7 +38,7 @@ pub struct FidelityReport {
 /// Log-probabilities at every position of `ids` under `hooks`, `[seq, vocab]`.
 fn log_probs(model: &Model, ids: &[u32], hooks: &Hooks) -> Result<Tensor> {
     let mut h = hooks.clone();
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_cache(1, ids.len());
     let logits = model.forward(&[ids.to_vec()], &[vec![true; ids.len()]], &mut cache, &mut h, LogitsAt::All)?;
     Ok(log_softmax(&logits.squeeze(0)?, D::Minus1)?)
 }
@@ -76,7 +76,7 @@ pub fn evaluate(model: &Model, tc: &Arc<Transcoder>, texts: &[String]) -> Result
         let mut base = Hooks::none();
         base.record(HookPoint::Ln2Normalized(layer));
         base.record(HookPoint::MlpOut(layer));
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_cache(1, ids.len());
         let logits = model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut base, LogitsAt::All)?;
         let lp = log_softmax(&logits.squeeze(0)?, D::Minus1)?;
         let x = base.recorded(HookPoint::Ln2Normalized(layer)).expect("recorded").squeeze(0)?;
@@ -139,7 +139,7 @@ pub fn log_frequency(model: &Model, tc: &Transcoder, texts: &[String], n_tokens:
         }
         let mut hooks = Hooks::none();
         hooks.record(HookPoint::Ln2Normalized(layer));
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_cache(1, ids.len());
         model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::Last)?;
         let take = ids.len().min(n_tokens - seen);
         let x = hooks.recorded(HookPoint::Ln2Normalized(layer)).expect("recorded").squeeze(0)?.narrow(0, 0, take)?;

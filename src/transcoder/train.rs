@@ -8,7 +8,7 @@
 //! re-initialised towards badly reconstructed tokens during the first half.
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
@@ -75,7 +75,7 @@ pub fn collect_activations(model: &Model, texts: &[String], layer: usize, max_to
         let mut hooks = Hooks::none();
         hooks.record(pin);
         hooks.record(pout);
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_cache(1, ids.len());
         model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::Last)?;
         let take = ids.len().min(max_tokens - n);
         xs.push(hooks.recorded(pin).expect("recorded").squeeze(0)?.narrow(0, 0, take)?);
@@ -90,7 +90,7 @@ pub fn collect_activations(model: &Model, texts: &[String], layer: usize, max_to
 
 /// Trains a transcoder on `(x, y)` activations; the last 10% of tokens are held out.
 pub fn train(x: &Tensor, y: &Tensor, opts: &TrainOptions, meta: TranscoderMeta) -> Result<(Transcoder, TrainReport)> {
-    let dev = Device::Cpu;
+    let dev = x.device().clone();
     let (n, d_in) = x.dims2()?;
     let d_out = y.dim(1)?;
     let n_held = (n / 10).max(1);
@@ -249,7 +249,7 @@ fn resample_dead(
         }
         be[i] = 0.0;
     }
-    let dev = Device::Cpu;
+    let dev = w_enc.device().clone();
     w_enc.set(&Tensor::new(we, &dev)?)?;
     w_dec.set(&Tensor::new(wd, &dev)?)?;
     b_enc.set(&Tensor::new(be, &dev)?)?;

@@ -1,0 +1,660 @@
+//! CPU matrix products of linear layers: `y = x · Wᵀ` for activations `x [m, k]` in f32 and a weight
+//! `W [n, k]` (the `nn.Linear` layout) stored in f32, bf16 or f16.
+//!
+//! Decode multiplies a few rows by every weight matrix, so its speed is the speed of reading the
+//! weights. For `m <= SMALL_M` a register-tiled kernel reads each weight row once per tile of rows of
+//! `x`, converts half-precision weights to f32 in registers (never a widened copy of the matrix),
+//! accumulates in f32, and splits the output rows across threads. It uses AVX-512 or AVX2+FMA(+F16C)
+//! where the processor has them (detected at run time) and portable code elsewhere. Every output
+//! element is one dot product summed in the same order whatever `m`, the tile or the thread count,
+//! so a batch row gets exactly what the same row alone gets.
+//!
+//! Prefill (larger `m`) is compute-bound and goes to the `gemm` crate (what candle uses); a
+//! half-precision weight is widened there one block of rows at a time into a reused buffer.
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Rows of `x` up to which the weight-streaming kernel is used; above it, `gemm`.
+pub const SMALL_M: usize = 32;
+
+/// A weight matrix `[n, k]`, row-major, in its storage dtype.
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl Weights<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+            Weights::F16(w) => w.len(),
+        }
+    }
+}
+
+/// The vector instructions a kernel uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 (F, BW, VL) with F16C.
+    Avx512,
+    /// AVX2 with FMA and F16C.
+    Avx2,
+    /// Plain Rust (auto-vectorised where the compiler can).
+    Portable,
+}
+
+impl Isa {
+    /// The best instruction set this processor supports (detected once).
+    pub fn detected() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let has = |f: &str| match f {
+                    "avx512f" => is_x86_feature_detected!("avx512f"),
+                    "avx512bw" => is_x86_feature_detected!("avx512bw"),
+                    "avx512vl" => is_x86_feature_detected!("avx512vl"),
+                    "avx2" => is_x86_feature_detected!("avx2"),
+                    "fma" => is_x86_feature_detected!("fma"),
+                    "f16c" => is_x86_feature_detected!("f16c"),
+                    _ => false,
+                };
+                if ["avx512f", "avx512bw", "avx512vl", "fma", "f16c"].iter().all(|f| has(f)) {
+                    return Isa::Avx512;
+                }
+                if ["avx2", "fma", "f16c"].iter().all(|f| has(f)) {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Portable
+        })
+    }
+
+    /// The instruction sets this processor can run, best first (for tests and benchmarks).
+    pub fn available() -> Vec<Isa> {
+        match Isa::detected() {
+            Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
+            Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
+            Isa::Portable => vec![Isa::Portable],
+        }
+    }
+}
+
+/// `y[i, j] = Σ_q x[i, q] · w[j, q]` for `x [m, k]`, `w [n, k]`, with the detected instruction
+/// set. Row `i` of the output starts at `y[i * ldy]` (`ldy >= n`, so the product can fill some
+/// columns of a wider matrix).
+pub fn matmul_nt(x: &[f32], m: usize, k: usize, w: Weights, n: usize, y: &mut [f32], ldy: usize) {
+    matmul_nt_with(Isa::detected(), x, m, k, w, n, y, ldy)
+}
+
+/// [`matmul_nt`] with a chosen instruction set (which must be in [`Isa::available`]).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nt_with(isa: Isa, x: &[f32], m: usize, k: usize, w: Weights, n: usize, y: &mut [f32], ldy: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ldy >= n && x.len() >= m * k && w.len() >= n * k && y.len() >= (m - 1) * ldy + n, "matmul_nt: buffers too small");
+    assert!(Isa::available().contains(&isa), "matmul_nt: {isa:?} is not supported by this processor");
+    if k == 0 {
+        for i in 0..m {
+            y[i * ldy..i * ldy + n].fill(0.0);
+        }
+        return;
+    }
+    if m > SMALL_M {
+        large(x, m, k, w, n, y, ldy);
+        return;
+    }
+    match w {
+        Weights::F32(w) => small(isa, x, m, k, w, n, y, ldy),
+        Weights::Bf16(w) => small(isa, x, m, k, w, n, y, ldy),
+        Weights::F16(w) => small(isa, x, m, k, w, n, y, ldy),
+    }
+}
+
+/// A pointer that may cross threads: each task writes a disjoint set of output elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Weight rows per tile.
+const R: usize = 4;
+
+#[allow(clippy::too_many_arguments)]
+fn small<T: Elem>(isa: Isa, x: &[f32], m: usize, k: usize, w: &[T], n: usize, y: &mut [f32], ldy: usize) {
+    let threads = rayon::current_num_threads().max(1);
+    // About eight tasks per thread, at least 16 rows each, a multiple of the tile height.
+    let chunk = (n.div_ceil(threads * 8)).max(16).div_ceil(R) * R;
+    let out = SendPtr(y.as_mut_ptr());
+    let task = |c: usize| {
+        let out = out;
+        let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
+        let mut j = n0;
+        while j < n1 {
+            let r = R.min(n1 - j);
+            let wrows = &w[j * k..(j + r) * k];
+            let mut i = 0;
+            while i < m {
+                let mt = max_tile_rows(isa).min(m - i);
+                let mut acc = [[0f32; MAX_MT]; R];
+                tile(isa, &x[i * k..(i + mt) * k], mt, k, wrows, r, &mut acc);
+                for (a, row) in acc.iter().enumerate().take(r) {
+                    for (b, v) in row.iter().enumerate().take(mt) {
+                        // SAFETY: (i + b, j + a) is inside y, and only this task writes rows j..j+r.
+                        unsafe { *out.0.add((i + b) * ldy + j + a) = *v };
+                    }
+                }
+                i += mt;
+            }
+            j += r;
+        }
+    };
+    let tasks = n.div_ceil(chunk);
+    if tasks == 1 || threads == 1 {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+/// The most rows of `x` one tile holds.
+const MAX_MT: usize = 4;
+
+fn max_tile_rows(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx2 => 2,
+        _ => 4,
+    }
+}
+
+/// Dot products of `r` weight rows with `mt` rows of `x` into `acc[0..r][0..mt]`.
+fn tile<T: Elem>(isa: Isa, x: &[f32], mt: usize, k: usize, w: &[T], r: usize, acc: &mut [[f32; MAX_MT]; R]) {
+    macro_rules! dispatch {
+        ($f:ident) => {
+            // SAFETY: the instruction set was checked against the processor; slices hold
+            // `mt * k` and `r * k` elements.
+            unsafe {
+                match (r, mt) {
+                    (4, 4) => $f::<T, 4, 4>(x, k, w, acc),
+                    (4, 3) => $f::<T, 4, 3>(x, k, w, acc),
+                    (4, 2) => $f::<T, 4, 2>(x, k, w, acc),
+                    (4, 1) => $f::<T, 4, 1>(x, k, w, acc),
+                    (3, 4) => $f::<T, 3, 4>(x, k, w, acc),
+                    (3, 3) => $f::<T, 3, 3>(x, k, w, acc),
+                    (3, 2) => $f::<T, 3, 2>(x, k, w, acc),
+                    (3, 1) => $f::<T, 3, 1>(x, k, w, acc),
+                    (2, 4) => $f::<T, 2, 4>(x, k, w, acc),
+                    (2, 3) => $f::<T, 2, 3>(x, k, w, acc),
+                    (2, 2) => $f::<T, 2, 2>(x, k, w, acc),
+                    (2, 1) => $f::<T, 2, 1>(x, k, w, acc),
+                    (1, 4) => $f::<T, 1, 4>(x, k, w, acc),
+                    (1, 3) => $f::<T, 1, 3>(x, k, w, acc),
+                    (1, 2) => $f::<T, 1, 2>(x, k, w, acc),
+                    (1, 1) => $f::<T, 1, 1>(x, k, w, acc),
+                    _ => unreachable!("tile sizes are at most {R} x {MAX_MT}"),
+                }
+            }
+        };
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => dispatch!(tile_avx512),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => dispatch!(tile_avx2),
+        _ => dispatch!(tile_portable),
+    }
+}
+
+/// A weight element: how to read it as f32, one at a time or a vector at a time.
+trait Elem: Copy + Send + Sync + 'static {
+    fn f32(self) -> f32;
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> x86::__m512;
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512;
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> x86::__m256;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    pub use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn bf16x16(p: *const u16) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn bf16x16_masked(p: *const u16, mask: u16) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p as *const i16))))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn f16x16(p: *const u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn f16x16_masked(p: *const u16, mask: u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn f32x16(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn f32x16_masked(p: *const f32, mask: u16) -> __m512 {
+        _mm512_maskz_loadu_ps(mask, p)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn bf16x8(p: *const u16) -> __m256 {
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn f16x8(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[inline]
+    #[target_feature(enable = "avx")]
+    pub unsafe fn f32x8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> x86::__m512 {
+        x86::f32x16(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512 {
+        x86::f32x16_masked(p, mask)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> x86::__m256 {
+        x86::f32x8(p)
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> x86::__m512 {
+        x86::bf16x16(p as *const u16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512 {
+        x86::bf16x16_masked(p as *const u16, mask)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> x86::__m256 {
+        x86::bf16x8(p as *const u16)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> x86::__m512 {
+        x86::f16x16(p as *const u16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512 {
+        x86::f16x16_masked(p as *const u16, mask)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> x86::__m256 {
+        x86::f16x8(p as *const u16)
+    }
+}
+
+/// AVX-512: 16 lanes per step, the last partial step with masked loads.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn tile_avx512<T: Elem, const RR: usize, const MT: usize>(x: &[f32], k: usize, w: &[T], out: &mut [[f32; MAX_MT]; R]) {
+    use x86::*;
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); MT]; RR];
+    let full = k / 16 * 16;
+    let mut p = 0;
+    while p < full {
+        let mut xv = [_mm512_setzero_ps(); MT];
+        for (i, v) in xv.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(xp.add(i * k + p));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let wv = T::load16(wp.add(r * k + p));
+            for (a, v) in row.iter_mut().zip(&xv) {
+                *a = _mm512_fmadd_ps(wv, *v, *a);
+            }
+        }
+        p += 16;
+    }
+    if p < k {
+        let mask = ((1u32 << (k - p)) - 1) as u16;
+        let mut xv = [_mm512_setzero_ps(); MT];
+        for (i, v) in xv.iter_mut().enumerate() {
+            *v = _mm512_maskz_loadu_ps(mask, xp.add(i * k + p));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let wv = T::load16_masked(wp.add(r * k + p), mask);
+            for (a, v) in row.iter_mut().zip(&xv) {
+                *a = _mm512_fmadd_ps(wv, *v, *a);
+            }
+        }
+    }
+    for (o, row) in out.iter_mut().zip(&acc) {
+        for (o, a) in o.iter_mut().zip(row) {
+            *o = _mm512_reduce_add_ps(*a);
+        }
+    }
+}
+
+/// AVX2: 8 lanes per step, the remainder one element at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<T: Elem, const RR: usize, const MT: usize>(x: &[f32], k: usize, w: &[T], out: &mut [[f32; MAX_MT]; R]) {
+    use x86::*;
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); MT]; RR];
+    let full = k / 8 * 8;
+    let mut p = 0;
+    while p < full {
+        let mut xv = [_mm256_setzero_ps(); MT];
+        for (i, v) in xv.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(xp.add(i * k + p));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let wv = T::load8(wp.add(r * k + p));
+            for (a, v) in row.iter_mut().zip(&xv) {
+                *a = _mm256_fmadd_ps(wv, *v, *a);
+            }
+        }
+        p += 8;
+    }
+    for (r, (o, row)) in out.iter_mut().zip(&acc).enumerate() {
+        for (i, (o, a)) in o.iter_mut().zip(row).enumerate() {
+            // Horizontal sum: 8 -> 4 -> 2 -> 1.
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps::<1>(*a));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0x55>(s2, s2));
+            let mut s = _mm_cvtss_f32(s1);
+            for q in full..k {
+                s += x[i * k + q] * w[r * k + q].f32();
+            }
+            *o = s;
+        }
+    }
+}
+
+/// Portable: eight independent lanes per dot product (vectorised by the compiler where it can).
+unsafe fn tile_portable<T: Elem, const RR: usize, const MT: usize>(x: &[f32], k: usize, w: &[T], out: &mut [[f32; MAX_MT]; R]) {
+    let mut acc = [[[0f32; 8]; MT]; RR];
+    let full = k / 8 * 8;
+    let mut p = 0;
+    while p < full {
+        for (r, row) in acc.iter_mut().enumerate() {
+            let wr = &w[r * k + p..r * k + p + 8];
+            for (i, lanes) in row.iter_mut().enumerate() {
+                let xr = &x[i * k + p..i * k + p + 8];
+                for l in 0..8 {
+                    lanes[l] += wr[l].f32() * xr[l];
+                }
+            }
+        }
+        p += 8;
+    }
+    for (r, (o, row)) in out.iter_mut().zip(&acc).enumerate() {
+        for (i, (o, lanes)) in o.iter_mut().zip(row).enumerate() {
+            let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+            for q in full..k {
+                s += x[i * k + q] * w[r * k + q].f32();
+            }
+            *o = s;
+        }
+    }
+}
+
+/// Peak multiply-add throughput of this processor with the detected instruction set, in GFLOP/s
+/// (2 flops per lane per FMA), over every thread of the pool: the compute floor of a kernel.
+pub fn peak_gflops() -> f64 {
+    const ITERS: usize = 20_000_000;
+    let threads = rayon::current_num_threads().max(1);
+    let isa = Isa::detected();
+    let best = (0..3)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let flops: f64 = (0..threads).into_par_iter().map(|_| fma_loop(isa, ITERS)).sum();
+            flops / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max);
+    best
+}
+
+/// Runs `iters` rounds of 8 independent FMA chains; returns the flops done.
+fn fma_loop(isa: Isa, iters: usize) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use x86::*;
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(iters: usize) -> f32 {
+            let mut acc = [_mm512_set1_ps(0.0); 8];
+            let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            for _ in 0..iters {
+                for v in acc.iter_mut() {
+                    *v = _mm512_fmadd_ps(*v, a, b);
+                }
+            }
+            acc.iter().map(|v| _mm512_reduce_add_ps(*v)).sum()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(iters: usize) -> f32 {
+            let mut acc = [_mm256_set1_ps(0.0); 8];
+            let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+            for _ in 0..iters {
+                for v in acc.iter_mut() {
+                    *v = _mm256_fmadd_ps(*v, a, b);
+                }
+            }
+            let mut out = [0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), acc.iter().fold(_mm256_setzero_ps(), |s, v| _mm256_add_ps(s, *v)));
+            out.iter().sum()
+        }
+        // SAFETY: the instruction set was detected on this processor.
+        match isa {
+            Isa::Avx512 => {
+                std::hint::black_box(unsafe { avx512(iters) });
+                return (iters * 8 * 16 * 2) as f64;
+            }
+            Isa::Avx2 => {
+                std::hint::black_box(unsafe { avx2(iters) });
+                return (iters * 8 * 8 * 2) as f64;
+            }
+            Isa::Portable => {}
+        }
+    }
+    let mut acc = [0f32; 8];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = v.mul_add(0.999_999, 1e-7);
+        }
+    }
+    std::hint::black_box(acc);
+    (iters * 8 * 2) as f64
+}
+
+thread_local! {
+    /// A block of widened weight rows for the `gemm` path, reused across calls.
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Many rows: `gemm`, reading f32 weights in place and half-precision weights one widened block
+/// of rows at a time.
+fn large(x: &[f32], m: usize, k: usize, w: Weights, n: usize, y: &mut [f32], ldy: usize) {
+    let threads = rayon::current_num_threads().max(1);
+    // SAFETY: the strides describe x [m, k], w [n, k] read as wᵀ [k, n], and y [m, n], all
+    // inside their slices (checked by the caller).
+    let run = |w: &[f32], n0: usize, nb: usize, y: &mut [f32]| unsafe {
+        gemm::gemm(
+            m,
+            nb,
+            k,
+            y.as_mut_ptr().add(n0),
+            1,
+            ldy as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(threads),
+        )
+    };
+    fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
+        dst.par_chunks_mut(4096).zip(src.par_chunks(4096)).for_each(|(d, s)| {
+            for (d, s) in d.iter_mut().zip(s) {
+                *d = s.f32();
+            }
+        });
+    }
+    match w {
+        Weights::F32(w) => run(w, 0, n, y),
+        Weights::Bf16(_) | Weights::F16(_) => {
+            // Blocks of about 4 MiB of widened rows.
+            let block = ((1 << 20) / k).clamp(16, n.max(16));
+            WIDE.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                buf.resize(block * k, 0.0);
+                let mut n0 = 0;
+                while n0 < n {
+                    let nb = block.min(n - n0);
+                    let dst = &mut buf[..nb * k];
+                    match w {
+                        Weights::Bf16(w) => widen(&w[n0 * k..(n0 + nb) * k], dst),
+                        Weights::F16(w) => widen(&w[n0 * k..(n0 + nb) * k], dst),
+                        Weights::F32(_) => unreachable!(),
+                    }
+                    run(dst, n0, nb, y);
+                    n0 += nb;
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|q| x[i * k + q] as f64 * w[j * k + q] as f64).sum();
+            }
+        }
+        y
+    }
+
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// Every instruction set and dtype against an f64 reference on odd shapes: rows 1..=33 (both
+    /// paths), widths that are not multiples of any vector width.
+    #[test]
+    fn kernels_match_reference_on_odd_shapes() {
+        for &(k, n) in &[(1usize, 1usize), (7, 5), (17, 9), (33, 13), (100, 31), (257, 67)] {
+            let w32 = data(n * k, k as u64);
+            let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+            for m in (1..=33).chain([40, 65]) {
+                let x = data(m * k, (m * 31 + k) as u64);
+                for isa in Isa::available() {
+                    for (w, exact) in [
+                        (Weights::F32(&w32), w32.clone()),
+                        (Weights::Bf16(&wb), wb.iter().map(|v| v.to_f32()).collect()),
+                        (Weights::F16(&wh), wh.iter().map(|v| v.to_f32()).collect()),
+                    ] {
+                        let want = reference(&x, m, k, &exact, n);
+                        let mut y = vec![f32::NAN; m * n];
+                        matmul_nt_with(isa, &x, m, k, w, n, &mut y, n);
+                        for (got, want) in y.iter().zip(&want) {
+                            let tol = 1e-5 * (k as f64).sqrt() + 1e-6 * want.abs();
+                            assert!(
+                                (*got as f64 - want).abs() <= tol,
+                                "{isa:?} m={m} k={k} n={n}: got {got}, want {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row gives bit for bit the same output alone as inside a batch (small path), whatever
+    /// the thread count.
+    #[test]
+    fn batch_rows_equal_single_rows() {
+        let (k, n) = (70, 45);
+        let w = data(n * k, 3);
+        let m = 13;
+        let x = data(m * k, 4);
+        for isa in Isa::available() {
+            let mut batch = vec![0f32; m * n];
+            matmul_nt_with(isa, &x, m, k, Weights::F32(&w), n, &mut batch, n);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            for i in 0..m {
+                let mut one = vec![0f32; n];
+                pool.install(|| matmul_nt_with(isa, &x[i * k..(i + 1) * k], 1, k, Weights::F32(&w), n, &mut one, n));
+                assert_eq!(&batch[i * n..(i + 1) * n], &one[..], "{isa:?} row {i}");
+            }
+        }
+    }
+}
