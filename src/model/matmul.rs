@@ -109,6 +109,15 @@ pub fn matmul_nt_with(isa: Isa, x: &[f32], m: usize, k: usize, w: Weights, n: us
         return;
     }
     if m > SMALL_M {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 {
+            match w {
+                Weights::F32(w) => gemm512::gemm(x, m, k, w, n, y, ldy),
+                Weights::Bf16(w) => gemm512::gemm(x, m, k, w, n, y, ldy),
+                Weights::F16(w) => gemm512::gemm(x, m, k, w, n, y, ldy),
+            }
+            return;
+        }
         large(x, m, k, w, n, y, ldy);
         return;
     }
@@ -516,6 +525,136 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
     (iters * 8 * 2) as f64
 }
 
+/// Many rows with AVX-512: a blocked GEMM computing `yᵀ = w · xᵀ`. The rows of `x` are packed
+/// in panels of 32 (a k-block at a time, once per call); each thread takes groups of up to 8
+/// weight rows, widens a half-precision group into a small f32 buffer, and multiplies it by every
+/// panel: 16 accumulators, 2 panel loads and 8 broadcasts per 16 multiply-adds. Each output sums
+/// its k-blocks in order, each block sequentially, whatever the shapes or thread count.
+#[cfg(target_arch = "x86_64")]
+mod gemm512 {
+    use super::x86::*;
+    use super::{Elem, SendPtr};
+    use rayon::prelude::*;
+    use std::cell::RefCell;
+
+    /// Rows of x per panel.
+    const NR: usize = 32;
+    /// Weight rows per micro-tile.
+    const MR: usize = 8;
+    /// k per block.
+    const KC: usize = 256;
+
+    thread_local! {
+        static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn gemm<T: Elem>(x: &[f32], m: usize, k: usize, w: &[T], n: usize, y: &mut [f32], ldy: usize) {
+        let panels = m.div_ceil(NR);
+        let out = SendPtr(y.as_mut_ptr());
+        PANELS.with(|buf| {
+            let mut xp = buf.borrow_mut();
+            let mut p0 = 0;
+            while p0 < k {
+                let kc = KC.min(k - p0);
+                // Pack x[.., p0..p0+kc] as panels [panel][p][32] (zero rows past m).
+                xp.clear();
+                xp.resize(panels * kc * NR, 0.0);
+                for (t, row) in x.chunks_exact(k).take(m).enumerate() {
+                    let (panel, lane) = (t / NR, t % NR);
+                    let base = panel * kc * NR + lane;
+                    for (p, &v) in row[p0..p0 + kc].iter().enumerate() {
+                        xp[base + p * NR] = v;
+                    }
+                }
+                let xp: &[f32] = &xp;
+                let first = p0 == 0;
+                let groups = n.div_ceil(MR);
+                let task = |g: usize| {
+                    let out = out;
+                    let j0 = g * MR;
+                    let rows = MR.min(n - j0);
+                    WIDE.with(|wide| {
+                        let mut wide = wide.borrow_mut();
+                        wide.resize(MR * kc, 0.0);
+                        for r in 0..rows {
+                            let src = &w[(j0 + r) * k + p0..(j0 + r) * k + p0 + kc];
+                            for (d, s) in wide[r * kc..(r + 1) * kc].iter_mut().zip(src) {
+                                *d = s.f32();
+                            }
+                        }
+                        for panel in 0..panels {
+                            let tokens = NR.min(m - panel * NR);
+                            // SAFETY: AVX-512 was detected; the panel holds kc * 32 floats, the
+                            // widened rows `rows * kc`, and y has room for every (token, row) written.
+                            unsafe {
+                                tile(
+                                    rows,
+                                    kc,
+                                    wide.as_ptr(),
+                                    xp.as_ptr().add(panel * kc * NR),
+                                    out.0.add(panel * NR * ldy + j0),
+                                    ldy,
+                                    tokens,
+                                    first,
+                                )
+                            };
+                        }
+                    });
+                };
+                if groups > 1 {
+                    (0..groups).into_par_iter().with_min_len(4).for_each(task);
+                } else {
+                    task(0);
+                }
+                p0 += kc;
+            }
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(rows: usize, kc: usize, w: *const f32, xp: *const f32, y: *mut f32, ldy: usize, tokens: usize, first: bool) {
+        match rows {
+            8 => micro::<8>(kc, w, xp, y, ldy, tokens, first),
+            7 => micro::<7>(kc, w, xp, y, ldy, tokens, first),
+            6 => micro::<6>(kc, w, xp, y, ldy, tokens, first),
+            5 => micro::<5>(kc, w, xp, y, ldy, tokens, first),
+            4 => micro::<4>(kc, w, xp, y, ldy, tokens, first),
+            3 => micro::<3>(kc, w, xp, y, ldy, tokens, first),
+            2 => micro::<2>(kc, w, xp, y, ldy, tokens, first),
+            _ => micro::<1>(kc, w, xp, y, ldy, tokens, first),
+        }
+    }
+
+    /// `R` weight rows (f32, `kc` each) times one panel of 32 rows of x; adds (or, for the first
+    /// k-block, writes) the `R x tokens` results into y, transposed.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro<const R: usize>(kc: usize, w: *const f32, xp: *const f32, y: *mut f32, ldy: usize, tokens: usize, first: bool) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for p in 0..kc {
+            let x0 = _mm512_loadu_ps(xp.add(p * NR));
+            let x1 = _mm512_loadu_ps(xp.add(p * NR + 16));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_ps(*w.add(r * kc + p));
+                a[0] = _mm512_fmadd_ps(wv, x0, a[0]);
+                a[1] = _mm512_fmadd_ps(wv, x1, a[1]);
+            }
+        }
+        let mut tmp = [[0f32; NR]; R];
+        for (t, a) in tmp.iter_mut().zip(&acc) {
+            _mm512_storeu_ps(t.as_mut_ptr(), a[0]);
+            _mm512_storeu_ps(t.as_mut_ptr().add(16), a[1]);
+        }
+        for tok in 0..tokens {
+            let row = y.add(tok * ldy);
+            for (r, t) in tmp.iter().enumerate() {
+                let dst = row.add(r);
+                *dst = if first { t[tok] } else { *dst + t[tok] };
+            }
+        }
+    }
+}
+
 thread_local! {
     /// A block of widened weight rows for the `gemm` path, reused across calls.
     static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -634,6 +773,63 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Throughput of each path on decode and prefill shapes, and of the `gemm` crate for many
+    /// rows (not a timed test: it asserts nothing; run it with
+    /// `cargo test --release --lib kernel_throughput -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn kernel_throughput() {
+        for &(n, k) in &[(3072usize, 768usize), (768, 3072), (14336, 4096)] {
+            let w32 = data(n * k, 1);
+            let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+            for m in [1usize, 8, 16, 32, 33, 128, 1024] {
+                let x = data(m * k, 2);
+                let mut y = vec![0f32; m * n];
+                for (name, w) in [("f32", Weights::F32(&w32)), ("bf16", Weights::Bf16(&wb))] {
+                    matmul_nt(&x, m, k, w, n, &mut y, n);
+                    let reps = 5;
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        matmul_nt(&x, m, k, w, n, &mut y, n);
+                    }
+                    let s = t.elapsed().as_secs_f64() / reps as f64;
+                    println!("n={n} k={k} m={m:3} {name:4}: {:8.3} ms {:6.1} GFLOP/s", s * 1e3, 2.0 * (m * n * k) as f64 / s / 1e9);
+                    if m > SMALL_M {
+                        let t = std::time::Instant::now();
+                        for _ in 0..reps {
+                            large(&x, m, k, w, n, &mut y, n);
+                        }
+                        let s = t.elapsed().as_secs_f64() / reps as f64;
+                        println!("   gemm crate: {:8.3} ms {:6.1} GFLOP/s", s * 1e3, 2.0 * (m * n * k) as f64 / s / 1e9);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rows give bit for bit the same outputs whatever the number of rows of the product, in the
+    /// weight-streaming kernel and in the AVX-512 GEMM (the `gemm` crate, used for many rows
+    /// without AVX-512, blocks by the row count and does not promise it).
+    #[test]
+    fn rows_do_not_depend_on_the_batch() {
+        let (k, n) = (600, 45);
+        let w = data(n * k, 5);
+        let x = data(70 * k, 6);
+        for isa in Isa::available() {
+            let mut pairs = vec![(3, 7)];
+            if isa == Isa::Avx512 {
+                pairs.push((33, 70));
+            }
+            for (m1, m2) in pairs {
+                let mut a = vec![0f32; m1 * n];
+                let mut b = vec![0f32; m2 * n];
+                matmul_nt_with(isa, &x, m1, k, Weights::F32(&w), n, &mut a, n);
+                matmul_nt_with(isa, &x, m2, k, Weights::F32(&w), n, &mut b, n);
+                assert!(a == b[..m1 * n], "{isa:?}: rows of m={m1} and m={m2} differ");
             }
         }
     }
