@@ -145,8 +145,12 @@ impl KvCache {
 }
 
 /// Softmax attention: `q [b, h, t, hd]`, cached `k`, `v` `[b, kv_h, T, hd]`, grouped-query when
-/// `kv_h < h`. Returns `[b, t, h * hd]`.
+/// `kv_h < h`; `mask [b, 1, t, T]` is 0 where a query may look and -inf elsewhere. Returns
+/// `[b, t, h * hd]`. On the CPU one fused pass per (sequence, head); elsewhere tensor ops.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if q.device().is_cpu() {
+        return cpu::attend(q, k, v, mask);
+    }
     let (b, h, t, hd) = q.dims4()?;
     let kv_h = k.dim(1)?;
     let total = k.dim(2)?;
@@ -163,6 +167,157 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tenso
     let out = probs.matmul(v)?; // [b, kv_h, group*t, hd]
     out.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))
         .map_err(Into::into)
+}
+
+/// Attention on the CPU without intermediate tensors: for each sequence and query head, the
+/// scores against every visible cached key, their softmax (f32) and the weighted sum of values,
+/// written straight into the `[b, t, h * hd]` output. Vectorised with AVX-512 or AVX2 when the
+/// processor has them.
+mod cpu {
+    use anyhow::{bail, Result};
+    use candle_core::{Device, Storage, Tensor};
+    use rayon::prelude::*;
+
+    use crate::model::matmul::Isa;
+
+    /// A CPU f32 tensor's data from its start offset, with its strides.
+    fn view(t: &Tensor) -> Result<(impl std::ops::Deref<Target = Storage> + '_, usize, Vec<usize>)> {
+        let (storage, layout) = t.storage_and_layout();
+        if !matches!(&*storage, Storage::Cpu(_)) || t.dtype() != candle_core::DType::F32 {
+            bail!("CPU attention needs f32 tensors on the CPU");
+        }
+        Ok((storage, layout.start_offset(), layout.stride().to_vec()))
+    }
+
+    fn slice(storage: &Storage) -> Result<&[f32]> {
+        match storage {
+            Storage::Cpu(c) => Ok(c.as_slice::<f32>()?),
+            _ => bail!("CPU attention needs tensors on the CPU"),
+        }
+    }
+
+    /// Shapes and strides of one call.
+    #[derive(Clone, Copy)]
+    struct Dims {
+        h: usize,
+        kv_h: usize,
+        t: usize,
+        total: usize,
+        hd: usize,
+        /// Strides of k and v over sequences and heads (their rows are `hd` apart).
+        k_seq: usize,
+        k_head: usize,
+        v_seq: usize,
+        v_head: usize,
+    }
+
+    #[derive(Clone, Copy)]
+    struct SendPtr(*mut f32);
+    unsafe impl Send for SendPtr {}
+    unsafe impl Sync for SendPtr {}
+
+    pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let q = q.contiguous()?;
+        let mask = mask.contiguous()?;
+        let (b, h, t, hd) = q.dims4()?;
+        let (_, kv_h, total, _) = k.dims4()?;
+        let (qs, qo, _) = view(&q)?;
+        let (ks, ko, kst) = view(k)?;
+        let (vs, vo, vst) = view(v)?;
+        let (ms, mo, _) = view(&mask)?;
+        if kst[2] != hd || kst[3] != 1 || vst[2] != hd || vst[3] != 1 || h % kv_h != 0 {
+            bail!("CPU attention: keys and values must have contiguous rows");
+        }
+        let d = Dims { h, kv_h, t, total, hd, k_seq: kst[0], k_head: kst[1], v_seq: vst[0], v_head: vst[1] };
+        let (qv, kv, vv, mv) = (&slice(&qs)?[qo..], &slice(&ks)?[ko..], &slice(&vs)?[vo..], &slice(&ms)?[mo..]);
+        let mut out = vec![0f32; b * t * h * hd];
+        let optr = SendPtr(out.as_mut_ptr());
+        let isa = Isa::detected();
+        (0..b * h).into_par_iter().for_each(|bh| {
+            let optr = optr;
+            // SAFETY: task (sequence, head) writes only the `hd` outputs of its head at each of
+            // its queries; the instruction set was detected on this processor.
+            unsafe {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => head_avx512(bh, d, qv, kv, vv, mv, optr.0),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => head_avx2(bh, d, qv, kv, vv, mv, optr.0),
+                    _ => head(bh, d, qv, kv, vv, mv, optr.0),
+                }
+            }
+        });
+        Ok(Tensor::from_vec(out, (b, t, h * hd), &Device::Cpu)?)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,fma")]
+    unsafe fn head_avx512(bh: usize, d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: *mut f32) {
+        head(bh, d, q, k, v, mask, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn head_avx2(bh: usize, d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: *mut f32) {
+        head(bh, d, q, k, v, mask, out)
+    }
+
+    /// Sixteen independent partial sums, so the compiler vectorises the dot product.
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut lanes = [0f32; 16];
+        let mut ca = a.chunks_exact(16);
+        let mut cb = b.chunks_exact(16);
+        for (x, y) in (&mut ca).zip(&mut cb) {
+            for l in 0..16 {
+                lanes[l] = x[l].mul_add(y[l], lanes[l]);
+            }
+        }
+        let mut s: f32 = lanes.iter().sum();
+        for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+            s += x * y;
+        }
+        s
+    }
+
+    /// One sequence and query head, every query of the step.
+    #[inline(always)]
+    unsafe fn head(bh: usize, d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: *mut f32) {
+        let (bi, hi) = (bh / d.h, bh % d.h);
+        let kvh = hi / (d.h / d.kv_h);
+        let (kbase, vbase) = (bi * d.k_seq + kvh * d.k_head, bi * d.v_seq + kvh * d.v_head);
+        let scale = 1.0 / (d.hd as f32).sqrt();
+        let mut p = vec![0f32; d.total];
+        for i in 0..d.t {
+            let qrow = &q[((bi * d.h + hi) * d.t + i) * d.hd..][..d.hd];
+            let mrow = &mask[(bi * d.t + i) * d.total..][..d.total];
+            let mut max = f32::NEG_INFINITY;
+            for (j, (pj, &m)) in p.iter_mut().zip(mrow).enumerate() {
+                *pj = if m == f32::NEG_INFINITY {
+                    f32::NEG_INFINITY
+                } else {
+                    dot(qrow, &k[kbase + j * d.hd..][..d.hd]) * scale + m
+                };
+                max = max.max(*pj);
+            }
+            let mut sum = 0f32;
+            for pj in p.iter_mut() {
+                *pj = if *pj == f32::NEG_INFINITY { 0.0 } else { (*pj - max).exp() };
+                sum += *pj;
+            }
+            let o = std::slice::from_raw_parts_mut(out.add(((bi * d.t + i) * d.h + hi) * d.hd), d.hd);
+            o.fill(0.0);
+            let inv = 1.0 / sum;
+            for (j, &pj) in p.iter().enumerate() {
+                if pj != 0.0 {
+                    let w = pj * inv;
+                    for (ov, &vv) in o.iter_mut().zip(&v[vbase + j * d.hd..][..d.hd]) {
+                        *ov = w.mul_add(vv, *ov);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Normalizes over the last dimension without any gain or bias. Returns `(normalized, scale)`,

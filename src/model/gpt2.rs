@@ -1,14 +1,14 @@
 //! GPT-2 with hook points.
 //!
-//! TransformerLens's `center_writing_weights` is applied at load time: the token and position
-//! embeddings and both output projections are centred over `d_model`, so the residual stream,
+//! TransformerLens's `center_writing_weights` is applied: both output projections are centred over
+//! `d_model` at load time, the token and position embeddings as they are looked up, so the residual stream,
 //! `hook_attn_out` and `hook_mlp_out` carry TransformerLens's (mean-free) values. LayerNorm is
 //! blind to that shift, so the logits are unchanged. `ln*.hook_normalized` is `(x - mean) / scale`
 //! without gain or bias (LNPre); the gain and bias are applied after the hook, to the centred
 //! input, which is what TransformerLens's folded and centred weights compute.
 
 use anyhow::Result;
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::attention::{attend, hooked_norm, select_positions, KvCache, Step};
@@ -37,13 +37,32 @@ impl LayerNorm {
 /// Loads GPT-2's `Conv1D` (weight `[in, out]`, `y = x @ W + b`) as a [`Linear`] in `dtype`,
 /// optionally centring its output over the columns (TransformerLens's `center_writing_weights`).
 fn conv1d(vb: &VarBuilder, d_in: usize, d_out: usize, centre: bool, dtype: DType) -> Result<Linear> {
-    let mut weight = vb.get((d_in, d_out), "weight")?;
+    let weight = vb.get((d_in, d_out), "weight")?.to_device(&Device::Cpu)?;
     let mut bias = vb.get(d_out, "bias")?;
     if centre {
-        weight = weight.broadcast_sub(&weight.mean_keepdim(1)?)?;
         bias = bias.broadcast_sub(&bias.mean_keepdim(0)?)?;
     }
-    Linear::new(weight.t()?.contiguous()?.to_dtype(dtype)?, Some(bias))
+    let (storage, layout) = weight.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { anyhow::bail!("GPT-2 weights must be read on the CPU") };
+    let w = &cpu.as_slice::<f32>()?[layout.start_offset()..][..d_in * d_out];
+    // Each input row's mean over the outputs, subtracted while transposing to the [out, in]
+    // layout of the kernels (in 32 x 32 blocks).
+    let means: Vec<f32> = w
+        .chunks_exact(d_out)
+        .map(|row| if centre { (row.iter().map(|&v| v as f64).sum::<f64>() / d_out as f64) as f32 } else { 0.0 })
+        .collect();
+    let mut t = vec![0f32; w.len()];
+    for i0 in (0..d_in).step_by(32) {
+        for o0 in (0..d_out).step_by(32) {
+            for i in i0..(i0 + 32).min(d_in) {
+                for o in o0..(o0 + 32).min(d_out) {
+                    t[o * d_in + i] = w[i * d_out + o] - means[i];
+                }
+            }
+        }
+    }
+    let weight = Tensor::from_vec(t, (d_out, d_in), bias.device())?.to_dtype(dtype)?;
+    Linear::new(weight, Some(bias))
 }
 
 struct Block {
@@ -58,11 +77,11 @@ struct Block {
 /// A GPT-2 model with hook points.
 pub struct Gpt2 {
     pub config: Gpt2Config,
-    /// Token embeddings, centred (what the residual stream receives), in the weight dtype.
-    wte_centred: Tensor,
-    /// Token embeddings as stored: the tied unembedding.
+    /// Token embeddings in the weight dtype (centred when looked up).
+    wte: Tensor,
+    /// The same embeddings: the tied unembedding.
     unembed: Linear,
-    wpe_centred: Tensor,
+    wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
 }
@@ -75,9 +94,8 @@ impl Gpt2 {
         let vb = vb.to_dtype(DType::F32);
         let vb = if vb.contains_tensor("transformer.wte.weight") { vb.pp("transformer") } else { vb };
         let d = c.n_embd;
-        let wte = vb.get((c.vocab_size, d), "wte.weight")?;
-        let wpe = vb.get((c.n_positions, d), "wpe.weight")?;
-        let centre_rows = |t: &Tensor| -> Result<Tensor> { Ok(t.broadcast_sub(&t.mean_keepdim(1)?)?.to_dtype(dtype)?) };
+        let wte = vb.get((c.vocab_size, d), "wte.weight")?.to_dtype(dtype)?;
+        let wpe = vb.get((c.n_positions, d), "wpe.weight")?.to_dtype(dtype)?;
         let mut blocks = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let b = vb.pp(format!("h.{i}"));
@@ -93,9 +111,9 @@ impl Gpt2 {
         let ln_f = LayerNorm::load(&vb.pp("ln_f"), d)?;
         Ok(Self {
             config: config.clone(),
-            wte_centred: centre_rows(&wte)?,
-            unembed: Linear::new(wte.to_dtype(dtype)?, None)?,
-            wpe_centred: centre_rows(&wpe)?,
+            unembed: Linear::new(wte.clone(), None)?,
+            wte,
+            wpe,
             blocks,
             ln_f,
         })
@@ -114,9 +132,13 @@ impl Gpt2 {
         let (b, t, d) = (step.batch, step.seq, c.n_embd);
         let (h, hd) = (c.n_head, c.n_embd / c.n_head);
         let eps = c.layer_norm_epsilon;
-        let embed = self.wte_centred.index_select(&tokens.flatten_all()?, 0)?.to_dtype(DType::F32)?.reshape((b, t, d))?;
+        let centred = |rows: Tensor| -> Result<Tensor> {
+            let rows = rows.to_dtype(DType::F32)?.reshape((b, t, d))?;
+            Ok(rows.broadcast_sub(&rows.mean_keepdim(D::Minus1)?)?)
+        };
+        let embed = centred(self.wte.index_select(&tokens.flatten_all()?, 0)?)?;
         let embed = hooks.visit(HookPoint::Embed, embed)?;
-        let pos = self.wpe_centred.index_select(&step.positions, 0)?.to_dtype(DType::F32)?.reshape((b, t, d))?;
+        let pos = centred(self.wpe.index_select(&step.positions, 0)?)?;
         let pos = hooks.visit(HookPoint::PosEmbed, pos)?;
         let mut x = (embed + pos)?;
         for (l, blk) in self.blocks.iter().enumerate() {

@@ -366,6 +366,9 @@ unsafe fn tile_avx512<T: Elem, const RR: usize, const MT: usize>(x: &[f32], k: u
         }
         for (r, row) in acc.iter_mut().enumerate() {
             let wv = T::load16(wp.add(r * k + p));
+            // Ask for the same place in the next group of rows (the memory after this tile's
+            // rows; a prefetch past the matrix is dropped by the processor).
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((r + RR) * k + p) as *const i8);
             for (a, v) in row.iter_mut().zip(&xv) {
                 *a = _mm512_fmadd_ps(wv, *v, *a);
             }
@@ -526,9 +529,9 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
 }
 
 /// Many rows with AVX-512: a blocked GEMM computing `yᵀ = w · xᵀ`. The rows of `x` are packed
-/// in panels of 32 (a k-block at a time, once per call); each thread takes groups of up to 8
-/// weight rows, widens a half-precision group into a small f32 buffer, and multiplies it by every
-/// panel: 16 accumulators, 2 panel loads and 8 broadcasts per 16 multiply-adds. Each output sums
+/// in panels of 32 (a k-block at a time, once per call); each task widens a block of 64 weight
+/// rows to f32 (kept in L2), then multiplies every panel (kept in L1) by each group of 8 rows:
+/// 16 accumulators, 2 panel loads and 8 broadcasts per 16 multiply-adds. Each output sums
 /// its k-blocks in order, each block sequentially, whatever the shapes or thread count.
 #[cfg(target_arch = "x86_64")]
 mod gemm512 {
@@ -543,6 +546,8 @@ mod gemm512 {
     const MR: usize = 8;
     /// k per block.
     const KC: usize = 256;
+    /// Groups of weight rows a task widens and keeps in L2.
+    const GB: usize = 8;
 
     thread_local! {
         static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -569,14 +574,17 @@ mod gemm512 {
                 }
                 let xp: &[f32] = &xp;
                 let first = p0 == 0;
-                let groups = n.div_ceil(MR);
-                let task = |g: usize| {
+                // Each task widens a block of up to GB groups of rows (it stays in L2), then runs
+                // every panel (in L1) against each group of the block.
+                let block = GB * MR;
+                let blocks = n.div_ceil(block);
+                let task = |bi: usize| {
                     let out = out;
-                    let j0 = g * MR;
-                    let rows = MR.min(n - j0);
+                    let j0 = bi * block;
+                    let rows = block.min(n - j0);
                     WIDE.with(|wide| {
                         let mut wide = wide.borrow_mut();
-                        wide.resize(MR * kc, 0.0);
+                        wide.resize(block * kc, 0.0);
                         for r in 0..rows {
                             let src = &w[(j0 + r) * k + p0..(j0 + r) * k + p0 + kc];
                             for (d, s) in wide[r * kc..(r + 1) * kc].iter_mut().zip(src) {
@@ -585,25 +593,28 @@ mod gemm512 {
                         }
                         for panel in 0..panels {
                             let tokens = NR.min(m - panel * NR);
-                            // SAFETY: AVX-512 was detected; the panel holds kc * 32 floats, the
-                            // widened rows `rows * kc`, and y has room for every (token, row) written.
-                            unsafe {
-                                tile(
-                                    rows,
-                                    kc,
-                                    wide.as_ptr(),
-                                    xp.as_ptr().add(panel * kc * NR),
-                                    out.0.add(panel * NR * ldy + j0),
-                                    ldy,
-                                    tokens,
-                                    first,
-                                )
-                            };
+                            for g in (0..rows).step_by(MR) {
+                                // SAFETY: AVX-512 was detected; the panel holds kc * 32 floats,
+                                // the widened rows `rows * kc`, and y has room for every (token,
+                                // row) written.
+                                unsafe {
+                                    tile(
+                                        MR.min(rows - g),
+                                        kc,
+                                        wide.as_ptr().add(g * kc),
+                                        xp.as_ptr().add(panel * kc * NR),
+                                        out.0.add(panel * NR * ldy + j0 + g),
+                                        ldy,
+                                        tokens,
+                                        first,
+                                    )
+                                };
+                            }
                         }
                     });
                 };
-                if groups > 1 {
-                    (0..groups).into_par_iter().with_min_len(4).for_each(task);
+                if blocks > 1 {
+                    (0..blocks).into_par_iter().for_each(task);
                 } else {
                     task(0);
                 }

@@ -81,10 +81,29 @@ impl SafetensorsFiles {
     fn read(&self, name: &str) -> Result<Tensor> {
         let e = self.entries.get(name).with_context(|| format!("no tensor named {name}"))?;
         let (path, file) = &self.files[e.file];
-        let mut bytes = vec![0u8; (e.end - e.start) as usize];
-        file.read_exact_at(&mut bytes, e.start)
-            .with_context(|| format!("{}: cannot read tensor {name}", path.display()))?;
-        Ok(Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, &Device::Cpu)?)
+        let read = |bytes: &mut [u8]| {
+            file.read_exact_at(bytes, e.start).with_context(|| format!("{}: cannot read tensor {name}", path.display()))
+        };
+        // Floats are read straight into their typed buffer (one copy of the tensor, not two).
+        fn typed<T: candle_core::WithDType>(n: usize, read: impl Fn(&mut [u8]) -> Result<()>) -> Result<Vec<T>> {
+            let mut v = vec![T::zero(); n];
+            // SAFETY: f32, f16 and bf16 are plain old data: any bytes are a valid value.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>()) };
+            read(bytes)?;
+            Ok(v)
+        }
+        let n = e.shape.iter().product::<usize>();
+        let dev = &Device::Cpu;
+        Ok(match e.dtype {
+            DType::F32 => Tensor::from_vec(typed::<f32>(n, read)?, e.shape.as_slice(), dev)?,
+            DType::BF16 => Tensor::from_vec(typed::<half::bf16>(n, read)?, e.shape.as_slice(), dev)?,
+            DType::F16 => Tensor::from_vec(typed::<half::f16>(n, read)?, e.shape.as_slice(), dev)?,
+            other => {
+                let mut bytes = vec![0u8; (e.end - e.start) as usize];
+                read(&mut bytes)?;
+                Tensor::from_raw_buffer(&bytes, other, &e.shape, dev)?
+            }
+        })
     }
 }
 
