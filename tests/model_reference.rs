@@ -11,14 +11,6 @@ use neurosteer::generate::{generate, GenerateOptions};
 use neurosteer::hooks::Hooks;
 use neurosteer::model::{LoadOptions, LogitsAt, Model};
 
-fn final_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache(1, ids.len());
-    let logits = model
-        .forward(&[ids.to_vec()], &[vec![true; ids.len()]], &mut cache, &mut Hooks::none(), LogitsAt::Last)
-        .unwrap();
-    logits.flatten_all().unwrap().to_vec1().unwrap()
-}
-
 fn greedy(model: &Model, prompts: &[Vec<u32>], n: usize, batch: usize) -> Vec<Vec<u32>> {
     let opts = GenerateOptions { max_new_tokens: n, batch_size: batch, stop_at_eos: true, ..Default::default() };
     generate(model, prompts, &opts, &Hooks::none(), |_| Ok(())).unwrap()
@@ -37,7 +29,7 @@ fn check_reference(model: &Model, reference: &Path, tokenizer_adds_bos: bool) {
         let expected_plain: Vec<u32> = if tokenizer_adds_bos { tok_ids[1..].to_vec() } else { tok_ids.clone() };
         assert_eq!(ours, expected_plain, "{name}: tokenizer ids");
         let input_ids = common::u32s(&p["input_ids"]);
-        let logits = final_logits(model, &input_ids);
+        let logits = common::final_logits(model, &input_ids);
         let diff = common::max_abs_diff(&logits, &common::f32s(&p["final_logits"]));
         assert!(diff < 1e-4, "{name}: final logits differ by {diff}");
         let greedy_ids = common::u32s(&p["greedy_ids"]);

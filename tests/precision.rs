@@ -16,14 +16,6 @@ fn load(path: &std::path::Path, dtype: DTypeChoice) -> Model {
     Model::load(path.to_str().unwrap(), &LoadOptions { dtype, ..Default::default() }).unwrap()
 }
 
-fn final_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache(1, ids.len());
-    let logits = model
-        .forward(&[ids.to_vec()], &[vec![true; ids.len()]], &mut cache, &mut Hooks::none(), LogitsAt::Last)
-        .unwrap();
-    logits.flatten_all().unwrap().to_vec1().unwrap()
-}
-
 #[test]
 fn half_precision_logits_within_twice_transformers_error() {
     let Some(shared) = common::shared() else { return };
@@ -37,7 +29,7 @@ fn half_precision_logits_within_twice_transformers_error() {
             for p in r["prompts"].as_array().unwrap() {
                 let ids = common::u32s(&p["input_ids"]);
                 let want = common::centred(&common::f32s(&p["final_logits"]));
-                let got = common::centred(&final_logits(&model, &ids));
+                let got = common::centred(&common::final_logits(&model, &ids));
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                 worst = worst.max(common::max_abs_diff(&got, &want) / scale);
             }

@@ -306,49 +306,34 @@ impl Elem for f32 {
     }
 }
 
-impl Elem for bf16 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self.to_f32()
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> x86::__m512 {
-        x86::bf16x16(p as *const u16)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512 {
-        x86::bf16x16_masked(p as *const u16, mask)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> x86::__m256 {
-        x86::bf16x8(p as *const u16)
-    }
+/// bf16 and f16: widened by the `x86` helpers named.
+macro_rules! half_elem {
+    ($t:ty, $x16:ident, $x16_masked:ident, $x8:ident) => {
+        impl Elem for $t {
+            #[inline(always)]
+            fn f32(self) -> f32 {
+                self.to_f32()
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn load16(p: *const Self) -> x86::__m512 {
+                x86::$x16(p as *const u16)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512 {
+                x86::$x16_masked(p as *const u16, mask)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn load8(p: *const Self) -> x86::__m256 {
+                x86::$x8(p as *const u16)
+            }
+        }
+    };
 }
-
-impl Elem for f16 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self.to_f32()
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self) -> x86::__m512 {
-        x86::f16x16(p as *const u16)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512 {
-        x86::f16x16_masked(p as *const u16, mask)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> x86::__m256 {
-        x86::f16x8(p as *const u16)
-    }
-}
+half_elem!(bf16, bf16x16, bf16x16_masked, bf16x8);
+half_elem!(f16, f16x16, f16x16_masked, f16x8);
 
 /// AVX-512: 16 lanes per step, the last partial step with masked loads.
 #[cfg(target_arch = "x86_64")]

@@ -51,3 +51,12 @@ pub fn centred(v: &[f32]) -> Vec<f32> {
 pub fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_neurosteer"))
 }
+
+/// Final-position logits of one prompt (no hooks), as f32.
+pub fn final_logits(model: &neurosteer::model::Model, ids: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache(1, ids.len());
+    let logits = model
+        .forward(&[ids.to_vec()], &[vec![true; ids.len()]], &mut cache, &mut neurosteer::hooks::Hooks::none(), neurosteer::model::LogitsAt::Last)
+        .unwrap();
+    logits.flatten_all().unwrap().to_vec1().unwrap()
+}
