@@ -280,13 +280,15 @@ pub struct Floors {
     pub peak_gflops: Option<f64>,
 }
 
-/// Times prefill and `new_tokens` cached decode steps at `batch`.
+/// Times prefill (after an untimed one) and `new_tokens` cached decode steps at `batch`.
 pub fn measure(model: &Model, batch: usize, prompt_tokens: usize, new_tokens: usize, hooks: &Hooks, floors: Floors) -> Result<BenchRow> {
     let vocab = model.info.vocab_size as u32;
     let tokens: Vec<Vec<u32>> =
         (0..batch).map(|b| (0..prompt_tokens).map(|i| ((i * 7919 + b * 104729) as u32) % vocab).collect()).collect();
     let valid = vec![vec![true; prompt_tokens]; batch];
     let mut hooks = hooks.clone();
+    // One untimed prefill first: the process's first pass pays for fresh memory and idle threads.
+    model.forward(&tokens, &valid, &mut model.new_cache(batch, prompt_tokens), &mut hooks, LogitsAt::Last)?;
     let mut cache = model.new_cache(batch, prompt_tokens + new_tokens);
     let t = Instant::now();
     let mut logits = model.forward(&tokens, &valid, &mut cache, &mut hooks, LogitsAt::Last)?;
