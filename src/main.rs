@@ -631,6 +631,12 @@ fn print_bench_row(row: &bench::BenchRow) {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
+    if a.batch.contains(&0) {
+        bail!("--batch: batch sizes must be at least 1");
+    }
+    if a.steer_features == Some(0) {
+        bail!("--steer-features: the random transcoder needs at least 1 feature");
+    }
     let device = neurosteer::model::parse_device(&a.model.placement.device)?;
     eprintln!("measuring memory bandwidth and peak multiply-add throughput ...");
     let floors = bench::Floors {
