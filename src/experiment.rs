@@ -77,14 +77,19 @@ impl DatasetSpec {
     }
 }
 
-/// Loads a model and its transcoder, checking that they fit together; the transcoder is moved to
-/// the model's device (in f32).
+/// Loads a model and its transcoder (see [`load_transcoder_for`]).
 pub fn load_model_and_transcoder(model: &str, options: &LoadOptions, transcoder: &Path) -> Result<(Model, Arc<Transcoder>)> {
     let model = Model::load(model, options)?;
-    let tc = Transcoder::load(transcoder)?;
-    check_fit(&model, &tc, transcoder)?;
-    let tc = if model.device.is_cpu() { tc } else { tc.to_device(&model.device)? };
+    let tc = load_transcoder_for(&model, transcoder)?;
     Ok((model, Arc::new(tc)))
+}
+
+/// Loads a transcoder for `model`: checks that they fit together and moves it to the model's
+/// device (in f32).
+pub fn load_transcoder_for(model: &Model, path: &Path) -> Result<Transcoder> {
+    let tc = Transcoder::load(path)?;
+    check_fit(model, &tc, path)?;
+    Ok(if model.device.is_cpu() { tc } else { tc.to_device(&model.device)? })
 }
 
 /// Checks that a transcoder's hooks exist in the model and its widths equal the model's.

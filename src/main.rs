@@ -388,8 +388,7 @@ impl SteeringArgs {
         pick(self.features.len(), "features")?;
         pick(self.strengths.len(), "strength")?;
         for (i, path) in self.transcoders.iter().enumerate() {
-            let tc = Transcoder::load(path)?;
-            experiment::check_fit(model, &tc, path)?;
+            let tc = experiment::load_transcoder_for(model, path)?;
             let features = match self.features.get(i).or(self.features.first()) {
                 Some(f) => neurosteer::classify::parse_features(f)?,
                 None => Vec::new(),
@@ -575,8 +574,7 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
     }
     let transcoder = match &a.transcoder {
         Some(p) => {
-            let tc = Transcoder::load(p)?;
-            experiment::check_fit(&model, &tc, p)?;
+            let tc = experiment::load_transcoder_for(&model, p)?;
             hooks.record(neurosteer::hooks::HookPoint::Ln2Normalized(tc.meta.layer));
             Some(tc)
         }
