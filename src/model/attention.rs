@@ -216,6 +216,13 @@ mod cpu {
     unsafe impl Send for SendPtr {}
     unsafe impl Sync for SendPtr {}
 
+    impl SendPtr {
+        /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+        fn get(self) -> *mut f32 {
+            self.0
+        }
+    }
+
     pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let q = q.contiguous()?;
         let mask = mask.contiguous()?;
@@ -234,16 +241,15 @@ mod cpu {
         let optr = SendPtr(out.as_mut_ptr());
         let isa = Isa::detected();
         (0..b * h).into_par_iter().for_each(|bh| {
-            let optr = optr;
             // SAFETY: task (sequence, head) writes only the `hd` outputs of its head at each of
             // its queries; the instruction set was detected on this processor.
             unsafe {
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => head_avx512(bh, d, qv, kv, vv, mv, optr.0),
+                    Isa::Avx512 => head_avx512(bh, d, qv, kv, vv, mv, optr.get()),
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => head_avx2(bh, d, qv, kv, vv, mv, optr.0),
-                    _ => head(bh, d, qv, kv, vv, mv, optr.0),
+                    Isa::Avx2 => head_avx2(bh, d, qv, kv, vv, mv, optr.get()),
+                    _ => head(bh, d, qv, kv, vv, mv, optr.get()),
                 }
             }
         });

@@ -134,6 +134,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Weight rows per tile.
 const R: usize = 4;
 
@@ -144,7 +151,6 @@ fn small<T: Elem>(isa: Isa, x: &[f32], m: usize, k: usize, w: &[T], n: usize, y:
     let chunk = (n.div_ceil(threads * 8)).max(16).div_ceil(R) * R;
     let out = SendPtr(y.as_mut_ptr());
     let task = |c: usize| {
-        let out = out;
         let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
         let mut j = n0;
         while j < n1 {
@@ -158,7 +164,7 @@ fn small<T: Elem>(isa: Isa, x: &[f32], m: usize, k: usize, w: &[T], n: usize, y:
                 for (a, row) in acc.iter().enumerate().take(r) {
                     for (b, v) in row.iter().enumerate().take(mt) {
                         // SAFETY: (i + b, j + a) is inside y, and only this task writes rows j..j+r.
-                        unsafe { *out.0.add((i + b) * ldy + j + a) = *v };
+                        unsafe { *out.get().add((i + b) * ldy + j + a) = *v };
                     }
                 }
                 i += mt;
@@ -451,14 +457,13 @@ pub fn peak_gflops() -> f64 {
     const ITERS: usize = 20_000_000;
     let threads = rayon::current_num_threads().max(1);
     let isa = Isa::detected();
-    let best = (0..3)
+    (0..3)
         .map(|_| {
             let t = std::time::Instant::now();
             let flops: f64 = (0..threads).into_par_iter().map(|_| fma_loop(isa, ITERS)).sum();
             flops / t.elapsed().as_secs_f64() / 1e9
         })
-        .fold(0.0, f64::max);
-    best
+        .fold(0.0, f64::max)
 }
 
 /// Runs `iters` rounds of 8 independent FMA chains; returns the flops done.
@@ -564,7 +569,6 @@ mod gemm512 {
                 let block = GB * MR;
                 let blocks = n.div_ceil(block);
                 let task = |bi: usize| {
-                    let out = out;
                     let j0 = bi * block;
                     let rows = block.min(n - j0);
                     WIDE.with(|wide| {
@@ -588,7 +592,7 @@ mod gemm512 {
                                         kc,
                                         wide.as_ptr().add(g * kc),
                                         xp.as_ptr().add(panel * kc * NR),
-                                        out.0.add(panel * NR * ldy + j0 + g),
+                                        out.get().add(panel * NR * ldy + j0 + g),
                                         ldy,
                                         tokens,
                                         first,
