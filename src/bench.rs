@@ -309,7 +309,7 @@ pub fn measure(model: &Model, batch: usize, prompt_tokens: usize, new_tokens: us
     let compute_floor_ms = floors.peak_gflops.map(|g| 2.0 * batch as f64 * matrix_params(model) as f64 / (g * 1e9) * 1e3);
     Ok(BenchRow {
         model: model.info.source.clone(),
-        dtype: format!("{:?}", model.dtype).to_lowercase(),
+        dtype: model.dtype.as_str().to_string(),
         batch,
         prompt_tokens,
         new_tokens,

@@ -653,11 +653,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     for source in sources {
         let model = match (source, &a.model.model) {
             (Some(p), _) => {
-                let dtype = match a.model.placement.dtype {
-                    neurosteer::model::DTypeChoice::Auto | neurosteer::model::DTypeChoice::F32 => candle_core::DType::F32,
-                    neurosteer::model::DTypeChoice::Bf16 => candle_core::DType::BF16,
-                    neurosteer::model::DTypeChoice::F16 => candle_core::DType::F16,
-                };
+                // Random weights are "stored" in f32, so `auto` keeps f32 for them.
+                let dtype = a.model.placement.dtype.resolve(candle_core::DType::F32, 0, &device);
                 eprintln!("building a random {p:?} model in {dtype:?} ...");
                 bench::random_model(p, dtype, &device)?
             }

@@ -178,7 +178,7 @@ mod cpu {
     use candle_core::{Device, Storage, Tensor};
     use rayon::prelude::*;
 
-    use crate::model::matmul::Isa;
+    use crate::model::matmul::{Isa, SendPtr};
 
     /// A CPU f32 tensor's data from its start offset, with its strides.
     fn view(t: &Tensor) -> Result<(impl std::ops::Deref<Target = Storage> + '_, usize, Vec<usize>)> {
@@ -209,18 +209,6 @@ mod cpu {
         k_head: usize,
         v_seq: usize,
         v_head: usize,
-    }
-
-    #[derive(Clone, Copy)]
-    struct SendPtr(*mut f32);
-    unsafe impl Send for SendPtr {}
-    unsafe impl Sync for SendPtr {}
-
-    impl SendPtr {
-        /// The pointer (a method, so that closures capture the whole `Send` wrapper).
-        fn get(self) -> *mut f32 {
-            self.0
-        }
     }
 
     pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {

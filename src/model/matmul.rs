@@ -78,11 +78,11 @@ impl Isa {
     }
 
     /// The instruction sets this processor can run, best first (for tests and benchmarks).
-    pub fn available() -> Vec<Isa> {
+    pub fn available() -> &'static [Isa] {
         match Isa::detected() {
-            Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
-            Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
-            Isa::Portable => vec![Isa::Portable],
+            Isa::Avx512 => &[Isa::Avx512, Isa::Avx2, Isa::Portable],
+            Isa::Avx2 => &[Isa::Avx2, Isa::Portable],
+            Isa::Portable => &[Isa::Portable],
         }
     }
 }
@@ -128,15 +128,16 @@ pub fn matmul_nt_with(isa: Isa, x: &[f32], m: usize, k: usize, w: Weights, n: us
     }
 }
 
-/// A pointer that may cross threads: each task writes a disjoint set of output elements.
+/// A pointer to an output buffer that may cross threads: each task writes a disjoint set of its
+/// elements.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     /// The pointer (a method, so that closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -564,7 +565,7 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
 #[cfg(target_arch = "x86_64")]
 mod gemm512 {
     use super::x86::*;
-    use super::{Elem, SendPtr};
+    use super::{Elem, SendPtr, WIDE};
     use rayon::prelude::*;
     use std::cell::RefCell;
 
@@ -579,7 +580,6 @@ mod gemm512 {
 
     thread_local! {
         static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-        static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
     pub fn gemm<T: Elem>(x: &[f32], m: usize, k: usize, w: &[T], n: usize, y: &mut [f32], ldy: usize) {
@@ -694,7 +694,7 @@ mod gemm512 {
 }
 
 thread_local! {
-    /// A block of widened weight rows for the `gemm` path, reused across calls.
+    /// A block of weight rows widened to f32 for the many-rows paths, reused across calls.
     static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -793,7 +793,7 @@ mod tests {
             let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
             for m in (1..=33).chain([40, 65]) {
                 let x = data(m * k, (m * 31 + k) as u64);
-                for isa in Isa::available() {
+                for &isa in Isa::available() {
                     for (w, exact) in [
                         (Weights::F32(&w32), w32.clone()),
                         (Weights::Bf16(&wb), wb.iter().map(|v| v.to_f32()).collect()),
@@ -857,7 +857,7 @@ mod tests {
         let (k, n) = (600, 45);
         let w = data(n * k, 5);
         let x = data(70 * k, 6);
-        for isa in Isa::available() {
+        for &isa in Isa::available() {
             let mut pairs = vec![(3, 7)];
             if isa == Isa::Avx512 {
                 pairs.push((33, 70));
@@ -880,7 +880,7 @@ mod tests {
         let w = data(n * k, 3);
         let m = 13;
         let x = data(m * k, 4);
-        for isa in Isa::available() {
+        for &isa in Isa::available() {
             let mut batch = vec![0f32; m * n];
             matmul_nt_with(isa, &x, m, k, Weights::F32(&w), n, &mut batch, n);
             let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();

@@ -113,15 +113,6 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
-fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "other",
-    }
-}
-
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsAt {
@@ -203,7 +194,7 @@ impl Model {
                 "neurosteer: {} on {} with {} weights{}",
                 model.info.source,
                 device_name(&model.device),
-                dtype_name(model.dtype),
+                model.dtype.as_str(),
                 if options.dtype == DTypeChoice::Auto { " (chosen by --dtype auto)" } else { "" }
             );
         }
