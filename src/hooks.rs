@@ -4,8 +4,9 @@
 //! TransformerLens's default-processed model (`fold_ln`, `center_writing_weights`,
 //! `center_unembed`, `fold_value_biases`). A forward pass calls [`Hooks::visit`] at every point;
 //! the hooks record the values that were asked for and apply any edit registered for that point.
-//! MLP splices (transcoders, ablations) get a dedicated, richer entry: [`MlpEdit`] sees the
-//! normalized MLP input and may rewrite the MLP input or the MLP output, per layer.
+//! Splices (transcoders, ablations) are [`Edit`]s: an edit reads the values at some hook points
+//! and rewrites the values at later points of the same forward pass (a transcoder reads its layer's
+//! MLP input and writes that layer's MLP output; a cross-layer transcoder writes several layers).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -36,11 +37,15 @@ pub enum HookPoint {
     Ln2Scale(usize),
     /// `blocks.L.ln2.hook_normalized`: the MLP input, normalized, without gain or bias.
     Ln2Normalized(usize),
+    /// `blocks.L.mlp.hook_in`: the MLP input as the model computes it, norm gain (and bias) included.
+    MlpIn(usize),
     /// `blocks.L.mlp.hook_pre`: pre-activation (the gate projection for gated MLPs).
     MlpPre(usize),
     /// `blocks.L.mlp.hook_post`: post-activation (gate activation times up projection).
     MlpPost(usize),
-    /// `blocks.L.hook_mlp_out`: the MLP output.
+    /// `blocks.L.mlp.hook_out`: the MLP module's own output (for Gemma-2 before its post-MLP norm).
+    MlpHookOut(usize),
+    /// `blocks.L.hook_mlp_out`: the MLP output as it joins the residual stream.
     MlpOut(usize),
     /// `blocks.L.hook_resid_post`: the residual stream leaving block L.
     ResidPost(usize),
@@ -57,7 +62,7 @@ impl HookPoint {
         match *self {
             Embed | PosEmbed | LnFinalScale | LnFinalNormalized => None,
             ResidPre(l) | Ln1Scale(l) | Ln1Normalized(l) | AttnOut(l) | ResidMid(l) | Ln2Scale(l)
-            | Ln2Normalized(l) | MlpPre(l) | MlpPost(l) | MlpOut(l) | ResidPost(l) => Some(l),
+            | Ln2Normalized(l) | MlpIn(l) | MlpPre(l) | MlpPost(l) | MlpHookOut(l) | MlpOut(l) | ResidPost(l) => Some(l),
         }
     }
 
@@ -89,8 +94,10 @@ impl fmt::Display for HookPoint {
             ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
             Ln2Scale(l) => write!(f, "blocks.{l}.ln2.hook_scale"),
             Ln2Normalized(l) => write!(f, "blocks.{l}.ln2.hook_normalized"),
+            MlpIn(l) => write!(f, "blocks.{l}.mlp.hook_in"),
             MlpPre(l) => write!(f, "blocks.{l}.mlp.hook_pre"),
             MlpPost(l) => write!(f, "blocks.{l}.mlp.hook_post"),
+            MlpHookOut(l) => write!(f, "blocks.{l}.mlp.hook_out"),
             MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
             ResidPost(l) => write!(f, "blocks.{l}.hook_resid_post"),
             LnFinalScale => write!(f, "ln_final.hook_scale"),
@@ -123,8 +130,10 @@ impl FromStr for HookPoint {
             "hook_resid_mid" => ResidMid(l),
             "ln2.hook_scale" => Ln2Scale(l),
             "ln2.hook_normalized" => Ln2Normalized(l),
+            "mlp.hook_in" => MlpIn(l),
             "mlp.hook_pre" => MlpPre(l),
             "mlp.hook_post" => MlpPost(l),
+            "mlp.hook_out" => MlpHookOut(l),
             "hook_mlp_out" => MlpOut(l),
             "hook_resid_post" => ResidPost(l),
             _ => return Err(unknown()),
@@ -134,21 +143,23 @@ impl FromStr for HookPoint {
 
 const KNOWN_HOOKS: &str = "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, ln1.hook_scale, \
 ln1.hook_normalized, hook_attn_out, hook_resid_mid, ln2.hook_scale, ln2.hook_normalized, \
-mlp.hook_pre, mlp.hook_post, hook_mlp_out, hook_resid_post}, ln_final.hook_scale, \
+mlp.hook_in, mlp.hook_pre, mlp.hook_post, mlp.hook_out, hook_mlp_out, hook_resid_post}, ln_final.hook_scale, \
 ln_final.hook_normalized";
 
-/// An intervention on one layer's MLP: it may rewrite the MLP input (as the seed notebook's hook
-/// did) and the MLP output (a transcoder splice). Tensors are `[batch, seq, d_model]` and cover
-/// every position the forward pass computes: the whole prompt in the prefill, one position per
-/// sequence in each cached decode step.
-pub trait MlpEdit: Send + Sync {
-    /// Rewrites `blocks.L.ln2.hook_normalized` before the MLP reads it. Default: unchanged.
-    fn edit_input(&self, normalized: &Tensor) -> Result<Option<Tensor>> {
-        let _ = normalized;
-        Ok(None)
-    }
-    /// Rewrites `blocks.L.hook_mlp_out`, seeing the (possibly rewritten) normalized input.
-    fn edit_output(&self, normalized: &Tensor, mlp_out: &Tensor) -> Result<Option<Tensor>>;
+/// An intervention on a forward pass: it reads the values at some hook points and rewrites the
+/// values at later points of the same pass. Tensors are `[batch, seq, d]` and cover every
+/// position the pass computes: the whole prompt in the prefill, one position per sequence in each
+/// cached decode step. What a read keeps is handed to the writes of the same pass.
+pub trait Edit: Send + Sync {
+    /// The points whose values the edit reads.
+    fn reads(&self) -> Vec<HookPoint>;
+    /// The points whose values the edit rewrites.
+    fn writes(&self) -> Vec<HookPoint>;
+    /// Sees the value at a read point; returns what to keep for the writes and, optionally, a
+    /// new value for the point (the original notebook's hook rewrites the MLP input).
+    fn read(&self, point: HookPoint, value: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)>;
+    /// Rewrites the value at a write point (`None`: unchanged), given what the reads kept.
+    fn write(&self, point: HookPoint, kept: &BTreeMap<HookPoint, Tensor>, value: &Tensor) -> Result<Option<Tensor>>;
 }
 
 /// A function that replaces the value at a hook point.
@@ -160,7 +171,12 @@ pub struct Hooks {
     record: BTreeSet<HookPoint>,
     recorded: BTreeMap<HookPoint, Tensor>,
     writes: BTreeMap<HookPoint, HookFn>,
-    mlp_edits: BTreeMap<usize, Vec<Arc<dyn MlpEdit>>>,
+    edits: Vec<Arc<dyn Edit>>,
+    /// Per edit, what its reads kept in the current pass.
+    kept: Vec<BTreeMap<HookPoint, Tensor>>,
+    /// Edit indices by the points they read and write.
+    edit_reads: BTreeMap<HookPoint, Vec<usize>>,
+    edit_writes: BTreeMap<HookPoint, Vec<usize>>,
 }
 
 impl Hooks {
@@ -179,14 +195,17 @@ impl Hooks {
         self.writes.insert(point, f);
     }
 
-    /// Adds an MLP edit at `layer`; several edits at one layer are applied in order.
-    pub fn edit_mlp(&mut self, layer: usize, edit: Arc<dyn MlpEdit>) {
-        self.mlp_edits.entry(layer).or_default().push(edit);
-    }
-
-    /// The layers that carry MLP edits.
-    pub fn edited_layers(&self) -> impl Iterator<Item = usize> + '_ {
-        self.mlp_edits.keys().copied()
+    /// Adds an edit; several edits at one point are applied in the order they were added.
+    pub fn edit(&mut self, edit: Arc<dyn Edit>) {
+        let i = self.edits.len();
+        for p in edit.reads() {
+            self.edit_reads.entry(p).or_default().push(i);
+        }
+        for p in edit.writes() {
+            self.edit_writes.entry(p).or_default().push(i);
+        }
+        self.edits.push(edit);
+        self.kept.push(BTreeMap::new());
     }
 
     /// The value recorded at `point` by the last forward pass.
@@ -199,57 +218,50 @@ impl Hooks {
         std::mem::take(&mut self.recorded)
     }
 
-    /// Whether anything at all is hooked (lets a forward pass skip work).
-    pub fn is_empty(&self) -> bool {
-        self.record.is_empty() && self.writes.is_empty() && self.mlp_edits.is_empty()
-    }
-
-    /// Whether `point` is recorded or written (lets a model skip computing a value nobody reads).
-    pub fn wants(&self, point: HookPoint) -> bool {
-        self.record.contains(&point) || self.writes.contains_key(&point)
-    }
-
-    /// Called by the model at every hook point: applies the write, then records.
+    /// Called by the model at every hook point: applies the write function, the edits writing
+    /// here, then the edits reading here, then records.
     pub fn visit(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
-        let value = match self.writes.get(&point) {
+        let mut value = match self.writes.get(&point) {
             Some(f) => f(&value)?,
             None => value,
         };
+        for &i in self.edit_writes.get(&point).into_iter().flatten() {
+            if let Some(v) = self.edits[i].write(point, &self.kept[i], &value)? {
+                value = v;
+            }
+        }
+        for &i in self.edit_reads.get(&point).into_iter().flatten() {
+            let (keep, replace) = self.edits[i].read(point, &value)?;
+            match keep {
+                Some(k) => self.kept[i].insert(point, k),
+                None => self.kept[i].remove(&point),
+            };
+            if let Some(v) = replace {
+                value = v;
+            }
+        }
         if self.record.contains(&point) {
             self.recorded.insert(point, value.clone());
         }
         Ok(value)
     }
-
-    /// Called by the model on the normalized MLP input of `layer`, after [`Hooks::visit`].
-    pub fn mlp_input(&self, layer: usize, normalized: Tensor) -> Result<Tensor> {
-        let mut x = normalized;
-        for edit in self.mlp_edits.get(&layer).into_iter().flatten() {
-            if let Some(y) = edit.edit_input(&x)? {
-                x = y;
-            }
-        }
-        Ok(x)
-    }
-
-    /// Called by the model on the MLP output of `layer`, before [`Hooks::visit`].
-    pub fn mlp_output(&self, layer: usize, normalized: &Tensor, mlp_out: Tensor) -> Result<Tensor> {
-        let mut y = mlp_out;
-        for edit in self.mlp_edits.get(&layer).into_iter().flatten() {
-            if let Some(z) = edit.edit_output(normalized, &y)? {
-                y = z;
-            }
-        }
-        Ok(y)
-    }
 }
 
 /// Zero-ablation of a layer's MLP: its output becomes zero. A floor for comparisons.
-pub struct ZeroAblation;
+pub struct ZeroAblation(pub usize);
 
-impl MlpEdit for ZeroAblation {
-    fn edit_output(&self, _normalized: &Tensor, mlp_out: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(mlp_out.zeros_like()?))
+impl Edit for ZeroAblation {
+    fn reads(&self) -> Vec<HookPoint> {
+        Vec::new()
+    }
+    fn writes(&self) -> Vec<HookPoint> {
+        vec![HookPoint::MlpOut(self.0)]
+    }
+    fn read(&self, _: HookPoint, _: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((None, None))
+    }
+    fn write(&self, _: HookPoint, _: &BTreeMap<HookPoint, Tensor>, value: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(value.zeros_like()?))
     }
 }
 
@@ -266,6 +278,8 @@ mod tests {
             "blocks.3.ln1.hook_normalized",
             "blocks.12.ln2.hook_normalized",
             "blocks.2.mlp.hook_post",
+            "blocks.2.mlp.hook_in",
+            "blocks.2.mlp.hook_out",
             "blocks.1.hook_mlp_out",
             "ln_final.hook_normalized",
         ] {

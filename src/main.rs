@@ -394,9 +394,8 @@ impl SteeringArgs {
                 None => Vec::new(),
             };
             let strength = self.strengths.get(i).or(self.strengths.first()).copied().unwrap_or(1.0);
-            let layer = tc.meta.layer;
             let edit = Steering::new(std::sync::Arc::new(tc), features, strength, self.mode)?;
-            hooks.edit_mlp(layer, std::sync::Arc::new(edit));
+            hooks.edit(std::sync::Arc::new(edit));
         }
         if n == 0 && (!self.features.is_empty() || !self.strengths.is_empty()) {
             bail!("--features and --strength need --transcoder");
@@ -405,7 +404,7 @@ impl SteeringArgs {
             if l >= model.info.n_layers {
                 bail!("--ablate-mlp {l}: the model has {} layers", model.info.n_layers);
             }
-            hooks.edit_mlp(l, std::sync::Arc::new(neurosteer::hooks::ZeroAblation));
+            hooks.edit(std::sync::Arc::new(neurosteer::hooks::ZeroAblation(l)));
         }
         Ok(hooks)
     }
@@ -675,7 +674,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 let features: Vec<usize> = (0..d_sae).step_by(10).collect();
                 for mode in [SteerMode::Delta, SteerMode::Replace] {
                     let mut hooks = Hooks::none();
-                    hooks.edit_mlp(layer, std::sync::Arc::new(Steering::new(tc.clone(), features.clone(), 0.5, mode)?));
+                    hooks.edit(std::sync::Arc::new(Steering::new(tc.clone(), features.clone(), 0.5, mode)?));
                     let mut row = bench::measure(&model, batch, prompt, a.new_tokens, &hooks, floors)?;
                     row.model = format!("{} +{mode}", row.model);
                     print_bench_row(&row);

@@ -218,7 +218,7 @@ pub fn run_steer(model: &Model, transcoder: Arc<Transcoder>, settings: SteerSett
             if let Some(s) = c.strength {
                 let features = settings.feature_sets.get(&c.feature_set).with_context(|| format!("no feature set `{}`", c.feature_set))?;
                 let edit = Steering::new(transcoder.clone(), features.clone(), s, settings.mode)?;
-                hooks.edit_mlp(settings.layer, Arc::new(edit));
+                hooks.edit(Arc::new(edit));
             }
             Ok((c.name.clone(), hooks))
         })

@@ -57,7 +57,7 @@ fn bf16_delta_at_strength_one_is_the_unsteered_model() {
     let run = |strength: Option<f64>| {
         let mut hooks = Hooks::none();
         if let Some(s) = strength {
-            hooks.edit_mlp(1, Arc::new(Steering::new(tc.clone(), features.clone(), s, SteerMode::Delta).unwrap()));
+            hooks.edit(Arc::new(Steering::new(tc.clone(), features.clone(), s, SteerMode::Delta).unwrap()));
         }
         generate(&model, &prompts, &opts, &hooks, |_| Ok(())).unwrap()
     };

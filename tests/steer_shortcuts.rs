@@ -37,7 +37,7 @@ fn loglik_from_one_prefill_equals_the_full_pass() {
     let Some(shared) = common::shared() else { return };
     let (model, tc) = stories(&shared);
     let mut steered = Hooks::none();
-    steered.edit_mlp(2, Arc::new(Steering::new(tc, (0..512).step_by(7).collect(), 2.0, SteerMode::Delta).unwrap()));
+    steered.edit(Arc::new(Steering::new(tc, (0..512).step_by(7).collect(), 2.0, SteerMode::Delta).unwrap()));
     for hooks in [Hooks::none(), steered] {
         for text in ["Once upon a time, was the cat happy? Answer:", "Tom had a ball. Is it red?"] {
             let prompt = model.codec.to_tokens(text).unwrap();

@@ -23,7 +23,7 @@ fn hooks_for(tc: &Arc<Transcoder>, features: &[usize], mode: &str, s: Option<f64
         other => panic!("unknown mode {other}"),
     };
     let edit = Steering::new(tc.clone(), features.to_vec(), s.unwrap(), mode).unwrap();
-    hooks.edit_mlp(tc.meta.layer, Arc::new(edit));
+    hooks.edit(Arc::new(edit));
     hooks
 }
 

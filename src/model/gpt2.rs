@@ -157,11 +157,12 @@ impl Gpt2 {
             x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
             // MLP.
             let normed = hooked_norm(hooks, &x, eps, true, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l))?;
-            let normed = hooks.mlp_input(l, normed)?;
-            let pre = hooks.visit(HookPoint::MlpPre(l), blk.c_fc.forward(&blk.ln_2.affine(&normed)?)?)?;
+            let h = hooks.visit(HookPoint::MlpIn(l), blk.ln_2.affine(&normed)?)?;
+            let pre = hooks.visit(HookPoint::MlpPre(l), blk.c_fc.forward(&h)?)?;
             let post = hooks.visit(HookPoint::MlpPost(l), pre.gelu()?)?;
-            let mlp_out = blk.mlp_proj.forward(&post)?;
-            let mlp_out = hooks.mlp_output(l, &normed, mlp_out)?;
+            // The output projection was centred at load, so `mlp.hook_out` is centred like
+            // `hook_mlp_out` (the mean over d_model reaches no later LayerNorm).
+            let mlp_out = hooks.visit(HookPoint::MlpHookOut(l), blk.mlp_proj.forward(&post)?)?;
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), mlp_out)?;
             x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
         }

@@ -115,14 +115,12 @@ impl Llama {
             x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
             // MLP.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l))?;
-            let normed = hooks.mlp_input(l, normed)?;
-            let h = normed.broadcast_mul(&blk.mlp_norm)?;
+            let h = hooks.visit(HookPoint::MlpIn(l), normed.broadcast_mul(&blk.mlp_norm)?)?;
             let gate_up = blk.gate_up.forward(&h)?;
             let pre = hooks.visit(HookPoint::MlpPre(l), gate_up.narrow(2, 0, c.intermediate_size)?)?;
             let post = (candle_nn::ops::silu(&pre)? * gate_up.narrow(2, c.intermediate_size, c.intermediate_size)?)?;
             let post = hooks.visit(HookPoint::MlpPost(l), post)?;
-            let mlp_out = blk.down.forward(&post)?;
-            let mlp_out = hooks.mlp_output(l, &normed, mlp_out)?;
+            let mlp_out = hooks.visit(HookPoint::MlpHookOut(l), blk.down.forward(&post)?)?;
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), mlp_out)?;
             x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
         }

@@ -61,9 +61,9 @@ fn prepare(model: &Model, text: &str) -> Result<Vec<u32>> {
 pub fn evaluate(model: &Model, tc: &Arc<Transcoder>, texts: &[String]) -> Result<FidelityReport> {
     let layer = tc.meta.layer;
     let mut spliced = Hooks::none();
-    spliced.edit_mlp(layer, Arc::new(Steering::new(tc.clone(), Vec::new(), 1.0, SteerMode::Replace)?));
+    spliced.edit(Arc::new(Steering::new(tc.clone(), Vec::new(), 1.0, SteerMode::Replace)?));
     let mut ablated = Hooks::none();
-    ablated.edit_mlp(layer, Arc::new(ZeroAblation));
+    ablated.edit(Arc::new(ZeroAblation(layer)));
     let (mut err, mut sum_y, mut sum_y2, mut l0) = (0f64, vec![0f64; tc.meta.d_out], 0f64, 0f64);
     let mut fired = vec![false; tc.meta.d_sae];
     let (mut ce, mut ce_s, mut ce_z, mut kl, mut n_tok, mut n_pos, mut used) = (0f64, 0f64, 0f64, 0f64, 0usize, 0usize, 0usize);

@@ -22,6 +22,8 @@ use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::hooks::HookPoint;
+
 /// Where a transcoder sits in the model and how big it is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TranscoderMeta {
@@ -43,6 +45,13 @@ pub struct TranscoderMeta {
     pub model_name: Option<String>,
     /// Other configuration fields worth keeping (`l1_coefficient`, `architecture`, ...).
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl TranscoderMeta {
+    /// The input and output hook points.
+    pub fn points(&self) -> Result<(HookPoint, HookPoint)> {
+        Ok((self.hook_in.parse()?, self.hook_out.parse()?))
+    }
 }
 
 /// A transcoder's weights (f32, CPU unless moved with [`Transcoder::to_device`]).

@@ -17,7 +17,9 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Storage, Tensor};
 
 use super::Transcoder;
-use crate::hooks::MlpEdit;
+use std::collections::BTreeMap;
+
+use crate::hooks::{Edit, HookPoint};
 
 /// How steering acts on the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -47,6 +49,9 @@ pub struct Steering {
     mode: SteerMode,
     strength: f64,
     features: Vec<usize>,
+    /// The hook point read and the one written.
+    input: HookPoint,
+    output: HookPoint,
     /// For delta: `W_enc[:, S]` `[d_in, |S|]`, `b_enc[S]`, `W_dec[S]` `[|S|, d_out]`, threshold[S].
     subset: Option<Subset>,
     /// For replace and seed-compat: a per-feature scale `[d_sae]` (1 outside S).
@@ -70,6 +75,10 @@ impl Steering {
         }
         if !strength.is_finite() {
             bail!("strength must be a finite number, got {strength}");
+        }
+        let (input, output) = transcoder.meta.points()?;
+        if mode == SteerMode::SeedCompat && input != HookPoint::Ln2Normalized(transcoder.meta.layer) {
+            bail!("--mode seed-compat needs a transcoder that reads ln2.hook_normalized; this one reads {input}");
         }
         let device = transcoder.w_enc.device().clone();
         let (subset, scale) = match mode {
@@ -100,7 +109,7 @@ impl Steering {
                  to compare with results made by that notebook"
             );
         }
-        Ok(Self { transcoder, mode, strength, features, subset, scale })
+        Ok(Self { transcoder, mode, strength, features, input, output, subset, scale })
     }
 
     /// The layer this edit acts on.
@@ -124,42 +133,55 @@ impl Steering {
     }
 }
 
-impl MlpEdit for Steering {
-    fn edit_input(&self, normalized: &Tensor) -> Result<Option<Tensor>> {
-        if self.mode != SteerMode::SeedCompat {
-            return Ok(None);
-        }
-        let t = &self.transcoder;
-        let pre = linear_in(normalized, &t.w_enc)?.broadcast_add(&t.b_enc)?;
-        let f = pre.relu()?.broadcast_mul(self.scale.as_ref().expect("seed-compat has a scale"))?;
-        Ok(Some(linear_in(&f, &t.w_dec)?.broadcast_add(&t.b_dec_in)?))
+impl Edit for Steering {
+    fn reads(&self) -> Vec<HookPoint> {
+        vec![self.input]
     }
 
-    fn edit_output(&self, normalized: &Tensor, mlp_out: &Tensor) -> Result<Option<Tensor>> {
+    fn writes(&self) -> Vec<HookPoint> {
         match self.mode {
-            SteerMode::SeedCompat => Ok(None),
+            SteerMode::SeedCompat => Vec::new(),
+            _ => vec![self.output],
+        }
+    }
+
+    /// Delta keeps the chosen features' decoded contribution, replace the whole steered output;
+    /// seed-compat rewrites the MLP input here.
+    fn read(&self, _: HookPoint, x: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let t = &self.transcoder;
+        match self.mode {
             SteerMode::Delta => {
                 if self.strength == 1.0 || self.features.is_empty() {
-                    return Ok(None);
+                    return Ok((None, None));
                 }
                 let s = self.subset.as_ref().expect("delta has a subset");
-                let x = normalized.broadcast_sub(&s.b_dec_in)?;
-                let pre = linear_in(&x, &s.w_enc)?.broadcast_add(&s.b_enc)?;
+                let xc = x.broadcast_sub(&s.b_dec_in)?;
+                let pre = linear_in(&xc, &s.w_enc)?.broadcast_add(&s.b_enc)?;
                 let f = activate(&pre, s.threshold.as_ref())?;
-                let delta = (linear_in(&f, &s.w_dec)? * (self.strength - 1.0))?;
-                Ok(Some((mlp_out + delta)?))
+                Ok((Some((linear_in(&f, &s.w_dec)? * (self.strength - 1.0))?), None))
             }
             SteerMode::Replace => {
-                let t = &self.transcoder;
-                let f = t.encode(normalized)?;
-                let f = f.broadcast_mul(self.scale.as_ref().expect("replace has a scale"))?;
+                let f = t.encode(x)?.broadcast_mul(self.scale.as_ref().expect("replace has a scale"))?;
                 let mut y = sparse_decode(&f, &t.w_dec)?.broadcast_add(&t.b_dec_out)?;
                 if let Some(w_skip) = &t.w_skip {
-                    y = (y + linear_in(normalized, &w_skip.t()?)?)?;
+                    y = (y + linear_in(x, &w_skip.t()?)?)?;
                 }
-                Ok(Some(y))
+                Ok((Some(y), None))
+            }
+            SteerMode::SeedCompat => {
+                let pre = linear_in(x, &t.w_enc)?.broadcast_add(&t.b_enc)?;
+                let f = pre.relu()?.broadcast_mul(self.scale.as_ref().expect("seed-compat has a scale"))?;
+                Ok((None, Some(linear_in(&f, &t.w_dec)?.broadcast_add(&t.b_dec_in)?)))
             }
         }
+    }
+
+    fn write(&self, _: HookPoint, kept: &BTreeMap<HookPoint, Tensor>, out: &Tensor) -> Result<Option<Tensor>> {
+        let Some(k) = kept.get(&self.input) else { return Ok(None) };
+        Ok(Some(match self.mode {
+            SteerMode::Delta => (out + k)?,
+            _ => k.clone(),
+        }))
     }
 }
 
