@@ -185,7 +185,7 @@ pub fn read_frequency(path: &Path) -> Result<Vec<f32>> {
             return Ok(v);
         }
     }
-    let tc = crate::transcoder::Transcoder::load(path)?;
+    let tc = crate::transcoder::Transcoder::load(path, None)?;
     tc.log_frequency.with_context(|| format!("{}: this transcoder carries no feature frequencies", path.display()))
 }
 

@@ -85,6 +85,7 @@ pub fn run_demo(out: &Path, n_boolq: usize, placement: &Placement) -> Result<()>
         device: placement.device.clone(),
         dtype: placement.dtype,
         transcoder: transcoder.clone(),
+        layer: None,
         out: out.to_path_buf(),
         trace: TraceJob {
             dataset: dataset(&files.gsm8k, "test", "gsm8k", 48),

@@ -14,7 +14,7 @@ use crate::model::{LoadOptions, Model, Placement};
 use crate::report::{self, Series};
 use crate::steer::{self, SteerItem, SteerSettings};
 use crate::trace::{self, TraceManifest, TraceText};
-use crate::transcoder::splice::SteerMode;
+use crate::transcoder::splice::{SteerMode, Splice};
 use crate::transcoder::Transcoder;
 
 /// Where a dataset comes from and how to read it.
@@ -78,32 +78,56 @@ impl DatasetSpec {
 }
 
 /// Loads a model and its transcoder (see [`load_transcoder_for`]).
-pub fn load_model_and_transcoder(model: &str, options: &LoadOptions, transcoder: &Path) -> Result<(Model, Arc<Transcoder>)> {
+pub fn load_model_and_transcoder(model: &str, options: &LoadOptions, transcoder: &Path, layer: Option<usize>) -> Result<(Model, Arc<Transcoder>)> {
     let model = Model::load(model, options)?;
-    let tc = load_transcoder_for(&model, transcoder)?;
+    let tc = load_transcoder_for(&model, transcoder, layer)?;
     Ok((model, Arc::new(tc)))
 }
 
-/// Loads a transcoder for `model`: checks that they fit together and moves it to the model's
-/// device (in f32).
-pub fn load_transcoder_for(model: &Model, path: &Path) -> Result<Transcoder> {
-    let tc = Transcoder::load(path)?;
+/// Loads a transcoder (`layer` picks one of a set) for `model`: checks that they fit together
+/// and moves it to the model's device (in f32).
+pub fn load_transcoder_for(model: &Model, path: &Path, layer: Option<usize>) -> Result<Transcoder> {
+    let tc = Transcoder::load(path, layer)?;
     check_fit(model, &tc, path)?;
     Ok(if model.device.is_cpu() { tc } else { tc.to_device(&model.device)? })
 }
 
-/// Checks that a transcoder's hooks exist in the model and its widths equal the model's.
+/// What steering in `mode` splices from `path`: the transcoder of `layer`, and for `replace` with
+/// a cross-layer transcoder every source layer, each checked against `model` and on its device.
+pub fn load_splice_for(model: &Model, path: &Path, layer: Option<usize>, mode: SteerMode) -> Result<Splice> {
+    let tc = Arc::new(load_transcoder_for(model, path, layer)?);
+    if mode != SteerMode::Replace || !tc.is_cross_layer() {
+        return Ok(Splice::new(tc));
+    }
+    let mut all = Vec::new();
+    for t in Transcoder::load_all(path, layer)? {
+        check_fit(model, &t, path)?;
+        all.push(Arc::new(if model.device.is_cpu() { t } else { t.to_device(&model.device)? }));
+    }
+    Splice::cross_layer(all, tc.meta.layer)
+}
+
+/// Checks that a transcoder's hooks exist in the model, that it reads an MLP input and writes an
+/// MLP output of its layer (and, cross-layer, that the layers it writes exist), and that its
+/// widths equal the model's.
 pub fn check_fit(model: &Model, tc: &Transcoder, path: &Path) -> Result<()> {
+    use crate::hooks::HookPoint::*;
     let m = &tc.meta;
     let hin = model.hook_point(&m.hook_in).with_context(|| format!("{}: input hook", path.display()))?;
     let hout = model.hook_point(&m.hook_out).with_context(|| format!("{}: output hook", path.display()))?;
-    if hin != crate::hooks::HookPoint::Ln2Normalized(m.layer) || hout != crate::hooks::HookPoint::MlpOut(m.layer) {
+    let l = m.layer;
+    if ![ResidMid(l), Ln2Normalized(l), MlpIn(l)].contains(&hin) || ![MlpOut(l), MlpHookOut(l)].contains(&hout) {
         bail!(
-            "{}: reads `{}` and writes `{}`; neurosteer splices transcoders that read blocks.L.ln2.hook_normalized and write blocks.L.hook_mlp_out",
+            "{}: reads `{}` and writes `{}`; neurosteer splices transcoders that read blocks.L.hook_resid_mid, \
+             blocks.L.ln2.hook_normalized or blocks.L.mlp.hook_in and write blocks.L.hook_mlp_out or blocks.L.mlp.hook_out of the same layer L",
             path.display(),
             m.hook_in,
             m.hook_out
         );
+    }
+    let last = l + tc.w_dec_next.len();
+    if last >= model.info.n_layers {
+        bail!("{}: writes into layer {last}, but the model has {} layers", path.display(), model.info.n_layers);
     }
     if m.d_in != model.info.d_model || m.d_out != model.info.d_model {
         bail!(
@@ -395,7 +419,8 @@ fn default_score() -> String {
 
 /// Runs the steering experiment with the feature set in `features` (`neurons.json`, a JSON
 /// list or `1,5,9`).
-pub fn run_steer_job(job: &SteerJob, model: &Model, transcoder: Arc<Transcoder>, transcoder_path: &Path, features: &str, out: &Path) -> Result<()> {
+pub fn run_steer_job(job: &SteerJob, model: &Model, splice: &Splice, transcoder_path: &Path, features: &str, out: &Path) -> Result<()> {
+    let transcoder = splice.transcoder();
     if !["generate", "loglik", "both"].contains(&job.score.as_str()) {
         bail!("--score must be generate, loglik or both, not `{}`", job.score);
     }
@@ -413,7 +438,7 @@ pub fn run_steer_job(job: &SteerJob, model: &Model, transcoder: Arc<Transcoder>,
         .collect::<Result<Vec<_>>>()?;
     let mut feature_sets = std::collections::BTreeMap::new();
     if job.random_controls > 0 {
-        let pool = control_pool(features, &reasoning, &transcoder)?;
+        let pool = control_pool(features, &reasoning, transcoder)?;
         for (k, set) in steer::random_controls(&pool, reasoning.len(), job.random_controls, job.dataset.seed)?.into_iter().enumerate() {
             feature_sets.insert(format!("control{}", k + 1), set);
         }
@@ -437,7 +462,7 @@ pub fn run_steer_job(job: &SteerJob, model: &Model, transcoder: Arc<Transcoder>,
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let records = steer::run_steer(model, transcoder, settings, out)?;
+    let records = steer::run_steer(model, splice, settings, out)?;
     eprintln!("wrote {} ({} items)", out.display(), records.len());
     Ok(())
 }
@@ -489,6 +514,9 @@ pub struct ExperimentConfig {
     #[serde(default)]
     pub dtype: crate::model::DTypeChoice,
     pub transcoder: PathBuf,
+    /// The layer to load from a transcoder set.
+    #[serde(default)]
+    pub layer: Option<usize>,
     /// Output folder; each stage's results go below it.
     pub out: PathBuf,
     pub trace: TraceJob,
@@ -521,7 +549,9 @@ pub fn run_pipeline(cfg: &ExperimentConfig, base: &Path) -> Result<()> {
     let transcoder_path = resolve(&cfg.transcoder);
     let placement = Placement { device: cfg.device.clone(), dtype: cfg.dtype };
     let options = placement.load_options(cfg.tokenizer.as_deref().map(resolve), false)?;
-    let (model, tc) = load_model_and_transcoder(&resolve_str(&cfg.model), &options, &transcoder_path)?;
+    let model = Model::load(&resolve_str(&cfg.model), &options)?;
+    let splice = load_splice_for(&model, &transcoder_path, cfg.layer, cfg.steer.mode)?;
+    let tc = splice.transcoder().clone();
     let mut trace_job = cfg.trace.clone();
     trace_job.dataset.path = resolve_str(&trace_job.dataset.path);
     trace_job.templates = trace_job.templates.as_deref().map(resolve);
@@ -537,7 +567,7 @@ pub fn run_pipeline(cfg: &ExperimentConfig, base: &Path) -> Result<()> {
     eprintln!("[3/4] steer -> {}", results.display());
     let mut sj = cfg.steer.clone();
     sj.dataset.path = resolve_str(&sj.dataset.path);
-    run_steer_job(&sj, &model, tc, &transcoder_path, &neurons.display().to_string(), &results)?;
+    run_steer_job(&sj, &model, &splice, &transcoder_path, &neurons.display().to_string(), &results)?;
     let eval_dir = out.join("evaluation");
     eprintln!("[4/4] evaluate -> {}", eval_dir.display());
     let (e, written) = crate::evaluate::evaluate_file(&results, &eval_dir)?;

@@ -66,6 +66,27 @@ impl HookPoint {
         }
     }
 
+    /// The same point at another layer (points outside the blocks are returned unchanged).
+    pub fn at_layer(self, layer: usize) -> Self {
+        use HookPoint::*;
+        match self {
+            Embed | PosEmbed | LnFinalScale | LnFinalNormalized => self,
+            ResidPre(_) => ResidPre(layer),
+            Ln1Scale(_) => Ln1Scale(layer),
+            Ln1Normalized(_) => Ln1Normalized(layer),
+            AttnOut(_) => AttnOut(layer),
+            ResidMid(_) => ResidMid(layer),
+            Ln2Scale(_) => Ln2Scale(layer),
+            Ln2Normalized(_) => Ln2Normalized(layer),
+            MlpIn(_) => MlpIn(layer),
+            MlpPre(_) => MlpPre(layer),
+            MlpPost(_) => MlpPost(layer),
+            MlpHookOut(_) => MlpHookOut(layer),
+            MlpOut(_) => MlpOut(layer),
+            ResidPost(_) => ResidPost(layer),
+        }
+    }
+
     /// Parses a name and checks it against the model's layer count and architecture.
     pub fn parse_for(name: &str, n_layers: usize, has_pos_embed: bool) -> Result<Self> {
         let point: HookPoint = name.parse()?;

@@ -34,21 +34,31 @@ pub fn offline() -> bool {
 pub struct HubRepo {
     pub id: String,
     pub kind: RepoType,
+    /// A branch, tag or commit; `None` is the default branch.
+    pub revision: Option<String>,
 }
 
 impl HubRepo {
     /// A model repository such as `meta-llama/Llama-3.1-8B-Instruct`.
     pub fn model(id: &str) -> Self {
-        Self { id: id.to_string(), kind: RepoType::Model }
+        Self { id: id.to_string(), kind: RepoType::Model, revision: None }
+    }
+
+    /// A model repository at a revision (branch, tag or commit).
+    pub fn model_at(id: &str, revision: &str) -> Self {
+        Self { id: id.to_string(), kind: RepoType::Model, revision: Some(revision.to_string()) }
     }
 
     /// A dataset repository such as `google/boolq`.
     pub fn dataset(id: &str) -> Self {
-        Self { id: id.to_string(), kind: RepoType::Dataset }
+        Self { id: id.to_string(), kind: RepoType::Dataset, revision: None }
     }
 
     fn repo(&self) -> Repo {
-        Repo::new(self.id.clone(), self.kind)
+        match &self.revision {
+            Some(r) => Repo::with_revision(self.id.clone(), self.kind, r.clone()),
+            None => Repo::new(self.id.clone(), self.kind),
+        }
     }
 
     /// The cached copy of `file`, if there is one.

@@ -53,8 +53,11 @@ enum Command {
 enum TranscoderCommand {
     /// Print a transcoder's config, sizes and alive count.
     Info {
-        /// A sae_training `.pt`, a SAELens folder, or a neurosteer `.safetensors`.
+        /// A transcoder, in any format `--transcoder` takes.
         path: PathBuf,
+        /// The layer to load from a set.
+        #[arg(long)]
+        layer: Option<usize>,
         /// Alive means log10 frequency above this.
         #[arg(long, default_value_t = -6.0, allow_hyphen_values = true)]
         alive_threshold: f32,
@@ -114,9 +117,8 @@ impl DatasetArgs {
 struct TraceArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The transcoder whose features are recorded.
-    #[arg(long)]
-    transcoder: PathBuf,
+    #[command(flatten)]
+    tc: TranscoderArg,
     #[command(flatten)]
     data: DatasetArgs,
     /// Prompt styles to trace.
@@ -172,8 +174,8 @@ struct ClassifyArgs {
 struct FrequencyArgs {
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long)]
-    transcoder: PathBuf,
+    #[command(flatten)]
+    tc: TranscoderArg,
     #[command(flatten)]
     data: DatasetArgs,
     /// Tokens to count over.
@@ -188,8 +190,8 @@ struct FrequencyArgs {
 struct SteerArgs {
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long)]
-    transcoder: PathBuf,
+    #[command(flatten)]
+    tc: TranscoderArg,
     /// Reasoning features: neurons.json, a JSON list, or `1,5,9`.
     #[arg(long)]
     features: String,
@@ -252,8 +254,8 @@ struct DemoArgs {
 struct TranscoderEvalArgs {
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long)]
-    transcoder: PathBuf,
+    #[command(flatten)]
+    tc: TranscoderArg,
     #[command(flatten)]
     data: DatasetArgs,
     /// Texts to evaluate on.
@@ -321,9 +323,22 @@ impl ModelArgs {
         Model::load(&self.model, &self.options()?)
     }
 
-    fn load_with_transcoder(&self, transcoder: &std::path::Path) -> Result<(Model, std::sync::Arc<Transcoder>)> {
-        experiment::load_model_and_transcoder(&self.model, &self.options()?, transcoder)
+    fn load_with_transcoder(&self, tc: &TranscoderArg) -> Result<(Model, std::sync::Arc<Transcoder>)> {
+        experiment::load_model_and_transcoder(&self.model, &self.options()?, &tc.transcoder, tc.layer)
     }
+}
+
+/// Which transcoder to load.
+#[derive(Args, Clone)]
+struct TranscoderArg {
+    /// A `.pt` (sae_training), a SAELens folder, a neurosteer `.safetensors`, a transcoder set
+    /// folder (`config.yaml`), one layer's file of a set, a Gemma Scope `params.npz`, or a hub
+    /// reference (`hf://org/repo[/path]` or `org/repo`).
+    #[arg(long)]
+    transcoder: PathBuf,
+    /// The layer to load from a set (for a cross-layer transcoder: the source layer).
+    #[arg(long)]
+    layer: Option<usize>,
 }
 
 #[derive(Args)]
@@ -356,9 +371,12 @@ struct GenerateArgs {
 /// `--features` and `--strength` pair with them in order, and a single value applies to all.
 #[derive(Args, Clone)]
 struct SteeringArgs {
-    /// Transcoder to splice in (repeatable).
+    /// Transcoder to splice in (repeatable; the formats of `transcoder info`).
     #[arg(long = "transcoder")]
     transcoders: Vec<PathBuf>,
+    /// The layer to load from a transcoder set (repeatable, paired with --transcoder in order).
+    #[arg(long = "layer")]
+    layers: Vec<usize>,
     /// Features to scale: `1,5,9`, a JSON list, or neurons.json's "reasoning" (repeatable).
     #[arg(long = "features")]
     features: Vec<String>,
@@ -387,18 +405,19 @@ impl SteeringArgs {
         };
         pick(self.features.len(), "features")?;
         pick(self.strengths.len(), "strength")?;
+        pick(self.layers.len(), "layer")?;
         for (i, path) in self.transcoders.iter().enumerate() {
-            let tc = experiment::load_transcoder_for(model, path)?;
+            let layer = self.layers.get(i).or(self.layers.first()).copied();
+            let splice = experiment::load_splice_for(model, path, layer, self.mode)?;
             let features = match self.features.get(i).or(self.features.first()) {
                 Some(f) => neurosteer::classify::parse_features(f)?,
                 None => Vec::new(),
             };
             let strength = self.strengths.get(i).or(self.strengths.first()).copied().unwrap_or(1.0);
-            let edit = Steering::new(std::sync::Arc::new(tc), features, strength, self.mode)?;
-            hooks.edit(std::sync::Arc::new(edit));
+            hooks.edit(std::sync::Arc::new(splice.steering(features, strength, self.mode)?));
         }
-        if n == 0 && (!self.features.is_empty() || !self.strengths.is_empty()) {
-            bail!("--features and --strength need --transcoder");
+        if n == 0 && (!self.features.is_empty() || !self.strengths.is_empty() || !self.layers.is_empty()) {
+            bail!("--features, --strength and --layer need --transcoder");
         }
         for &l in &self.ablate_mlp {
             if l >= model.info.n_layers {
@@ -427,6 +446,9 @@ struct ActivationsArgs {
     /// Also save this transcoder's feature activations as "features.L" `[seq, d_sae]`.
     #[arg(long)]
     transcoder: Option<PathBuf>,
+    /// The layer to load from a transcoder set.
+    #[arg(long, requires = "transcoder")]
+    layer: Option<usize>,
 }
 
 #[derive(Args)]
@@ -488,7 +510,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd_generate(a),
         Command::Activations(a) => cmd_activations(a),
         Command::Bench(a) => cmd_bench(a),
-        Command::Transcoder(TranscoderCommand::Info { path, alive_threshold }) => cmd_transcoder_info(&path, alive_threshold),
+        Command::Transcoder(TranscoderCommand::Info { path, layer, alive_threshold }) => cmd_transcoder_info(&path, layer, alive_threshold),
         Command::Transcoder(TranscoderCommand::Eval(a)) => cmd_transcoder_eval(a),
         Command::Transcoder(TranscoderCommand::Train(a)) => cmd_transcoder_train(a),
         Command::Trace(a) => cmd_trace(a),
@@ -573,9 +595,10 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
     }
     let transcoder = match &a.transcoder {
         Some(p) => {
-            let tc = experiment::load_transcoder_for(&model, p)?;
-            hooks.record(neurosteer::hooks::HookPoint::Ln2Normalized(tc.meta.layer));
-            Some(tc)
+            let tc = experiment::load_transcoder_for(&model, p, a.layer)?;
+            let input = tc.meta.points()?.0;
+            hooks.record(input);
+            Some((tc, input))
         }
         None => None,
     };
@@ -595,8 +618,8 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
         let t = hooks.recorded(p).context("hook was not reached")?.squeeze(0)?;
         tensors.insert(p.to_string(), t);
     }
-    if let Some(tc) = &transcoder {
-        let x = hooks.recorded(neurosteer::hooks::HookPoint::Ln2Normalized(tc.meta.layer)).context("hook was not reached")?;
+    if let Some((tc, input)) = &transcoder {
+        let x = hooks.recorded(*input).context("hook was not reached")?;
         tensors.insert(format!("features.{}", tc.meta.layer), tc.encode(&x.squeeze(0)?)?);
     }
     tensors.insert("logits".to_string(), centred);
@@ -702,8 +725,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_transcoder_info(path: &std::path::Path, alive_threshold: f32) -> Result<()> {
-    let tc = Transcoder::load(path)?;
+fn cmd_transcoder_info(path: &std::path::Path, layer: Option<usize>, alive_threshold: f32) -> Result<()> {
+    let tc = Transcoder::load(path, layer)?;
     let m = &tc.meta;
     println!("file:        {}", path.display());
     println!("format:      {}", m.format);
@@ -716,8 +739,11 @@ fn cmd_transcoder_info(path: &std::path::Path, alive_threshold: f32) -> Result<(
     println!("d_in:        {}", m.d_in);
     println!("d_sae:       {}", m.d_sae);
     println!("d_out:       {}", m.d_out);
-    println!("activation:  {}", if tc.threshold.is_some() { "JumpReLU" } else { "ReLU" });
+    println!("activation:  {}", m.activation);
     println!("skip:        {}", if tc.w_skip.is_some() { "yes" } else { "no" });
+    if tc.is_cross_layer() {
+        println!("writes into: layers {}..={}", m.layer, m.layer + tc.w_dec_next.len());
+    }
     match tc.alive(alive_threshold) {
         Some(alive) => println!("alive:       {} of {} (log10 frequency > {alive_threshold})", alive.len(), m.d_sae),
         None => println!("alive:       unknown (no frequency file)"),
@@ -746,7 +772,7 @@ fn dataset_texts(spec: &DatasetSpec) -> Result<Vec<String>> {
 }
 
 fn cmd_transcoder_eval(a: TranscoderEvalArgs) -> Result<()> {
-    let (model, tc) = a.model.load_with_transcoder(&a.transcoder)?;
+    let (model, tc) = a.model.load_with_transcoder(&a.tc)?;
     let texts = dataset_texts(&a.data.spec(Some(a.n)))?;
     let report = transcoder::eval::evaluate(&model, &tc, &texts)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
@@ -780,7 +806,7 @@ fn cmd_transcoder_train(a: TranscoderTrainArgs) -> Result<()> {
 }
 
 fn cmd_trace(a: TraceArgs) -> Result<()> {
-    let (model, tc) = a.model.load_with_transcoder(&a.transcoder)?;
+    let (model, tc) = a.model.load_with_transcoder(&a.tc)?;
     let job = TraceJob {
         dataset: a.data.spec(Some(a.n)),
         styles: a.styles,
@@ -790,7 +816,7 @@ fn cmd_trace(a: TraceArgs) -> Result<()> {
         batch_size: a.batch_size,
         truncate_left: a.truncate_left,
     };
-    experiment::run_trace_job(&job, &model, tc, &a.transcoder, &a.out)?;
+    experiment::run_trace_job(&job, &model, tc, &a.tc.transcoder, &a.out)?;
     eprintln!("traces in {}", a.out.display());
     Ok(())
 }
@@ -802,7 +828,7 @@ fn cmd_classify(a: ClassifyArgs) -> Result<()> {
 }
 
 fn cmd_frequency(a: FrequencyArgs) -> Result<()> {
-    let (model, tc) = a.model.load_with_transcoder(&a.transcoder)?;
+    let (model, tc) = a.model.load_with_transcoder(&a.tc)?;
     let texts = dataset_texts(&a.data.spec(None))?;
     let freq = transcoder::eval::log_frequency(&model, &tc, &texts, a.n_tokens)?;
     let n = freq.len();
@@ -814,7 +840,8 @@ fn cmd_frequency(a: FrequencyArgs) -> Result<()> {
 }
 
 fn cmd_steer(a: SteerArgs) -> Result<()> {
-    let (model, tc) = a.model.load_with_transcoder(&a.transcoder)?;
+    let model = a.model.load()?;
+    let splice = experiment::load_splice_for(&model, &a.tc.transcoder, a.tc.layer, a.mode)?;
     let job = SteerJob {
         dataset: a.data.spec(Some(a.n)),
         template: a.template,
@@ -825,7 +852,7 @@ fn cmd_steer(a: SteerArgs) -> Result<()> {
         random_controls: a.random_controls,
         score: a.score,
     };
-    experiment::run_steer_job(&job, &model, tc, &a.transcoder, &a.features, &a.out)
+    experiment::run_steer_job(&job, &model, &splice, &a.tc.transcoder, &a.features, &a.out)
 }
 
 fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {

@@ -23,8 +23,7 @@ use crate::generate::{generate, GenerateOptions};
 use crate::hooks::Hooks;
 use crate::model::{LogitsAt, Model};
 use crate::report::write_atomic;
-use crate::transcoder::splice::{SteerMode, Steering};
-use crate::transcoder::Transcoder;
+use crate::transcoder::splice::{Splice, SteerMode};
 
 /// One configuration: a name, a strength (None = the untouched model) and the feature set it
 /// scales (`reasoning` or `control{k}`).
@@ -167,7 +166,7 @@ fn meta_path(out: &Path) -> PathBuf {
 }
 
 /// Runs (or resumes) the experiment and writes `out` and its sidecar.
-pub fn run_steer(model: &Model, transcoder: Arc<Transcoder>, settings: SteerSettings, out: &Path) -> Result<Vec<SteerRecord>> {
+pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &Path) -> Result<Vec<SteerRecord>> {
     let meta_file = meta_path(out);
     let mut records: Vec<SteerRecord> = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
@@ -217,7 +216,7 @@ pub fn run_steer(model: &Model, transcoder: Arc<Transcoder>, settings: SteerSett
             let mut hooks = Hooks::none();
             if let Some(s) = c.strength {
                 let features = settings.feature_sets.get(&c.feature_set).with_context(|| format!("no feature set `{}`", c.feature_set))?;
-                let edit = Steering::new(transcoder.clone(), features.clone(), s, settings.mode)?;
+                let edit = splice.steering(features.clone(), s, settings.mode)?;
                 hooks.edit(Arc::new(edit));
             }
             Ok((c.name.clone(), hooks))

@@ -106,8 +106,7 @@ pub fn run_trace(
     } else {
         crate::report::write_atomic(&manifest_path, serde_json::to_string_pretty(manifest)?.as_bytes())?;
     }
-    let layer = manifest.layer;
-    let point = HookPoint::Ln2Normalized(layer);
+    let point: HookPoint = manifest.hook_point.parse()?;
     let mut hooks = Hooks::none();
     hooks.record(point);
     let opts = GenerateOptions {

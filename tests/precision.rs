@@ -45,7 +45,7 @@ fn bf16_delta_at_strength_one_is_the_unsteered_model() {
     let Some(shared) = common::shared() else { return };
     let model = load(&shared.join("fixtures/tiny-gpt2"), DTypeChoice::Bf16);
     let tc = Arc::new(
-        Transcoder::load(&shared.join("fixtures/transcoders/tiny-gpt2/layer_01/tiny-gpt2_blocks.1.ln2.hook_normalized_256.pt"))
+        Transcoder::load(&shared.join("fixtures/transcoders/tiny-gpt2/layer_01/tiny-gpt2_blocks.1.ln2.hook_normalized_256.pt"), None)
             .unwrap(),
     );
     let prompts: Vec<Vec<u32>> = ["Question: is the sky blue?\nAnswer:", "The cat sat on the", "1 2 3 4"]

@@ -15,7 +15,7 @@ use neurosteer::transcoder::Transcoder;
 
 fn stories(shared: &std::path::Path) -> (Model, Arc<Transcoder>) {
     let model = Model::load(shared.join("assets/stories260K/hf").to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let tc = Transcoder::load(&shared.join("fixtures/transcoders/stories260K/layer_02/stories260K_blocks.2.ln2.hook_normalized_512.pt")).unwrap();
+    let tc = Transcoder::load(&shared.join("fixtures/transcoders/stories260K/layer_02/stories260K_blocks.2.ln2.hook_normalized_512.pt"), None).unwrap();
     (model, Arc::new(tc))
 }
 
@@ -78,7 +78,7 @@ fn delta_strength_one_is_recorded_from_base() {
     let dir = std::env::temp_dir().join(format!("neurosteer-shortcut-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("results.json");
-    let records = run_steer(&model, tc, settings, &out).unwrap();
+    let records = run_steer(&model, &neurosteer::transcoder::splice::Splice::new(tc), settings, &out).unwrap();
     for r in &records {
         assert_eq!(r.new_tokens["Original"], r.new_tokens["Base"]);
         assert_eq!(r.loglik["Original"], r.loglik["Base"]);

@@ -35,8 +35,8 @@ fn tiny_l1(shared: &Path) -> PathBuf {
 fn stories260k_pt_and_saelens_agree_with_reference() {
     let Some(shared) = common::shared() else { return };
     let r = reference(&shared);
-    let pt = Transcoder::load(&stories_l2(&shared)).unwrap();
-    let sl = Transcoder::load(&shared.join("fixtures/transcoders/stories260K/layer_02/saelens")).unwrap();
+    let pt = Transcoder::load(&stories_l2(&shared), None).unwrap();
+    let sl = Transcoder::load(&shared.join("fixtures/transcoders/stories260K/layer_02/saelens"), None).unwrap();
     for t in [&pt, &sl] {
         assert_eq!(t.meta.layer, 2);
         assert_eq!(t.meta.hook_in, "blocks.2.ln2.hook_normalized");
@@ -79,7 +79,7 @@ fn stories260k_pt_and_saelens_agree_with_reference() {
 fn tiny_gpt2_matches_reference() {
     let Some(shared) = common::shared() else { return };
     let r = reference(&shared);
-    let t = Transcoder::load(&tiny_l1(&shared)).unwrap();
+    let t = Transcoder::load(&tiny_l1(&shared), None).unwrap();
     assert_eq!((t.meta.layer, t.meta.d_in, t.meta.d_sae, t.meta.d_out), (1, 64, 256, 64));
     assert_eq!(t.meta.model_name.as_deref(), Some("tiny-gpt2"));
     let alive = t.alive(-6.0).unwrap();
@@ -97,13 +97,14 @@ fn tiny_gpt2_matches_reference() {
 fn own_format_round_trip_is_exact() {
     let Some(shared) = common::shared() else { return };
     let dir = tmpdir("roundtrip");
-    let mut t = Transcoder::load(&tiny_l1(&shared)).unwrap();
+    let mut t = Transcoder::load(&tiny_l1(&shared), None).unwrap();
     // Exercise the optional tensors too.
     t.threshold = Some((Tensor::ones(256, candle_core::DType::F32, &Device::Cpu).unwrap() * 0.25).unwrap());
+    t.meta.activation = neurosteer::transcoder::Activation::JumpRelu;
     t.w_skip = Some(Tensor::randn(0f32, 1.0, (64, 64), &Device::Cpu).unwrap());
     let p = dir.join("tc.safetensors");
     t.save(&p).unwrap();
-    let u = Transcoder::load(&p).unwrap();
+    let u = Transcoder::load(&p, None).unwrap();
     assert_eq!(u.meta.format, "neurosteer");
     let mut m = t.meta.clone();
     m.format = "neurosteer".into();
@@ -126,7 +127,7 @@ fn own_format_round_trip_is_exact() {
     u.save(&p).unwrap();
     let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names.len(), 1, "{names:?}");
-    assert_eq!(Transcoder::load(&p).unwrap().meta, u.meta);
+    assert_eq!(Transcoder::load(&p, None).unwrap().meta, u.meta);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -146,7 +147,7 @@ fn corrupt_inputs_give_clean_errors() {
     let bytes = std::fs::read(stories_l2(&shared)).unwrap();
     let p = dir.join("trunc.pt");
     std::fs::write(&p, &bytes[..bytes.len() / 3]).unwrap();
-    let e = err_of(Transcoder::load(&p));
+    let e = err_of(Transcoder::load(&p, None));
     assert!(e.contains("trunc.pt"), "{e}");
     assert!(!e.contains('\n'), "{e}");
 
@@ -158,7 +159,7 @@ fn corrupt_inputs_give_clean_errors() {
     let mut w = candle_core::safetensors::load(src.join("sae_weights.safetensors"), &Device::Cpu).unwrap();
     w.insert("W_dec".into(), w["W_dec"].narrow(0, 0, 500).unwrap());
     candle_core::safetensors::save(&w, sl.join("sae_weights.safetensors")).unwrap();
-    let e = err_of(Transcoder::load(&sl));
+    let e = err_of(Transcoder::load(&sl, None));
     assert!(e.contains("sae_weights.safetensors") && e.contains("W_dec") && e.contains("[500, 64]"), "{e}");
 
     // cfg.json missing a field.
@@ -168,26 +169,26 @@ fn corrupt_inputs_give_clean_errors() {
     let mut cfg = common::json(&src.join("cfg.json"));
     cfg.as_object_mut().unwrap().remove("d_sae");
     std::fs::write(sl2.join("cfg.json"), cfg.to_string()).unwrap();
-    let e = err_of(Transcoder::load(&sl2));
+    let e = err_of(Transcoder::load(&sl2, None));
     assert!(e.contains("cfg.json") && e.contains("d_sae"), "{e}");
 
     // cfg.json that says apply_b_dec_to_input.
     cfg["d_sae"] = 512.into();
     cfg["apply_b_dec_to_input"] = true.into();
     std::fs::write(sl2.join("cfg.json"), cfg.to_string()).unwrap();
-    let e = err_of(Transcoder::load(&sl2));
+    let e = err_of(Transcoder::load(&sl2, None));
     assert!(e.contains("apply_b_dec_to_input"), "{e}");
 
     // Garbage own-format file, and a safetensors file that is not ours.
     let p = dir.join("garbage.safetensors");
     std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x7fnope").unwrap();
-    let e = err_of(Transcoder::load(&p));
+    let e = err_of(Transcoder::load(&p, None));
     assert!(e.contains("garbage.safetensors"), "{e}");
-    let e = err_of(Transcoder::load(&src.join("sae_weights.safetensors")));
+    let e = err_of(Transcoder::load(&src.join("sae_weights.safetensors"), None));
     assert!(e.contains("not a neurosteer transcoder"), "{e}");
 
     // Missing file.
-    let e = err_of(Transcoder::load(&dir.join("nothing.pt")));
+    let e = err_of(Transcoder::load(&dir.join("nothing.pt"), None));
     assert!(e.contains("nothing.pt"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

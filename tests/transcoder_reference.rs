@@ -38,7 +38,7 @@ fn every_mode_and_strength_matches_reference() {
         let name = case["name"].as_str().unwrap();
         let model_dir = root.join(case["model_dir"].as_str().unwrap());
         let model = Model::load(model_dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
-        let tc = Arc::new(Transcoder::load(&root.join(case["transcoder"].as_str().unwrap())).unwrap());
+        let tc = Arc::new(Transcoder::load(&root.join(case["transcoder"].as_str().unwrap()), None).unwrap());
         let ids = common::u32s(&case["input_ids"]);
         let features: Vec<usize> = common::u32s(&case["feature_idx"]).into_iter().map(|i| i as usize).collect();
 
@@ -70,7 +70,7 @@ fn delta_at_strength_one_is_exactly_the_model() {
     let Some(shared) = common::shared() else { return };
     let dir = shared.join("fixtures/transcoders/tiny-gpt2/layer_01");
     let model = Model::load(shared.join("fixtures/tiny-gpt2").to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let tc = Arc::new(Transcoder::load(&dir.join("tiny-gpt2_blocks.1.ln2.hook_normalized_256.pt")).unwrap());
+    let tc = Arc::new(Transcoder::load(&dir.join("tiny-gpt2_blocks.1.ln2.hook_normalized_256.pt"), None).unwrap());
     let ids = model.codec.to_tokens("Question: is the sky blue?\nAnswer:").unwrap();
     let run = |hooks: &Hooks| -> Tensor {
         let mut h = hooks.clone();

@@ -77,8 +77,20 @@ impl SafetensorsFiles {
         self.entries.values().filter(|e| e.dtype.is_float()).map(|e| e.shape.iter().product::<usize>() as u64).sum()
     }
 
+    /// The tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// A tensor's shape, if it exists.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
     /// Reads one tensor as stored, on the CPU.
-    fn read(&self, name: &str) -> Result<Tensor> {
+    pub fn read(&self, name: &str) -> Result<Tensor> {
         let e = self.entries.get(name).with_context(|| format!("no tensor named {name}"))?;
         let (path, file) = &self.files[e.file];
         let read = |bytes: &mut [u8]| {

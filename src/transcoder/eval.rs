@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::splice::{SteerMode, Steering};
 use super::Transcoder;
-use crate::hooks::{HookPoint, Hooks, ZeroAblation};
+use crate::hooks::{Hooks, ZeroAblation};
 use crate::model::{LogitsAt, Model};
 
 /// Fidelity numbers.
@@ -60,6 +60,7 @@ fn prepare(model: &Model, text: &str) -> Result<Vec<u32>> {
 /// Evaluates `tc` on `texts`.
 pub fn evaluate(model: &Model, tc: &Arc<Transcoder>, texts: &[String]) -> Result<FidelityReport> {
     let layer = tc.meta.layer;
+    let (input, output) = tc.meta.points()?;
     let mut spliced = Hooks::none();
     spliced.edit(Arc::new(Steering::new(tc.clone(), Vec::new(), 1.0, SteerMode::Replace)?));
     let mut ablated = Hooks::none();
@@ -74,21 +75,21 @@ pub fn evaluate(model: &Model, tc: &Arc<Transcoder>, texts: &[String]) -> Result
         }
         used += 1;
         let mut base = Hooks::none();
-        base.record(HookPoint::Ln2Normalized(layer));
-        base.record(HookPoint::MlpOut(layer));
+        base.record(input);
+        base.record(output);
         let mut cache = model.new_cache(1, ids.len());
         let logits = model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut base, LogitsAt::All)?;
         let lp = log_softmax(&logits.squeeze(0)?, D::Minus1)?;
-        let x = base.recorded(HookPoint::Ln2Normalized(layer)).expect("recorded").squeeze(0)?;
-        let y = base.recorded(HookPoint::MlpOut(layer)).expect("recorded").squeeze(0)?;
+        let x = base.recorded(input).expect("recorded").squeeze(0)?;
+        let y = base.recorded(output).expect("recorded").squeeze(0)?;
         let f = tc.encode(&x)?;
-        let y_hat = tc.decode(&f)?;
+        let y_hat = tc.forward(&x)?;
         err += (y_hat - &y)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
         for (s, v) in sum_y.iter_mut().zip(y.sum(0)?.to_vec1::<f32>()?) {
             *s += v as f64;
         }
         sum_y2 += y.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        let active = f.gt(0f32)?.to_dtype(DType::F32)?;
+        let active = f.ne(0f32)?.to_dtype(DType::F32)?;
         l0 += active.sum_all()?.to_scalar::<f32>()? as f64;
         for (i, c) in active.sum(0)?.to_vec1::<f32>()?.iter().enumerate() {
             fired[i] |= *c > 0.0;
@@ -126,7 +127,7 @@ pub fn evaluate(model: &Model, tc: &Arc<Transcoder>, texts: &[String]) -> Result
 /// `log10(firing frequency + 1e-10)` of every feature over up to `n_tokens` positions of
 /// `texts` (the same expression as the original training code).
 pub fn log_frequency(model: &Model, tc: &Transcoder, texts: &[String], n_tokens: usize) -> Result<Vec<f32>> {
-    let layer = tc.meta.layer;
+    let input = tc.meta.points()?.0;
     let mut counts = vec![0f64; tc.meta.d_sae];
     let mut seen = 0usize;
     for text in texts {
@@ -138,12 +139,12 @@ pub fn log_frequency(model: &Model, tc: &Transcoder, texts: &[String], n_tokens:
             continue;
         }
         let mut hooks = Hooks::none();
-        hooks.record(HookPoint::Ln2Normalized(layer));
+        hooks.record(input);
         let mut cache = model.new_cache(1, ids.len());
         model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::Last)?;
         let take = ids.len().min(n_tokens - seen);
-        let x = hooks.recorded(HookPoint::Ln2Normalized(layer)).expect("recorded").squeeze(0)?.narrow(0, 0, take)?;
-        let active = tc.encode(&x)?.gt(0f32)?.to_dtype(DType::F32)?.sum(0)?.to_vec1::<f32>()?;
+        let x = hooks.recorded(input).expect("recorded").squeeze(0)?.narrow(0, 0, take)?;
+        let active = tc.encode(&x)?.ne(0f32)?.to_dtype(DType::F32)?.sum(0)?.to_vec1::<f32>()?;
         for (c, a) in counts.iter_mut().zip(active) {
             *c += a as f64;
         }

@@ -16,7 +16,7 @@ use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value as J};
 
-use super::{file_err, layer_from_hook, Transcoder, TranscoderMeta};
+use super::{file_err, layer_from_hook, Activation, Transcoder, TranscoderMeta};
 use crate::pickle::{self, Value};
 
 /// `__metadata__` key holding the JSON meta in neurosteer's own format.
@@ -40,6 +40,10 @@ fn check_all(file: &Path, t: &Transcoder) -> Result<()> {
     check_shape(file, "b_dec_out", &t.b_dec_out, &[m.d_out])?;
     if let Some(th) = &t.threshold {
         check_shape(file, "threshold", th, &[m.d_sae])?;
+    }
+    let jump = matches!(m.activation, Activation::JumpRelu | Activation::JumpReluNonNegative);
+    if jump != t.threshold.is_some() {
+        return Err(file_err(file, format!("activation {} {} a threshold tensor", m.activation, if jump { "needs" } else { "takes no" })));
     }
     if let Some(ws) = &t.w_skip {
         check_shape(file, "W_skip", ws, &[m.d_out, m.d_in])?;
@@ -125,6 +129,7 @@ pub fn load_sae_training(path: &Path) -> Result<Transcoder> {
         w_enc: tensor("W_enc", &[d_in, d_sae])?,
         b_enc: tensor("b_enc", &[d_sae])?,
         w_dec: tensor("W_dec", &[d_sae, d_out])?,
+        w_dec_next: Vec::new(),
         b_dec_in: tensor("b_dec", &[d_in])?,
         b_dec_out: tensor("b_dec_out", &[d_out])?,
         threshold: None,
@@ -138,6 +143,7 @@ pub fn load_sae_training(path: &Path) -> Result<Transcoder> {
             d_sae,
             d_out,
             format: "sae_training".into(),
+            activation: Activation::Relu,
             model_name,
             extra,
         },
@@ -239,6 +245,7 @@ pub fn load_saelens(dir: &Path) -> Result<Transcoder> {
         "transcoder" => (false, false),
         "jumprelu_transcoder" => (true, false),
         "skip_transcoder" => (false, true),
+        "jumprelu_skip_transcoder" => (true, true),
         other => return Err(file_err(&cfg_path, format!("not a transcoder (architecture {other:?})"))),
     };
     if obj.get("apply_b_dec_to_input").and_then(J::as_bool) == Some(true) {
@@ -267,19 +274,18 @@ pub fn load_saelens(dir: &Path) -> Result<Transcoder> {
     let b_enc = take(&wpath, &mut w, "b_enc")?;
     let w_dec = take(&wpath, &mut w, "W_dec")?;
     let b_dec_out = take(&wpath, &mut w, "b_dec")?;
-    let threshold = w.remove("threshold");
-    let w_skip = w.remove("W_skip");
-    if jumprelu && threshold.is_none() {
-        return Err(file_err(&wpath, "missing tensor threshold (architecture jumprelu_transcoder)"));
+    let threshold = if jumprelu { Some(take(&wpath, &mut w, "threshold")?) } else { None };
+    let w_skip = if skip { Some(take(&wpath, &mut w, "W_skip")?) } else { None };
+    if let Some(extra) = w.keys().next() {
+        return Err(file_err(&wpath, format!("unexpected tensor {extra} for architecture {architecture}")));
     }
-    if skip && w_skip.is_none() {
-        return Err(file_err(&wpath, "missing tensor W_skip (architecture skip_transcoder)"));
-    }
+    let activation = if jumprelu { Activation::JumpReluNonNegative } else { Activation::Relu };
     let mut t = Transcoder {
-        meta: TranscoderMeta { layer, hook_in, hook_out, d_in, d_sae, d_out, format: "saelens".into(), model_name, extra },
+        meta: TranscoderMeta { layer, hook_in, hook_out, d_in, d_sae, d_out, format: "saelens".into(), activation, model_name, extra },
         w_enc,
         b_enc,
         w_dec,
+        w_dec_next: Vec::new(),
         b_dec_in: Tensor::zeros(d_in, DType::F32, &Device::Cpu)?,
         b_dec_out,
         threshold,
@@ -306,6 +312,15 @@ pub fn load_neurosteer(path: &Path) -> Result<Transcoder> {
     let mut meta: TranscoderMeta =
         serde_json::from_str(json).map_err(|e| file_err(path, format!("bad {META_KEY} metadata: {e}")))?;
     meta.format = "neurosteer".into();
+    let threshold = w.remove("threshold");
+    match (threshold.is_some(), meta.activation) {
+        // Files written before the activation was recorded applied SAELens's JumpReLU.
+        (true, Activation::Relu) => meta.activation = Activation::JumpReluNonNegative,
+        (false, Activation::JumpRelu | Activation::JumpReluNonNegative) => {
+            return Err(file_err(path, "JumpReLU activation, but no threshold tensor"))
+        }
+        _ => {}
+    }
     let log_frequency = match w.remove("log_frequency") {
         Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
         None => None,
@@ -314,9 +329,10 @@ pub fn load_neurosteer(path: &Path) -> Result<Transcoder> {
         w_enc: take(path, &mut w, "W_enc")?,
         b_enc: take(path, &mut w, "b_enc")?,
         w_dec: take(path, &mut w, "W_dec")?,
+        w_dec_next: Vec::new(),
         b_dec_in: take(path, &mut w, "b_dec_in")?,
         b_dec_out: take(path, &mut w, "b_dec_out")?,
-        threshold: w.remove("threshold"),
+        threshold,
         w_skip: w.remove("W_skip"),
         log_frequency,
         meta,
@@ -328,6 +344,9 @@ pub fn load_neurosteer(path: &Path) -> Result<Transcoder> {
 /// Writes neurosteer's own format atomically: a temp file in the same folder, then a rename.
 pub fn save_neurosteer(t: &Transcoder, path: &Path) -> Result<()> {
     check_all(path, t)?;
+    if !t.w_dec_next.is_empty() {
+        return Err(file_err(path, "a cross-layer transcoder cannot be saved in neurosteer's single-layer format"));
+    }
     let mut meta = t.meta.clone();
     meta.format = "neurosteer".into();
     let mut md = HashMap::new();

@@ -2,17 +2,21 @@
 //!
 //! ```text
 //! pre = (x - b_dec_in) @ W_enc + b_enc
-//! f   = relu(pre)                       (ReLU)
-//! f   = relu(pre) * (pre > threshold)   (JumpReLU, when a threshold is present)
+//! f   = act(pre)                        (see [`Activation`])
 //! y   = f @ W_dec + b_dec_out (+ x @ W_skip.T when a skip connection is present)
 //! ```
 //!
-//! [`Transcoder::load`] reads three on-disk formats (see [`formats`]): the sae_training `.pt`
-//! checkpoints of the published GPT-2 transcoders, SAELens folders, and neurosteer's own single
-//! `.safetensors` file, which is what [`Transcoder::save`] writes.
+//! A cross-layer transcoder's features of source layer L also write into the layers after it:
+//! `W_dec_next[j]` decodes into layer L + 1 + j.
+//!
+//! [`Transcoder::load`] reads the sae_training `.pt` checkpoints of the published GPT-2
+//! transcoders, SAELens folders, neurosteer's own `.safetensors` (what [`Transcoder::save`]
+//! writes; see [`formats`]), and the public sets: circuit-tracer per-layer and cross-layer sets,
+//! Gemma Scope `params.npz`, from a folder or the hub (see [`sets`]).
 
 pub mod eval;
 pub mod formats;
+pub mod sets;
 pub mod splice;
 pub mod train;
 
@@ -39,12 +43,85 @@ pub struct TranscoderMeta {
     pub d_sae: usize,
     /// Output width.
     pub d_out: usize,
-    /// The on-disk format it was loaded from: `"sae_training"`, `"saelens"` or `"neurosteer"`.
+    /// The on-disk format it was loaded from: `"sae_training"`, `"saelens"`, `"neurosteer"`,
+    /// `"circuit-tracer"`, `"circuit-tracer-clt"` or `"gemma-scope"`.
     pub format: String,
+    /// The activation function.
+    #[serde(default)]
+    pub activation: Activation,
     /// The model it was trained on, when the file says.
     pub model_name: Option<String>,
     /// Other configuration fields worth keeping (`l1_coefficient`, `architecture`, ...).
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A transcoder's activation function, as its format defines it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Activation {
+    /// `relu(pre)`.
+    #[default]
+    Relu,
+    /// `pre · (pre > θ)` (circuit-tracer, Gemma Scope): a negative threshold lets negative values through.
+    JumpRelu,
+    /// `relu(pre) · (pre > θ)` (SAELens).
+    JumpReluNonNegative,
+    /// The `k` largest pre-activations of each token, kept as they are (no ReLU), others zero.
+    TopK { k: usize },
+}
+
+impl std::fmt::Display for Activation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Activation::Relu => f.write_str("ReLU"),
+            Activation::JumpRelu => f.write_str("JumpReLU: pre·(pre > θ)"),
+            Activation::JumpReluNonNegative => f.write_str("JumpReLU: relu(pre)·(pre > θ)"),
+            Activation::TopK { k } => write!(f, "TopK (k = {k})"),
+        }
+    }
+}
+
+impl Activation {
+    /// Whether it acts on each feature alone (so it can run on a subset of the features).
+    pub fn elementwise(&self) -> bool {
+        !matches!(self, Activation::TopK { .. })
+    }
+
+    /// Applies the activation to `pre [n, width]`; `threshold [width]` is required by JumpReLU.
+    pub fn apply(&self, pre: &Tensor, threshold: Option<&Tensor>) -> Result<Tensor> {
+        let jump = |pre: &Tensor| -> Result<Tensor> {
+            let th = threshold.ok_or_else(|| anyhow!("JumpReLU without a threshold"))?;
+            Ok((pre * pre.broadcast_gt(th)?.to_dtype(pre.dtype())?)?)
+        };
+        Ok(match *self {
+            Activation::Relu => pre.relu()?,
+            Activation::JumpRelu => jump(pre)?,
+            Activation::JumpReluNonNegative => jump(&pre.relu()?)?,
+            Activation::TopK { k } => top_k(pre, k)?,
+        })
+    }
+}
+
+/// Keeps the `k` largest values of each row of `pre [n, width]` and zeroes the others.
+fn top_k(pre: &Tensor, k: usize) -> Result<Tensor> {
+    let (n, width) = pre.dims2()?;
+    if k >= width {
+        return Ok(pre.clone());
+    }
+    let mut rows = pre.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut scratch = vec![0f32; width];
+    for row in rows.chunks_mut(width) {
+        scratch.copy_from_slice(row);
+        // The k-th largest value; ties at it are all kept (float activations rarely tie).
+        let (_, kth, _) = scratch.select_nth_unstable_by(width - k, |a, b| a.total_cmp(b));
+        let kth = *kth;
+        for v in row.iter_mut() {
+            if *v < kth {
+                *v = 0.0;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(rows, (n, width), pre.device())?)
 }
 
 impl TranscoderMeta {
@@ -65,11 +142,14 @@ pub struct Transcoder {
     pub b_enc: Tensor,
     /// Decoder, `[d_sae, d_out]`; row `i` is feature `i`'s output direction.
     pub w_dec: Tensor,
+    /// Cross-layer transcoders: decoders into the later layers, `W_dec_next[j]` `[d_sae, d_out]`
+    /// writing into layer `layer + 1 + j`. Empty for a single-layer transcoder.
+    pub w_dec_next: Vec<Tensor>,
     /// Input centring subtracted before encoding, `[d_in]` (zeros for SAELens).
     pub b_dec_in: Tensor,
     /// Output bias, `[d_out]`.
     pub b_dec_out: Tensor,
-    /// JumpReLU per-feature threshold, `[d_sae]`.
+    /// JumpReLU per-feature threshold, `[d_sae]` (present exactly when the activation is JumpReLU).
     pub threshold: Option<Tensor>,
     /// Skip connection, `[d_out, d_in]`.
     pub w_skip: Option<Tensor>,
@@ -78,9 +158,42 @@ pub struct Transcoder {
 }
 
 impl Transcoder {
-    /// Loads a transcoder: a `.pt` file (sae_training), a folder with `cfg.json` +
-    /// `sae_weights.safetensors` (SAELens), or a `.safetensors` file (neurosteer's own format).
-    pub fn load(path: &Path) -> Result<Self> {
+    /// Loads a transcoder: a `.pt` file (sae_training), a SAELens folder (`cfg.json`), a
+    /// `.safetensors` file (neurosteer's own format), or a public set (a folder with
+    /// `config.yaml`, one layer's file of such a set, a Gemma Scope `params.npz`, or a hub id
+    /// `hf://org/repo[/path]` / `org/repo`). `layer` picks the layer of a set and must agree with
+    /// a single-layer file.
+    pub fn load(path: &Path, layer: Option<usize>) -> Result<Self> {
+        let t = match sets::SetSource::detect(path)? {
+            Some(set) => set.load_layer(layer)?,
+            None => {
+                let t = Self::load_file(path)?;
+                if let Some(l) = layer.filter(|&l| l != t.meta.layer) {
+                    bail!("{}: --layer {l}, but this transcoder is for layer {}", path.display(), t.meta.layer);
+                }
+                t
+            }
+        };
+        t.check_finite(path)?;
+        Ok(t)
+    }
+
+    /// Every source layer of a cross-layer transcoder (for `replace`, which splices them all);
+    /// a single-layer transcoder alone.
+    pub fn load_all(path: &Path, layer: Option<usize>) -> Result<Vec<Self>> {
+        match sets::SetSource::detect(path)? {
+            Some(set) if set.is_cross_layer() => {
+                let all = set.load_all()?;
+                for t in &all {
+                    t.check_finite(path)?;
+                }
+                Ok(all)
+            }
+            _ => Ok(vec![Self::load(path, layer)?]),
+        }
+    }
+
+    fn load_file(path: &Path) -> Result<Self> {
         if path.is_dir() {
             return formats::load_saelens(path);
         }
@@ -89,10 +202,26 @@ impl Transcoder {
             Some("safetensors") => formats::load_neurosteer(path),
             _ if !path.exists() => bail!("{}: no such file or folder", path.display()),
             _ => bail!(
-                "{}: unknown transcoder format (expected a .pt file, a SAELens folder or a .safetensors file)",
+                "{}: unknown transcoder format (expected a .pt file, a SAELens folder, a .safetensors file, a set folder with config.yaml or a params.npz)",
                 path.display()
             ),
         }
+    }
+
+    /// Refuses NaN or infinite weights.
+    fn check_finite(&self, path: &Path) -> Result<()> {
+        let mut named = vec![("W_enc", &self.w_enc), ("b_enc", &self.b_enc), ("W_dec", &self.w_dec), ("b_dec_in", &self.b_dec_in), ("b_dec_out", &self.b_dec_out)];
+        named.extend(self.threshold.iter().map(|t| ("threshold", t)));
+        named.extend(self.w_skip.iter().map(|t| ("W_skip", t)));
+        named.extend(self.w_dec_next.iter().map(|t| ("W_dec (later layers)", t)));
+        for (name, t) in named {
+            // x − x is 0 for finite x and NaN otherwise.
+            let sum = (t - t)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            if !sum.is_finite() {
+                return Err(file_err(path, format!("tensor {name} holds NaN or infinite values")));
+            }
+        }
+        Ok(())
     }
 
     /// Saves in neurosteer's own `.safetensors` format, atomically (temp file, then rename).
@@ -118,11 +247,7 @@ impl Transcoder {
             .broadcast_sub(&self.b_dec_in)?
             .matmul(&self.w_enc)?
             .broadcast_add(&self.b_enc)?;
-        let mut f = pre.relu()?;
-        if let Some(th) = &self.threshold {
-            let mask = pre.broadcast_gt(th)?.to_dtype(f.dtype())?;
-            f = (f * mask)?;
-        }
+        let f = self.meta.activation.apply(&pre, self.threshold.as_ref())?;
         Ok(f.reshape(with_last(&lead, self.meta.d_sae))?)
     }
 
@@ -146,6 +271,11 @@ impl Transcoder {
         Ok(y)
     }
 
+    /// Whether this is one source layer of a cross-layer transcoder.
+    pub fn is_cross_layer(&self) -> bool {
+        self.meta.format == sets::CROSS_LAYER_FORMAT
+    }
+
     /// Features whose log10 firing frequency is strictly above `threshold` (the project uses
     /// `-6.0`), or `None` when no frequencies are loaded.
     pub fn alive(&self, threshold: f32) -> Option<Vec<usize>> {
@@ -161,6 +291,7 @@ impl Transcoder {
             w_enc: mv(&self.w_enc)?,
             b_enc: mv(&self.b_enc)?,
             w_dec: mv(&self.w_dec)?,
+            w_dec_next: self.w_dec_next.iter().map(mv).collect::<candle_core::Result<_>>()?,
             b_dec_in: mv(&self.b_dec_in)?,
             b_dec_out: mv(&self.b_dec_out)?,
             threshold: self.threshold.as_ref().map(mv).transpose()?,

@@ -173,6 +173,7 @@ pub fn train(x: &Tensor, y: &Tensor, opts: &TrainOptions, meta: TranscoderMeta) 
         w_enc: w_enc.as_tensor().clone(),
         b_enc: b_enc.as_tensor().clone(),
         w_dec: w_dec.as_tensor().clone(),
+        w_dec_next: Vec::new(),
         b_dec_in: b_dec_in.as_tensor().clone(),
         b_dec_out: b_dec_out.as_tensor().clone(),
         threshold: None,
@@ -273,6 +274,7 @@ pub fn train_for_model(model: &Model, texts: &[String], opts: &TrainOptions, max
         d_sae: opts.d_sae,
         d_out: model.info.d_model,
         format: "neurosteer".into(),
+        activation: Default::default(),
         model_name: Some(model.info.source.clone()),
         extra,
     };
