@@ -774,7 +774,7 @@ fn dataset_texts(spec: &DatasetSpec) -> Result<Vec<String>> {
 fn cmd_transcoder_eval(a: TranscoderEvalArgs) -> Result<()> {
     let (model, tc) = a.model.load_with_transcoder(&a.tc)?;
     let texts = dataset_texts(&a.data.spec(Some(a.n)))?;
-    let report = transcoder::eval::evaluate(&model, &tc, &texts)?;
+    let report = transcoder::eval::evaluate(&model, &tc, &texts).with_context(|| a.tc.transcoder.display().to_string())?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     if let Some(out) = &a.out {
         neurosteer::report::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())?;

@@ -59,6 +59,9 @@ fn prepare(model: &Model, text: &str) -> Result<Vec<u32>> {
 
 /// Evaluates `tc` on `texts`.
 pub fn evaluate(model: &Model, tc: &Arc<Transcoder>, texts: &[String]) -> Result<FidelityReport> {
+    if tc.is_cross_layer() {
+        bail!("transcoder eval measures single-layer transcoders; this is one source layer of a cross-layer transcoder");
+    }
     let layer = tc.meta.layer;
     let (input, output) = tc.meta.points()?;
     let mut spliced = Hooks::none();

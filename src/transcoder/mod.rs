@@ -194,6 +194,9 @@ impl Transcoder {
     }
 
     fn load_file(path: &Path) -> Result<Self> {
+        if let Some(local) = sets::hub_file(path)? {
+            return Self::load_file(&local);
+        }
         if path.is_dir() {
             return formats::load_saelens(path);
         }

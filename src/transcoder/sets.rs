@@ -123,7 +123,7 @@ impl SetSource {
     pub fn detect(path: &Path) -> Result<Option<Self>> {
         let spec = path.to_string_lossy();
         if let Some(rest) = spec.strip_prefix("hf://") {
-            return Self::from_hub(rest).map(Some);
+            return if rest.ends_with(".pt") { Ok(None) } else { Self::from_hub(rest).map(Some) };
         }
         if !path.exists() {
             if looks_like_repo_id(&spec) {
@@ -248,18 +248,8 @@ impl SetSource {
         };
         let path = match rel.strip_prefix("hf://") {
             Some(hub) => {
-                let (spec, revision) = match hub.split_once("?revision=") {
-                    Some((s, r)) => (s, Some(r)),
-                    None => (hub, None),
-                };
-                let mut parts = spec.splitn(3, '/');
-                let (org, name, file) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                let id = format!("{org}/{name}");
-                let repo = match revision {
-                    Some(r) => HubRepo::model_at(&id, r),
-                    None => HubRepo::model(&id),
-                };
-                repo.get(file)?
+                let (repo, file) = hub_repo_and_path(hub)?;
+                repo.get(&file)?
             }
             None => self.files.get(&rel)?,
         };
@@ -369,6 +359,34 @@ impl SetConfig {
             extra,
         }
     }
+}
+
+/// A single-file transcoder on the hub (`hf://org/repo/path/file.pt`, with its
+/// `*_log_feature_sparsity.pt` when the repository has one), fetched into the cache.
+pub fn hub_file(path: &Path) -> Result<Option<PathBuf>> {
+    let spec = path.to_string_lossy();
+    let Some(rest) = spec.strip_prefix("hf://").filter(|r| r.ends_with(".pt")) else { return Ok(None) };
+    let (repo, file) = hub_repo_and_path(rest)?;
+    let local = repo.get(&file)?;
+    let stem = file.strip_suffix(".pt").unwrap_or(&file);
+    // The frequencies are optional: a failed download leaves them out.
+    let _ = repo.get(&format!("{stem}_log_feature_sparsity.pt"));
+    Ok(Some(local))
+}
+
+/// `org/repo/path[?revision=r]` → the repository and the path inside it.
+fn hub_repo_and_path(spec: &str) -> Result<(HubRepo, String)> {
+    let (spec, revision) = match spec.split_once("?revision=") {
+        Some((s, r)) => (s, Some(r)),
+        None => (spec, None),
+    };
+    let mut parts = spec.splitn(3, '/');
+    let (org, name, file) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if org.is_empty() || name.is_empty() {
+        bail!("hf://{spec}: expected hf://org/repo/path");
+    }
+    let id = format!("{org}/{name}");
+    Ok((revision.map_or_else(|| HubRepo::model(&id), |r| HubRepo::model_at(&id, r)), file.to_string()))
 }
 
 /// `layer_L.safetensors` / `W_enc_L.safetensors` / `W_dec_L.safetensors` → L.
