@@ -638,6 +638,49 @@ fn csv_field(text: &str) -> String {
     }
 }
 
+/// A lock on an output path: the file `{path}.lock` holding our process id, removed on drop.
+/// A second process asking for the same output gets a clear error; a lock left by a process
+/// that no longer runs is taken over.
+pub struct OutputLock(PathBuf);
+
+impl OutputLock {
+    pub fn acquire(path: &Path) -> Result<Self> {
+        let lock = with_suffix(path, ".lock");
+        if let Some(dir) = lock.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the folder", dir.display()))?;
+        }
+        for _ in 0..2 {
+            match fs::OpenOptions::new().write(true).create_new(true).open(&lock) {
+                Ok(mut f) => {
+                    write!(f, "{}", std::process::id()).with_context(|| format!("{}: cannot write", lock.display()))?;
+                    return Ok(Self(lock));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let pid = fs::read_to_string(&lock).unwrap_or_default();
+                    let pid = pid.trim();
+                    let alive = !pid.is_empty() && Path::new("/proc").join(pid).exists();
+                    if alive {
+                        anyhow::bail!(
+                            "{}: another neurosteer process (pid {pid}) is writing it; wait for it, or delete {} if it is gone",
+                            path.display(),
+                            lock.display()
+                        );
+                    }
+                    fs::remove_file(&lock).with_context(|| format!("{}: cannot remove a stale lock", lock.display()))?;
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("{}: cannot create the lock file", lock.display()))),
+            }
+        }
+        anyhow::bail!("{}: cannot take the lock {}", path.display(), lock.display())
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 /// Writes a file atomically: to `{path}.tmp` in the same folder, fsync, then rename.
 ///
 /// Readers see either the old file or the complete new one, never a partial write. The

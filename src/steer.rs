@@ -165,16 +165,26 @@ fn meta_path(out: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The id a record carries for `item` (its id parsed as JSON when it is JSON, else the string).
+fn record_id(item: &SteerItem) -> serde_json::Value {
+    serde_json::from_str(&item.id).unwrap_or(serde_json::Value::String(item.id.clone()))
+}
+
 /// Runs (or resumes) the experiment and writes `out` and its sidecar.
+///
+/// The meta file is written first, then after every batch the results and the meta file, each
+/// atomically. A run killed at any instant resumes: the results file is the record of what was
+/// done (the batches up to its last item), and the meta file's count and skipped list are
+/// recomputed from it. A lock file `{out}.lock` keeps a second process off the same output.
 pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &Path) -> Result<Vec<SteerRecord>> {
+    let _lock = crate::report::OutputLock::acquire(out)?;
     let meta_file = meta_path(out);
+    let chunk_size = settings.batch_size.max(1);
     let mut records: Vec<SteerRecord> = Vec::new();
-    let mut skipped: Vec<String> = Vec::new();
-    if out.exists() || meta_file.exists() {
-        let old: SteerMeta = serde_json::from_str(
-            &std::fs::read_to_string(&meta_file).with_context(|| format!("{}: cannot read (results exist without their meta file)", meta_file.display()))?,
-        )
-        .with_context(|| format!("{}: not a steer meta file", meta_file.display()))?;
+    let mut done = 0;
+    if meta_file.exists() {
+        let old: SteerMeta = serde_json::from_str(&std::fs::read_to_string(&meta_file).with_context(|| format!("{}: cannot read", meta_file.display()))?)
+            .with_context(|| format!("{}: not a steer meta file", meta_file.display()))?;
         if old.settings != settings {
             bail!(
                 "{}: was made with other arguments (model, transcoder, features, items, configs or mode); \
@@ -182,25 +192,42 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
                 out.display()
             );
         }
-        records = serde_json::from_str(&std::fs::read_to_string(out).with_context(|| format!("{}: cannot read", out.display()))?)
-            .with_context(|| format!("{}: not a results file", out.display()))?;
-        skipped = old.skipped;
-        if records.len() + skipped.len() != old.completed {
-            bail!("{}: results and meta file disagree; delete both to start over", out.display());
+        if out.exists() {
+            records = serde_json::from_str(&std::fs::read_to_string(out).with_context(|| format!("{}: cannot read", out.display()))?)
+                .with_context(|| format!("{}: not a results file", out.display()))?;
         }
-    }
-    let done = records.len() + skipped.len();
-    let identical = identical_configs(&settings.configs, settings.mode);
-    // Results, then the meta file that vouches for them, each written atomically.
-    let save = |records: &[SteerRecord], skipped: &[String]| -> Result<()> {
-        let meta = SteerMeta {
-            settings: settings.clone(),
-            skipped: skipped.to_vec(),
-            completed: records.len() + skipped.len(),
-            identical: identical.clone(),
+        // Batches are saved whole: the results reach to the end of their last item's batch.
+        let through_results = match records.last() {
+            None => 0,
+            Some(last) => {
+                let i = settings.items.iter().position(|it| record_id(it) == last.id).with_context(|| {
+                    format!("{}: holds an item that is not in this experiment; delete it and its meta file to start over", out.display())
+                })?;
+                ((i / chunk_size + 1) * chunk_size).min(settings.items.len())
+            }
         };
+        done = old.completed.max(through_results).min(settings.items.len());
+    } else if out.exists() {
+        bail!("{}: results exist without their meta file {}; delete the results to start over", out.display(), meta_file.display());
+    }
+    // Items before `done` without a record were skipped (they do not fit the context).
+    let answered: std::collections::HashSet<String> = records.iter().map(|r| r.id.to_string()).collect();
+    let mut skipped: Vec<String> =
+        settings.items[..done].iter().filter(|it| !answered.contains(&record_id(it).to_string())).map(|it| it.id.clone()).collect();
+    let identical = identical_configs(&settings.configs, settings.mode);
+    let meta_for = |completed: usize, skipped: &[String]| SteerMeta {
+        settings: settings.clone(),
+        skipped: skipped.to_vec(),
+        completed,
+        identical: identical.clone(),
+    };
+    if !meta_file.exists() {
+        write_atomic(&meta_file, serde_json::to_string_pretty(&meta_for(0, &[]))?.as_bytes())?;
+    }
+    // Results, then the meta file that vouches for them, each written atomically.
+    let save = |records: &[SteerRecord], completed: usize, skipped: &[String]| -> Result<()> {
         write_atomic(out, serde_json::to_string_pretty(records)?.as_bytes())?;
-        write_atomic(&meta_file, serde_json::to_string_pretty(&meta)?.as_bytes())
+        write_atomic(&meta_file, serde_json::to_string_pretty(&meta_for(completed, skipped))?.as_bytes())
     };
     let opts = GenerateOptions {
         max_new_tokens: settings.max_new_tokens,
@@ -226,10 +253,7 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
     let bar = ProgressBar::new(settings.items.len() as u64)
         .with_style(ProgressStyle::with_template("steer [{bar:30}] {pos}/{len} items, {elapsed} elapsed, eta {eta}").expect("valid template"));
     bar.set_position(done as u64);
-    let chunk_size = settings.batch_size.max(1);
-    if done % chunk_size != 0 && done != settings.items.len() {
-        bail!("{}: partial batch recorded; delete it to start over", out.display());
-    }
+    let resumed_at = done;
     for chunk in settings.items[done..].chunks(chunk_size) {
         let mut kept = Vec::new();
         let mut ids = Vec::new();
@@ -245,7 +269,7 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
         let mut recs: Vec<SteerRecord> = kept
             .iter()
             .map(|it| SteerRecord {
-                id: serde_json::from_str(&it.id).unwrap_or(serde_json::Value::String(it.id.clone())),
+                id: record_id(it),
                 prompt: it.prompt.clone(),
                 ground_truth: it.ground_truth.clone(),
                 generations: BTreeMap::new(),
@@ -279,12 +303,13 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
             }
         }
         records.extend(recs);
-        save(&records, &skipped)?;
+        done += chunk.len();
+        save(&records, done, &skipped)?;
         bar.inc(chunk.len() as u64);
     }
-    if settings.items.is_empty() || done == settings.items.len() {
-        // Nothing to do, but make sure both files exist.
-        save(&records, &skipped)?;
+    if done == resumed_at {
+        // No batch ran: make sure both files exist and the meta file is up to date.
+        save(&records, done, &skipped)?;
     }
     bar.finish_and_clear();
     if !skipped.is_empty() {

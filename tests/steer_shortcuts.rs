@@ -88,3 +88,79 @@ fn delta_strength_one_is_recorded_from_base() {
     assert_eq!(meta["identical"]["Original"], "Base");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A run killed between writing the results and the meta file (or before the first results)
+/// resumes and ends with files byte-identical to an uninterrupted run; a live lock holder keeps
+/// a second run off the output, a stale lock is taken over.
+#[test]
+fn resumes_after_a_kill_between_the_two_writes() {
+    let Some(shared) = common::shared() else { return };
+    let (model, tc) = stories(&shared);
+    let splice = neurosteer::transcoder::splice::Splice::new(tc);
+    let long = format!("Question: {}?\nAnswer:", "is it so ".repeat(200));
+    let items: Vec<SteerItem> = ["Is the sky blue?", "Can a dog fly?", &long, "Do cats sleep?", "Is ice cold?"]
+        .iter()
+        .enumerate()
+        .map(|(i, q)| SteerItem { id: i.to_string(), prompt: if q.starts_with("Question") { q.to_string() } else { format!("Question: {q}\nAnswer:") }, ground_truth: "True".into() })
+        .collect();
+    let settings = SteerSettings {
+        model: "stories260K".into(),
+        transcoder: "layer 2".into(),
+        layer: 2,
+        mode: SteerMode::Delta,
+        max_new_tokens: 6,
+        batch_size: 2,
+        score: "generate".into(),
+        dataset: "inline".into(),
+        seed: 0,
+        configs: parse_configs("Base,Strengthen=3.0").unwrap(),
+        feature_sets: BTreeMap::from([("reasoning".to_string(), (0..512).step_by(5).collect())]),
+        items,
+    };
+    let dir = std::env::temp_dir().join(format!("neurosteer-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("results.json");
+    let meta = dir.join("results.json.meta.json");
+    run_steer(&model, &splice, settings.clone(), &out).unwrap();
+    let (want_results, want_meta) = (std::fs::read(&out).unwrap(), std::fs::read(&meta).unwrap());
+    let full: serde_json::Value = serde_json::from_slice(&want_results).unwrap();
+    let full_meta: serde_json::Value = serde_json::from_slice(&want_meta).unwrap();
+    assert_eq!(full_meta["skipped"], serde_json::json!(["2"]), "the long prompt is skipped");
+
+    // Killed after batch k's results were written, before its meta file (k = 0: after the
+    // first meta file, before any results).
+    for k in 0..=3usize {
+        let through = (k * 2).min(5);
+        let before = k.saturating_sub(1) * 2;
+        let records: Vec<neurosteer::steer::SteerRecord> = full
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["id"].as_u64().unwrap() < through as u64)
+            .map(|r| serde_json::from_value(r.clone()).unwrap())
+            .collect();
+        let mut m = full_meta.clone();
+        m["completed"] = before.into();
+        m["skipped"] = if before > 2 { serde_json::json!(["2"]) } else { serde_json::json!([]) };
+        std::fs::write(&meta, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+        if k == 0 {
+            std::fs::remove_file(&out).unwrap();
+        } else {
+            std::fs::write(&out, serde_json::to_string_pretty(&records).unwrap()).unwrap();
+        }
+        run_steer(&model, &splice, settings.clone(), &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), want_results, "results after a kill at batch {k}");
+        assert_eq!(std::fs::read(&meta).unwrap(), want_meta, "meta file after a kill at batch {k}");
+    }
+
+    // A live process holds the lock: a clear error. A dead one: taken over.
+    let lock = dir.join("results.json.lock");
+    std::fs::write(&lock, std::process::id().to_string()).unwrap();
+    let e = run_steer(&model, &splice, settings.clone(), &out).unwrap_err().to_string();
+    assert!(e.contains("another neurosteer process"), "{e}");
+    std::fs::write(&lock, "999999999").unwrap();
+    run_steer(&model, &splice, settings, &out).unwrap();
+    assert!(!lock.exists(), "the lock is removed at the end");
+    std::fs::remove_dir_all(&dir).ok();
+}
