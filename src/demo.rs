@@ -1,14 +1,16 @@
 //! `neurosteer demo`: the whole job on karpathy's stories260K, for a fresh machine.
 //!
-//! Files come from `$NEUROSTEER_ASSETS` when set (a folder laid out like `shared/assets`), else
-//! from the Hugging Face hub (karpathy/tinyllamas, google/boolq, openai/gsm8k) through the cache.
-//! A transcoder is trained on the spot at layer 2; then trace, classify, steer and evaluate run.
-//! stories260K writes children's stories and answers BoolQ near chance: the demo shows the
-//! machinery, not an effect.
+//! Its inputs (stories260K, its tokenizer, BoolQ validation and GSM8K test; `assets/demo/`, with
+//! their licences) are compiled into the binary and written to `<out>/inputs/`, so the demo runs
+//! offline with no setup. `$NEUROSTEER_ASSETS` (a folder laid out like `shared/assets`) replaces
+//! them; `--from-hub` fetches them from the Hugging Face hub instead (karpathy/tinyllamas,
+//! google/boolq, openai/gsm8k). A transcoder is trained on the spot at layer 2; then trace,
+//! classify, steer and evaluate run. stories260K writes children's stories and answers BoolQ near
+//! chance: the demo shows the machinery, not an effect.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::experiment::{ClassifyJob, DatasetSpec, ExperimentConfig, SteerJob, TraceJob};
 use crate::hub::HubRepo;
@@ -24,7 +26,37 @@ struct DemoFiles {
     gsm8k: String,
 }
 
-fn demo_files() -> Result<DemoFiles> {
+/// The inputs compiled into the binary: (file name, bytes).
+const EMBEDDED: [(&str, &[u8]); 8] = [
+    ("stories260K.bin", include_bytes!("../assets/demo/stories260K.bin")),
+    ("tok512.bin", include_bytes!("../assets/demo/tok512.bin")),
+    ("boolq_validation.jsonl", include_bytes!("../assets/demo/boolq_validation.jsonl")),
+    ("gsm8k_test.jsonl", include_bytes!("../assets/demo/gsm8k_test.jsonl")),
+    ("LICENSE.karpathy-llama2.c", include_bytes!("../assets/demo/LICENSE.karpathy-llama2.c")),
+    ("LICENSE.clebert-llama2.zig", include_bytes!("../assets/demo/LICENSE.clebert-llama2.zig")),
+    ("LICENSE.gsm8k", include_bytes!("../assets/demo/LICENSE.gsm8k")),
+    ("README.md", include_bytes!("../assets/demo/README.md")),
+];
+
+/// Where the demo's inputs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `$NEUROSTEER_ASSETS` when set, else the copies compiled into the binary.
+    Local,
+    /// The Hugging Face hub, through its cache.
+    Hub,
+}
+
+fn demo_files(out: &Path, source: Source) -> Result<DemoFiles> {
+    if source == Source::Hub {
+        let repo = HubRepo::model("karpathy/tinyllamas");
+        return Ok(DemoFiles {
+            model: repo.get("stories260K/stories260K.bin")?,
+            tokenizer: repo.get("stories260K/tok512.bin")?,
+            boolq: "google/boolq".into(),
+            gsm8k: "openai/gsm8k".into(),
+        });
+    }
     if let Some(dir) = std::env::var_os("NEUROSTEER_ASSETS").map(PathBuf::from) {
         return Ok(DemoFiles {
             model: dir.join("stories260K/stories260K.bin"),
@@ -33,12 +65,19 @@ fn demo_files() -> Result<DemoFiles> {
             gsm8k: dir.join("reasoning/gsm8k/test.jsonl").display().to_string(),
         });
     }
-    let repo = HubRepo::model("karpathy/tinyllamas");
+    let dir = out.join("inputs");
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    for (name, bytes) in EMBEDDED {
+        let path = dir.join(name);
+        if std::fs::read(&path).ok().as_deref() != Some(bytes) {
+            crate::report::write_atomic(&path, bytes)?;
+        }
+    }
     Ok(DemoFiles {
-        model: repo.get("stories260K/stories260K.bin")?,
-        tokenizer: repo.get("stories260K/tok512.bin")?,
-        boolq: "google/boolq".into(),
-        gsm8k: "openai/gsm8k".into(),
+        model: dir.join("stories260K.bin"),
+        tokenizer: dir.join("tok512.bin"),
+        boolq: dir.join("boolq_validation.jsonl").display().to_string(),
+        gsm8k: dir.join("gsm8k_test.jsonl").display().to_string(),
     })
 }
 
@@ -57,8 +96,8 @@ fn dataset(path: &str, split: &str, kind: &str, n: usize) -> DatasetSpec {
 }
 
 /// Runs the demo into `out`, steering on `n_boolq` BoolQ items.
-pub fn run_demo(out: &Path, n_boolq: usize, placement: &Placement) -> Result<()> {
-    let files = demo_files()?;
+pub fn run_demo(out: &Path, n_boolq: usize, placement: &Placement, source: Source) -> Result<()> {
+    let files = demo_files(out, source)?;
     std::fs::create_dir_all(out)?;
     let transcoder = out.join("transcoder_layer2.safetensors");
     if !transcoder.exists() {
@@ -110,7 +149,7 @@ pub fn run_demo(out: &Path, n_boolq: usize, placement: &Placement) -> Result<()>
     };
     crate::experiment::run_pipeline(&cfg, Path::new("."))?;
     println!(
-        "\nDemo done. Outputs in {}:\n  transcoder_layer2.safetensors  the trained transcoder\n  traces/                        feature traces per prompt style\n  neurons.json, neurons.csv      reasoning / memory classification (+ neurons*.png/svg)\n  results.json                   steered BoolQ generations (+ results.json.meta.json)\n  evaluation/                    accuracy table (md, csv, json) and accuracy_vs_strength.png/svg\n\
+        "\nDemo done. Outputs in {}:\n  inputs/                        the model and datasets it ran on (unless NEUROSTEER_ASSETS or --from-hub)\n  transcoder_layer2.safetensors  the trained transcoder\n  traces/                        feature traces per prompt style\n  neurons.json, neurons.csv      reasoning / memory classification (+ neurons*.png/svg)\n  results.json                   steered BoolQ generations (+ results.json.meta.json)\n  evaluation/                    accuracy table (md, csv, json) and accuracy_vs_strength.png/svg\n\
          stories260K is a 260K-parameter story model: it answers BoolQ near chance, so these numbers show\n  the machinery, not a real effect. Use `neurosteer run --config examples/llama31_8b.toml` for the real experiment.",
         out.display()
     );

@@ -246,6 +246,10 @@ struct DemoArgs {
     /// BoolQ items to steer on.
     #[arg(long, default_value_t = 50)]
     n: usize,
+    /// Fetch stories260K and the datasets from the Hugging Face hub instead of using the copies
+    /// built into neurosteer.
+    #[arg(long)]
+    from_hub: bool,
     #[command(flatten)]
     placement: Placement,
 }
@@ -519,7 +523,7 @@ fn main() -> ExitCode {
         Command::Steer(a) => cmd_steer(a),
         Command::Evaluate(a) => cmd_evaluate(a),
         Command::Run(a) => experiment::run_experiment(&a.config),
-        Command::Demo(a) => demo::run_demo(&a.out, a.n, &a.placement),
+        Command::Demo(a) => demo::run_demo(&a.out, a.n, &a.placement, if a.from_hub { demo::Source::Hub } else { demo::Source::Local }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
