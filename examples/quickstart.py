@@ -37,9 +37,10 @@ print("most active features:", top.tolist())
 
 # %% Steer: scale those features while generating, and compare with the untouched model.
 base = model.generate(prompt, max_new_tokens=30)
-steered = model.generate(prompt, max_new_tokens=30, steer=ns.Steering(tc, top.tolist(), strength=4.0))
-print("base:   ", base["text"])
-print("steered:", steered["text"])
+print("base:       ", base["text"])
+for strength in [0.0, 8.0]:
+    steered = model.generate(prompt, max_new_tokens=30, steer=ns.Steering(tc, top.tolist(), strength=strength))
+    print(f"strength {strength}:", steered["text"])
 
 # %% Plot the features' activations over the prompt (when matplotlib is installed).
 try:

@@ -1,6 +1,7 @@
 """Type stubs of neurosteer's Rust extension (``neurosteer._native``)."""
 
 import os
+import pathlib
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, TypedDict, Union, overload
 
 import numpy as np
@@ -145,7 +146,7 @@ class Transcoder:
         ``layer``, when given, must be the file's layer.
         """
     @property
-    def path(self) -> str:
+    def path(self) -> pathlib.Path:
         """The file or folder it was loaded from."""
     @property
     def cfg(self) -> TranscoderConfig: ...
