@@ -4,6 +4,7 @@
 //! The crate is layered by concern: [`model`] loads and runs models with TransformerLens hook
 //! points ([`hooks`]); [`generate`] decodes greedily with a KV cache in batches.
 
+pub mod activations;
 pub mod bench;
 pub mod generate;
 pub mod hooks;
@@ -16,6 +17,7 @@ pub mod evaluate;
 pub mod classify;
 pub mod data;
 pub mod pickle;
+pub mod progress;
 pub mod stats;
 pub mod demo;
 pub mod experiment;

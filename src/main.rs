@@ -10,7 +10,7 @@ use neurosteer::generate::{generate, GenerateOptions};
 use neurosteer::hooks::Hooks;
 use neurosteer::classify::Statistic;
 use neurosteer::experiment::{self, ClassifyJob, DatasetSpec, SteerJob, TraceJob};
-use neurosteer::model::{LoadOptions, LogitsAt, Model, Placement};
+use neurosteer::model::{LoadOptions, Model, Placement};
 use neurosteer::transcoder::splice::{SteerMode, Steering};
 use neurosteer::transcoder::Transcoder;
 use neurosteer::{demo, evaluate, transcoder};
@@ -590,41 +590,25 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 
 fn cmd_activations(a: ActivationsArgs) -> Result<()> {
     let model = a.model.load()?;
-    let mut hooks = Hooks::none();
-    let mut points = Vec::new();
-    for name in &a.hooks {
-        let p = model.hook_point(name)?;
-        hooks.record(p);
-        points.push(p);
-    }
+    let mut points = a.hooks.iter().map(|name| model.hook_point(name)).collect::<Result<Vec<_>>>()?;
+    let n_named = points.len();
     let transcoder = match &a.transcoder {
         Some(p) => {
             let tc = experiment::load_transcoder_for(&model, p, a.layer)?;
             let input = tc.meta.points()?.0;
-            hooks.record(input);
+            points.push(input);
             Some((tc, input))
         }
         None => None,
     };
     let ids = model.codec.to_tokens(&a.prompt)?;
-    if ids.is_empty() {
-        bail!("empty prompt: nothing to run");
-    }
-    if ids.len() > model.info.n_ctx {
-        bail!("prompt of {} tokens exceeds the model's context of {}", ids.len(), model.info.n_ctx);
-    }
-    let mut cache = model.new_cache(1, ids.len());
-    let logits = model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::All)?;
-    let logits = logits.squeeze(0)?;
-    let centred = logits.broadcast_sub(&logits.mean_keepdim(1)?)?;
+    let (centred, values) = neurosteer::activations::run_with_cache(&model, &ids, &points)?;
     let mut tensors = std::collections::HashMap::new();
-    for p in points {
-        let t = hooks.recorded(p).context("hook was not reached")?.squeeze(0)?;
-        tensors.insert(p.to_string(), t);
+    for p in &points[..n_named] {
+        tensors.insert(p.to_string(), values[p].clone());
     }
     if let Some((tc, input)) = &transcoder {
-        let x = hooks.recorded(*input).context("hook was not reached")?;
-        tensors.insert(format!("features.{}", tc.meta.layer), tc.encode(&x.squeeze(0)?)?);
+        tensors.insert(format!("features.{}", tc.meta.layer), tc.encode(&values[input])?);
     }
     tensors.insert("logits".to_string(), centred);
     let n = ids.len();

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_nn::ops::log_softmax;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressStyle;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -250,7 +250,7 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
         })
         .collect::<Result<_>>()?;
 
-    let bar = ProgressBar::new(settings.items.len() as u64)
+    let bar = crate::progress::bar(settings.items.len() as u64)
         .with_style(ProgressStyle::with_template("steer [{bar:30}] {pos}/{len} items, {elapsed} elapsed, eta {eta}").expect("valid template"));
     bar.set_position(done as u64);
     let resumed_at = done;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressStyle;
 use serde::{Deserialize, Serialize};
 
 use crate::generate::{generate, GenerateOptions};
@@ -118,7 +118,7 @@ pub fn run_trace(
     };
     let total: usize = manifest.styles.iter().map(|(_, t)| t.len()).sum();
     let mut skipped_total = 0usize;
-    let bar = ProgressBar::new(total as u64).with_style(
+    let bar = crate::progress::bar(total as u64).with_style(
         ProgressStyle::with_template("trace {msg:>8} [{bar:30}] {pos}/{len} texts, {elapsed} elapsed, eta {eta}")
             .expect("valid template"),
     );

@@ -10,7 +10,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressStyle;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -120,7 +120,7 @@ pub fn train(x: &Tensor, y: &Tensor, opts: &TrainOptions, meta: TranscoderMeta) 
     let params = ParamsAdamW { lr: opts.lr, weight_decay: 0.0, ..Default::default() };
     let mut adam = AdamW::new(vec![w_enc.clone(), b_enc.clone(), w_dec.clone(), b_dec_in.clone(), b_dec_out.clone()], params)?;
 
-    let bar = ProgressBar::new(opts.steps as u64).with_style(
+    let bar = crate::progress::bar(opts.steps as u64).with_style(
         ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps, {msg}, eta {eta}").expect("valid template"),
     );
     let mut order: Vec<u32> = (0..n_train as u32).collect();
