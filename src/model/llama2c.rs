@@ -229,7 +229,9 @@ impl Llama2cTokenizer {
             let s = ch.encode_utf8(&mut buf).as_bytes();
             match self.lookup.get(s) {
                 Some(&id) => tokens.push(id),
-                None => tokens.extend(s.iter().map(|&b| b as u32 + 3)),
+                // Byte pieces `<0xXX>` sit at ids 3..259; a vocabulary too small to hold them
+                // gets `<unk>` (0).
+                None => tokens.extend(s.iter().map(|&b| if (b as usize + 3) < self.pieces.len() { b as u32 + 3 } else { 0 })),
             }
         }
         loop {
@@ -260,7 +262,7 @@ impl Llama2cTokenizer {
             if id <= 2 {
                 continue;
             }
-            if (3..259).contains(&id) {
+            if (3..259).contains(&id) && self.pieces.len() >= 259 {
                 bytes.push((id - 3) as u8);
             } else {
                 bytes.extend_from_slice(piece);
@@ -281,5 +283,22 @@ impl Llama2cTokenizer {
     /// Whether the vocabulary is empty.
     pub fn is_empty(&self) -> bool {
         self.pieces.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vocabulary too small for the 256 byte pieces maps unknown characters to `<unk>` instead
+    /// of indexing past its end.
+    #[test]
+    fn small_vocabulary_without_byte_pieces() {
+        let pieces: Vec<Vec<u8>> = ["<unk>", "<s>", "</s>", " ", "a", "b", " a"].iter().map(|p| p.as_bytes().to_vec()).collect();
+        let scores = vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0];
+        let lookup = pieces.iter().enumerate().map(|(i, p)| (p.clone(), i as u32)).collect();
+        let t = Llama2cTokenizer { pieces, scores, lookup };
+        assert_eq!(t.encode("aé b"), vec![6, 0, 0, 3, 5]);
+        assert_eq!(t.decode(&[6, 0, 5]), "ab");
     }
 }
