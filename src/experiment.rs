@@ -179,18 +179,24 @@ pub fn run_trace_job(job: &TraceJob, model: &Model, transcoder: Arc<Transcoder>,
         Some(p) => PromptSet::from_toml_file(p)?,
         None => PromptSet::builtin(),
     };
-    let k = prompts.fewshot_k();
+    if let Some(dup) = job.styles.iter().enumerate().find(|(i, s)| job.styles[..*i].contains(s)).map(|(_, s)| s) {
+        bail!("--styles names `{dup}` twice");
+    }
+    // Worked examples come from a style's `examples_file`, else from items held out of the dataset.
+    let k = job.styles.iter().map(|s| Ok(prompts.style(s)?.k())).collect::<Result<Vec<_>>>()?.into_iter().max().unwrap_or(0);
     let (items, pool) = job.dataset.load(k * 4)?;
     if items.is_empty() {
         bail!("{}: no items to trace", job.dataset.path);
     }
-    let examples: Vec<Item> = pool.into_iter().filter(|i| i.fields.contains_key("reasoning")).take(k).collect();
+    let held_out: Vec<Item> = pool.into_iter().filter(|i| i.fields.contains_key("reasoning")).take(k).collect();
     let mut styles = Vec::new();
     for style in &job.styles {
+        let from_file = prompts.examples_from_file(style)?;
+        let examples = from_file.as_deref().unwrap_or(&held_out);
         let texts = items
             .iter()
             .map(|it| {
-                let p = prompts.render(style, it, &examples)?;
+                let p = prompts.render(style, it, examples)?;
                 let p = if job.chat { crate::data::prompts::llama3_chat(&p) } else { p };
                 Ok(TraceText { id: it.id.clone(), prompt: p })
             })

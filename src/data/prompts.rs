@@ -25,7 +25,9 @@
 //! template = "Question: {question}\nPassage: {passage}\nAnswer:"
 //! ```
 //!
-//! Styles the file does not mention keep their defaults.
+//! Styles the file does not mention keep their defaults. A table that gives only `template`
+//! replaces the style whole: `[fewshot]` with only a `template` writes its worked examples into
+//! the template itself, and no examples are generated.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -228,6 +230,13 @@ impl PromptSet {
                     t.template.as_deref().ok_or_else(|| anyhow!("style `{name}` has no `template`"))?,
                 ),
             };
+            // Overriding a few-shot style with only a `template` means the template holds its
+            // worked examples itself: no examples are generated.
+            if t.template.is_some() && t.example_template.is_none() && t.k.is_none() && t.examples_file.is_none() {
+                style.example_template = None;
+                style.k = None;
+                style.examples_file = None;
+            }
             if let Some(tpl) = t.template {
                 style.template = tpl;
             }
@@ -500,5 +509,15 @@ template = "{question}\n{choices}\nAnswer:"
         let text = render_template(BOOLQ_TEMPLATE, &boolq[0], "boolq").unwrap();
         assert!(text.starts_with("Question: does ethanol take more energy make that produces\nPassage: All biomass"));
         assert!(text.ends_with(".\nAnswer:"), "{}", &text[text.len() - 40..]);
+    }
+
+    #[test]
+    fn fewshot_overridden_by_a_template_alone_generates_no_examples() {
+        let p = PromptSet::from_toml_str("[fewshot]\ntemplate = \"Q: 1+1?\\nA: 2.\\n\\nQ: {question}\\nA:\"\n", Path::new(".")).unwrap();
+        let style = p.style("fewshot").unwrap();
+        assert!(!style.is_fewshot());
+        assert_eq!(p.fewshot_k(), 0);
+        let it = Item { id: "0".into(), fields: [("question".to_string(), serde_json::json!("q"))].into_iter().collect() };
+        assert_eq!(p.render("fewshot", &it, &[]).unwrap(), "Q: 1+1?\nA: 2.\n\nQ: q\nA:");
     }
 }
