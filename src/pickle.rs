@@ -19,8 +19,11 @@ use anyhow::{anyhow, bail, Result};
 
 /// Most nested levels a value may have when the parse result is built.
 const MAX_DEPTH: usize = 256;
-/// Most nodes a parse result may have (guards against shared-reference blow-up).
-const MAX_NODES: usize = 50_000_000;
+/// Most objects a pickle may create while it is parsed, and most values its result may expand
+/// to (shared references converted once per use): a "billion laughs" pickle of a few hundred
+/// bytes, or megabytes of NONE opcodes, stop here with an error instead of exhausting memory.
+/// A transcoder checkpoint holds a few hundred.
+const MAX_NODES: usize = 2_000_000;
 /// Largest `data.pkl` accepted.
 const MAX_PICKLE_BYTES: u64 = 1 << 30;
 
@@ -338,15 +341,19 @@ impl<'a> Machine<'a> {
         String::from_utf8(b.to_vec()).map_err(|_| anyhow!("string is not UTF-8 at byte {at}"))
     }
 
-    fn new_node(&mut self, o: Obj) -> Node {
+    fn new_node(&mut self, o: Obj) -> Result<Node> {
+        if self.arena.len() >= MAX_NODES {
+            bail!("pickle creates more than {MAX_NODES} objects (at byte {})", self.pos);
+        }
         let n = node(o);
         self.arena.push(n.clone());
-        n
+        Ok(n)
     }
 
-    fn push(&mut self, o: Obj) {
-        let n = self.new_node(o);
+    fn push(&mut self, o: Obj) -> Result<()> {
+        let n = self.new_node(o)?;
         self.stack.push(n);
+        Ok(())
     }
 
     fn pop(&mut self) -> Result<Node> {
@@ -431,7 +438,7 @@ impl<'a> Machine<'a> {
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    self.push(Obj::Global { module, name });
+                    self.push(Obj::Global { module, name })?;
                 }
                 0x93 => {
                     // STACK_GLOBAL
@@ -444,7 +451,7 @@ impl<'a> Machine<'a> {
                             _ => bail!("STACK_GLOBAL needs two strings at byte {at}"),
                         }
                     };
-                    self.push(o);
+                    self.push(o)?;
                 }
                 b'q' => {
                     let i = self.u8()? as u32;
@@ -471,27 +478,27 @@ impl<'a> Machine<'a> {
                     let s = std::mem::take(&mut self.stack);
                     self.metastack.push(s);
                 }
-                b'}' => self.push(Obj::Dict(Vec::new())),
-                b']' => self.push(Obj::List(Vec::new())),
-                b')' => self.push(Obj::Tuple(Vec::new())),
+                b'}' => self.push(Obj::Dict(Vec::new()))?,
+                b']' => self.push(Obj::List(Vec::new()))?,
+                b')' => self.push(Obj::Tuple(Vec::new()))?,
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.push(Obj::Tuple(items));
+                    self.push(Obj::Tuple(items))?;
                 }
                 0x85 => {
                     let a = self.pop()?;
-                    self.push(Obj::Tuple(vec![a]));
+                    self.push(Obj::Tuple(vec![a]))?;
                 }
                 0x86 => {
                     let b = self.pop()?;
                     let a = self.pop()?;
-                    self.push(Obj::Tuple(vec![a, b]));
+                    self.push(Obj::Tuple(vec![a, b]))?;
                 }
                 0x87 => {
                     let c = self.pop()?;
                     let b = self.pop()?;
                     let a = self.pop()?;
-                    self.push(Obj::Tuple(vec![a, b, c]));
+                    self.push(Obj::Tuple(vec![a, b, c]))?;
                 }
                 0x81 | b'R' => {
                     // NEWOBJ (cls, args) or REDUCE (callable, args): recorded, not called.
@@ -501,9 +508,9 @@ impl<'a> Machine<'a> {
                         Obj::Global { module, name } if module == "collections" && name == "OrderedDict");
                     let no_args = matches!(&*args.borrow(), Obj::Tuple(v) if v.is_empty());
                     if is_ordered_dict && no_args {
-                        self.push(Obj::Dict(Vec::new()));
+                        self.push(Obj::Dict(Vec::new()))?;
                     } else {
-                        self.push(Obj::Reduce { callable, args });
+                        self.push(Obj::Reduce { callable, args })?;
                     }
                 }
                 b'b' => {
@@ -517,7 +524,7 @@ impl<'a> Machine<'a> {
                             &mut *obj.try_borrow_mut().map_err(|_| anyhow!("recursive BUILD at byte {at}"))?,
                             Obj::None,
                         );
-                        let inner = self.new_node(old);
+                        let inner = self.new_node(old)?;
                         *obj.try_borrow_mut().map_err(|_| anyhow!("recursive BUILD at byte {at}"))? =
                             Obj::Build { obj: inner, state };
                     }
@@ -525,24 +532,24 @@ impl<'a> Machine<'a> {
                 b'X' => {
                     let n = self.u32()? as usize;
                     let s = self.string(n)?;
-                    self.push(Obj::Str(s));
+                    self.push(Obj::Str(s))?;
                 }
                 0x8c => {
                     let n = self.u8()? as usize;
                     let s = self.string(n)?;
-                    self.push(Obj::Str(s));
+                    self.push(Obj::Str(s))?;
                 }
                 b'J' => {
                     let b = self.take(4)?;
-                    self.push(Obj::Int(i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64));
+                    self.push(Obj::Int(i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64))?;
                 }
                 b'K' => {
                     let v = self.u8()?;
-                    self.push(Obj::Int(v as i64));
+                    self.push(Obj::Int(v as i64))?;
                 }
                 b'M' => {
                     let v = self.u16()?;
-                    self.push(Obj::Int(v as i64));
+                    self.push(Obj::Int(v as i64))?;
                 }
                 0x8a => {
                     // LONG1: little-endian two's complement
@@ -553,20 +560,20 @@ impl<'a> Machine<'a> {
                     }
                     let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) { [0xffu8; 8] } else { [0u8; 8] };
                     buf[..n].copy_from_slice(b);
-                    self.push(Obj::Int(i64::from_le_bytes(buf)));
+                    self.push(Obj::Int(i64::from_le_bytes(buf)))?;
                 }
                 b'G' => {
                     let b = self.take(8)?;
                     let mut a = [0u8; 8];
                     a.copy_from_slice(b);
-                    self.push(Obj::Float(f64::from_be_bytes(a)));
+                    self.push(Obj::Float(f64::from_be_bytes(a)))?;
                 }
-                b'N' => self.push(Obj::None),
-                0x88 => self.push(Obj::Bool(true)),
-                0x89 => self.push(Obj::Bool(false)),
+                b'N' => self.push(Obj::None)?,
+                0x88 => self.push(Obj::Bool(true))?,
+                0x89 => self.push(Obj::Bool(false))?,
                 b'Q' => {
                     let pid = self.pop()?;
-                    self.push(Obj::PersId(pid));
+                    self.push(Obj::PersId(pid))?;
                 }
                 b's' => {
                     let v = self.pop()?;

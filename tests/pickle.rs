@@ -238,3 +238,28 @@ fn pickle_machine_semantics() {
     assert!(parse_pickle(b"\x80\x02N").is_err());
     assert!(parse_pickle(b"").is_err());
 }
+
+/// Small hostile pickles stop with an error instead of exhausting memory: megabytes of NONE
+/// opcodes, and a "billion laughs" of tuples that each hold the previous one ten times.
+#[test]
+fn hostile_pickles_are_bounded() {
+    let mut nones = vec![0x80, 2];
+    nones.extend(std::iter::repeat_n(b'N', 5_000_000));
+    nones.push(b'.');
+    let e = neurosteer::pickle::parse_pickle(&nones).unwrap_err().to_string();
+    assert!(e.contains("more than"), "{e}");
+
+    // PROTO 2; ] BINPUT 0; then per level: MARK, 10 × BINGET prev, TUPLE, BINPUT next; STOP.
+    let mut laughs = vec![0x80, 2, b']', b'q', 0];
+    for level in 1..=12u8 {
+        laughs.push(b'(');
+        for _ in 0..10 {
+            laughs.extend([b'h', level - 1]);
+        }
+        laughs.extend([b't', b'q', level]);
+    }
+    laughs.push(b'.');
+    assert!(laughs.len() < 400);
+    let e = neurosteer::pickle::parse_pickle(&laughs).unwrap_err().to_string();
+    assert!(e.contains("more than"), "{e}");
+}
