@@ -589,7 +589,7 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
     let mut cache = model.new_cache(1, ids.len());
     let logits = model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::All)?;
     let logits = logits.squeeze(0)?;
-    let centred = logits.broadcast_sub(&logits.mean_keepdim(1)?)?;
+    let centred = model.tl_logits(&logits)?;
     let mut tensors = std::collections::HashMap::new();
     for p in points {
         let t = hooks.recorded(p).context("hook was not reached")?.squeeze(0)?;
