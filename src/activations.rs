@@ -9,9 +9,9 @@ use candle_core::Tensor;
 use crate::hooks::{HookPoint, Hooks};
 use crate::model::{LogitsAt, Model};
 
-/// Runs `ids` (one sequence) and returns TransformerLens's centred logits (raw logits minus their
-/// mean over the vocabulary) `[seq, vocab]` and the value of every point in `points`
-/// `[seq, d]`, all f32 on the model's device.
+/// Runs `ids` (one sequence) and returns TransformerLens's logits `[seq, vocab]` (centred over
+/// the vocabulary where TransformerLens centres them: every family but Gemma-2) and the value of
+/// every point in `points` `[seq, d]`, all f32 on the model's device.
 pub fn run_with_cache(model: &Model, ids: &[u32], points: &[HookPoint]) -> Result<(Tensor, BTreeMap<HookPoint, Tensor>)> {
     if ids.is_empty() {
         bail!("empty prompt: nothing to run");
@@ -25,11 +25,10 @@ pub fn run_with_cache(model: &Model, ids: &[u32], points: &[HookPoint]) -> Resul
     }
     let mut cache = model.new_cache(1, ids.len());
     let logits = model.forward(&[ids.to_vec()], &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::All)?;
-    let logits = logits.squeeze(0)?;
-    let centred = logits.broadcast_sub(&logits.mean_keepdim(1)?)?;
+    let logits = model.tl_logits(&logits.squeeze(0)?)?;
     let values = points
         .iter()
         .map(|&p| Ok((p, hooks.recorded(p).context("hook was not reached")?.squeeze(0)?)))
         .collect::<Result<_>>()?;
-    Ok((centred, values))
+    Ok((logits, values))
 }

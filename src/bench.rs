@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::hooks::Hooks;
-use crate::model::config::{Gpt2Config, LlamaConfig, ModelConfig};
+use crate::model::config::{Gpt2Config, LlamaConfig, LlamaFamily, ModelConfig};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{LogitsAt, Model, Network};
 
@@ -75,6 +75,7 @@ pub struct BenchReport {
 /// A config for `preset`.
 pub fn preset_config(preset: Preset) -> (ModelConfig, &'static str) {
     let llama = |hidden_size, intermediate_size, num_hidden_layers, tie_word_embeddings| LlamaConfig {
+        family: LlamaFamily::Llama,
         hidden_size,
         intermediate_size,
         num_hidden_layers,
@@ -133,6 +134,7 @@ fn weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
                 }
             }
         }
+        ModelConfig::Gemma2(_) => unreachable!("no Gemma-2 bench preset"),
         ModelConfig::Llama(c) => {
             let (d, f) = (c.hidden_size, c.intermediate_size);
             let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
@@ -210,13 +212,17 @@ pub fn random_model(preset: Preset, dtype: DType, device: &Device) -> Result<Mod
 pub fn matrix_params(model: &Model) -> u64 {
     let i = &model.info;
     let d = i.d_model as u64;
+    // q, k, v and output projections of grouped-query attention.
+    let gqa = |heads: usize, kv_heads: usize, head_dim: usize| 2 * d * ((heads + kv_heads) * head_dim) as u64;
     let (attn, mlp, unembed) = match &model.network {
         Network::Gpt2(_) => (4 * d * d, 2 * d * i.d_mlp as u64, d * i.vocab_size as u64),
         Network::Llama(m) => {
             let c = &m.config;
-            let q = (c.num_attention_heads * c.head_dim) as u64;
-            let kv = (c.num_key_value_heads * c.head_dim) as u64;
-            (2 * d * q + 2 * d * kv, 3 * d * i.d_mlp as u64, d * i.vocab_size as u64)
+            (gqa(c.num_attention_heads, c.num_key_value_heads, c.head_dim), 3 * d * i.d_mlp as u64, d * i.vocab_size as u64)
+        }
+        Network::Gemma2(m) => {
+            let c = &m.config;
+            (gqa(c.num_attention_heads, c.num_key_value_heads, c.head_dim), 3 * d * i.d_mlp as u64, d * i.vocab_size as u64)
         }
     };
     i.n_layers as u64 * (attn + mlp) + unembed

@@ -29,7 +29,13 @@ pub enum HookPoint {
     Ln1Scale(usize),
     /// `blocks.L.ln1.hook_normalized`: the attention input, normalized, without gain or bias.
     Ln1Normalized(usize),
-    /// `blocks.L.hook_attn_out`: the attention output.
+    /// `blocks.L.ln1_post.hook_scale`: Gemma-2's post-attention norm's scale, `[.., 1]`.
+    Ln1PostScale(usize),
+    /// `blocks.L.ln1_post.hook_normalized`: Gemma-2's attention output (before its post-norm),
+    /// normalized, without the gain.
+    Ln1PostNormalized(usize),
+    /// `blocks.L.hook_attn_out`: the attention output as it joins the residual stream (for
+    /// Gemma-2 after its post-norm).
     AttnOut(usize),
     /// `blocks.L.hook_resid_mid`: residual after attention.
     ResidMid(usize),
@@ -45,7 +51,13 @@ pub enum HookPoint {
     MlpPost(usize),
     /// `blocks.L.mlp.hook_out`: the MLP module's own output (for Gemma-2 before its post-MLP norm).
     MlpHookOut(usize),
-    /// `blocks.L.hook_mlp_out`: the MLP output as it joins the residual stream.
+    /// `blocks.L.ln2_post.hook_scale`: Gemma-2's post-MLP norm's scale, `[.., 1]`.
+    Ln2PostScale(usize),
+    /// `blocks.L.ln2_post.hook_normalized`: Gemma-2's MLP output (`mlp.hook_out`), normalized,
+    /// without the gain.
+    Ln2PostNormalized(usize),
+    /// `blocks.L.hook_mlp_out`: the MLP output as it joins the residual stream (for Gemma-2
+    /// after its post-norm).
     MlpOut(usize),
     /// `blocks.L.hook_resid_post`: the residual stream leaving block L.
     ResidPost(usize),
@@ -61,8 +73,9 @@ impl HookPoint {
         use HookPoint::*;
         match *self {
             Embed | PosEmbed | LnFinalScale | LnFinalNormalized => None,
-            ResidPre(l) | Ln1Scale(l) | Ln1Normalized(l) | AttnOut(l) | ResidMid(l) | Ln2Scale(l)
-            | Ln2Normalized(l) | MlpIn(l) | MlpPre(l) | MlpPost(l) | MlpHookOut(l) | MlpOut(l) | ResidPost(l) => Some(l),
+            ResidPre(l) | Ln1Scale(l) | Ln1Normalized(l) | Ln1PostScale(l) | Ln1PostNormalized(l) | AttnOut(l)
+            | ResidMid(l) | Ln2Scale(l) | Ln2Normalized(l) | MlpIn(l) | MlpPre(l) | MlpPost(l) | MlpHookOut(l)
+            | Ln2PostScale(l) | Ln2PostNormalized(l) | MlpOut(l) | ResidPost(l) => Some(l),
         }
     }
 
@@ -84,11 +97,23 @@ impl HookPoint {
             MlpHookOut(_) => MlpHookOut(layer),
             MlpOut(_) => MlpOut(layer),
             ResidPost(_) => ResidPost(layer),
+            Ln1PostScale(_) => Ln1PostScale(layer),
+            Ln1PostNormalized(_) => Ln1PostNormalized(layer),
+            Ln2PostScale(_) => Ln2PostScale(layer),
+            Ln2PostNormalized(_) => Ln2PostNormalized(layer),
         }
     }
 
-    /// Parses a name and checks it against the model's layer count and architecture.
-    pub fn parse_for(name: &str, n_layers: usize, has_pos_embed: bool) -> Result<Self> {
+    /// Whether this is a point of a post-attention or post-MLP norm (`ln1_post`, `ln2_post`:
+    /// Gemma-2 only).
+    pub fn is_post_norm(&self) -> bool {
+        use HookPoint::*;
+        matches!(self, Ln1PostScale(_) | Ln1PostNormalized(_) | Ln2PostScale(_) | Ln2PostNormalized(_))
+    }
+
+    /// Parses a name and checks it against the model's layer count and architecture (whether it
+    /// has learned position embeddings, and post-norms).
+    pub fn parse_for(name: &str, n_layers: usize, has_pos_embed: bool, has_post_norms: bool) -> Result<Self> {
         let point: HookPoint = name.parse()?;
         if let Some(l) = point.layer() {
             if l >= n_layers {
@@ -97,6 +122,9 @@ impl HookPoint {
         }
         if point == HookPoint::PosEmbed && !has_pos_embed {
             bail!("hook `{name}`: this model has no learned position embeddings");
+        }
+        if point.is_post_norm() && !has_post_norms {
+            bail!("hook `{name}`: this model has no post-attention or post-MLP norms (only Gemma-2 has ln1_post and ln2_post)");
         }
         Ok(point)
     }
@@ -111,6 +139,8 @@ impl fmt::Display for HookPoint {
             ResidPre(l) => write!(f, "blocks.{l}.hook_resid_pre"),
             Ln1Scale(l) => write!(f, "blocks.{l}.ln1.hook_scale"),
             Ln1Normalized(l) => write!(f, "blocks.{l}.ln1.hook_normalized"),
+            Ln1PostScale(l) => write!(f, "blocks.{l}.ln1_post.hook_scale"),
+            Ln1PostNormalized(l) => write!(f, "blocks.{l}.ln1_post.hook_normalized"),
             AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
             ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
             Ln2Scale(l) => write!(f, "blocks.{l}.ln2.hook_scale"),
@@ -119,6 +149,8 @@ impl fmt::Display for HookPoint {
             MlpPre(l) => write!(f, "blocks.{l}.mlp.hook_pre"),
             MlpPost(l) => write!(f, "blocks.{l}.mlp.hook_post"),
             MlpHookOut(l) => write!(f, "blocks.{l}.mlp.hook_out"),
+            Ln2PostScale(l) => write!(f, "blocks.{l}.ln2_post.hook_scale"),
+            Ln2PostNormalized(l) => write!(f, "blocks.{l}.ln2_post.hook_normalized"),
             MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
             ResidPost(l) => write!(f, "blocks.{l}.hook_resid_post"),
             LnFinalScale => write!(f, "ln_final.hook_scale"),
@@ -147,6 +179,8 @@ impl FromStr for HookPoint {
             "hook_resid_pre" => ResidPre(l),
             "ln1.hook_scale" => Ln1Scale(l),
             "ln1.hook_normalized" => Ln1Normalized(l),
+            "ln1_post.hook_scale" => Ln1PostScale(l),
+            "ln1_post.hook_normalized" => Ln1PostNormalized(l),
             "hook_attn_out" => AttnOut(l),
             "hook_resid_mid" => ResidMid(l),
             "ln2.hook_scale" => Ln2Scale(l),
@@ -155,6 +189,8 @@ impl FromStr for HookPoint {
             "mlp.hook_pre" => MlpPre(l),
             "mlp.hook_post" => MlpPost(l),
             "mlp.hook_out" => MlpHookOut(l),
+            "ln2_post.hook_scale" => Ln2PostScale(l),
+            "ln2_post.hook_normalized" => Ln2PostNormalized(l),
             "hook_mlp_out" => MlpOut(l),
             "hook_resid_post" => ResidPost(l),
             _ => return Err(unknown()),
@@ -163,9 +199,9 @@ impl FromStr for HookPoint {
 }
 
 const KNOWN_HOOKS: &str = "hook_embed, hook_pos_embed, blocks.L.{hook_resid_pre, ln1.hook_scale, \
-ln1.hook_normalized, hook_attn_out, hook_resid_mid, ln2.hook_scale, ln2.hook_normalized, \
-mlp.hook_in, mlp.hook_pre, mlp.hook_post, mlp.hook_out, hook_mlp_out, hook_resid_post}, ln_final.hook_scale, \
-ln_final.hook_normalized";
+ln1.hook_normalized, ln1_post.hook_scale, ln1_post.hook_normalized, hook_attn_out, hook_resid_mid, \
+ln2.hook_scale, ln2.hook_normalized, mlp.hook_in, mlp.hook_pre, mlp.hook_post, mlp.hook_out, ln2_post.hook_scale, \
+ln2_post.hook_normalized, hook_mlp_out, hook_resid_post}, ln_final.hook_scale, ln_final.hook_normalized";
 
 /// An intervention on a forward pass: it reads the values at some hook points and rewrites the
 /// values at later points of the same pass. Tensors are `[batch, seq, d]` and cover every
@@ -302,6 +338,10 @@ mod tests {
             "blocks.2.mlp.hook_in",
             "blocks.2.mlp.hook_out",
             "blocks.1.hook_mlp_out",
+            "blocks.1.ln1_post.hook_scale",
+            "blocks.0.ln1_post.hook_normalized",
+            "blocks.4.ln2_post.hook_scale",
+            "blocks.2.ln2_post.hook_normalized",
             "ln_final.hook_normalized",
         ] {
             let p: HookPoint = name.parse().unwrap();
@@ -313,8 +353,11 @@ mod tests {
     fn rejects_unknown_and_out_of_range() {
         assert!("blocks.0.hook_nothing".parse::<HookPoint>().is_err());
         assert!("blocks.x.hook_mlp_out".parse::<HookPoint>().is_err());
-        let e = HookPoint::parse_for("blocks.5.hook_mlp_out", 5, false).unwrap_err();
+        let e = HookPoint::parse_for("blocks.5.hook_mlp_out", 5, false, false).unwrap_err();
         assert!(e.to_string().contains("layer 5 does not exist"));
-        assert!(HookPoint::parse_for("hook_pos_embed", 2, false).is_err());
+        assert!(HookPoint::parse_for("hook_pos_embed", 2, false, false).is_err());
+        let e = HookPoint::parse_for("blocks.1.ln2_post.hook_normalized", 2, false, false).unwrap_err();
+        assert!(e.to_string().contains("no post-attention or post-MLP norms"), "{e}");
+        assert!(HookPoint::parse_for("blocks.1.ln2_post.hook_normalized", 2, false, true).is_ok());
     }
 }

@@ -444,7 +444,7 @@ struct ActivationsArgs {
     #[arg(long = "hook")]
     hooks: Vec<String>,
     /// Output safetensors file: one f32 `[seq, d]` tensor per hook, "logits" `[seq, vocab]`
-    /// (TransformerLens's centred logits) and "tokens".
+    /// (TransformerLens's logits: centred over the vocabulary, except Gemma-2's) and "tokens".
     #[arg(long)]
     out: PathBuf,
     /// Also save this transcoder's feature activations as "features.L" `[seq, d_sae]`.
@@ -602,7 +602,7 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
         None => None,
     };
     let ids = model.codec.to_tokens(&a.prompt)?;
-    let (centred, values) = neurosteer::activations::run_with_cache(&model, &ids, &points)?;
+    let (logits, values) = neurosteer::activations::run_with_cache(&model, &ids, &points)?;
     let mut tensors = std::collections::HashMap::new();
     for p in &points[..n_named] {
         tensors.insert(p.to_string(), values[p].clone());
@@ -610,7 +610,7 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
     if let Some((tc, input)) = &transcoder {
         tensors.insert(format!("features.{}", tc.meta.layer), tc.encode(&values[input])?);
     }
-    tensors.insert("logits".to_string(), centred);
+    tensors.insert("logits".to_string(), logits);
     let n = ids.len();
     tensors.insert("tokens".to_string(), candle_core::Tensor::from_vec(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), n, &candle_core::Device::Cpu)?);
     let tmp = a.out.with_extension("safetensors.tmp");

@@ -19,7 +19,7 @@ fn load(path: &std::path::Path, dtype: DTypeChoice) -> Model {
 #[test]
 fn half_precision_logits_within_twice_transformers_error() {
     let Some(shared) = common::shared() else { return };
-    for dir in ["fixtures/tiny-llama3", "fixtures/tiny-gpt2", "assets/stories260K/hf"] {
+    for dir in ["fixtures/tiny-llama3", "fixtures/tiny-gpt2", "assets/stories260K/hf", "fixtures/tiny-gemma2", "fixtures/tiny-qwen3"] {
         let dir = shared.join(dir);
         let r = common::json(&dir.join("reference.json"));
         for (dtype, bound) in [(DTypeChoice::Bf16, 0.025f32), (DTypeChoice::F16, 0.004)] {

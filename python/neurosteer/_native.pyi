@@ -78,8 +78,8 @@ class Model:
     ) -> Tuple[npt.NDArray[np.float32], Dict[str, npt.NDArray[np.float32]]]:
         """Runs one prompt (text or token ids) and returns ``(logits, cache)``.
 
-        ``logits`` are TransformerLens's centred logits ``[seq, vocab]`` (raw logits minus their
-        mean over the vocabulary); ``cache`` maps each hook name in ``names`` (TransformerLens
+        ``logits`` are TransformerLens's logits ``[seq, vocab]`` (raw logits minus their mean
+        over the vocabulary, except for Gemma-2, whose TransformerLens logits are not centred); ``cache`` maps each hook name in ``names`` (TransformerLens
         names, e.g. ``"blocks.1.ln2.hook_normalized"``) to its value ``[seq, d]``. Equal, bit
         for bit, to what ``neurosteer activations`` writes.
         """

@@ -266,7 +266,7 @@ impl PyModel {
     }
 
     /// Runs one prompt (text, or token ids) and returns `(logits, cache)`: TransformerLens's
-    /// centred logits `[seq, vocab]` and `{hook name: [seq, d]}` for every name in `names`.
+    /// logits `[seq, vocab]` (centred, except Gemma-2's) and `{hook name: [seq, d]}` for every name in `names`.
     #[pyo3(signature = (input, names = None))]
     fn run_with_cache<'py>(
         &self,

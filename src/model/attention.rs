@@ -1,13 +1,17 @@
 //! What every architecture's attention shares: the per-sequence KV cache with its padding
-//! bookkeeping, the positions and mask of one forward step, and scaled dot-product attention.
+//! bookkeeping, the positions and masks of one forward step (causal, and sliding-window for
+//! Gemma-2's local layers), rotary tables, and scaled dot-product attention with optional score
+//! soft-capping.
 //!
 //! Batches are left-padded. Each sequence keeps its own positions (a padded prompt starts at
 //! position 0 at its first real token) and never attends to padding, so a batch gives what one
-//! prompt at a time gives.
+//! prompt at a time gives. A sliding window counts positions, not cache slots, so padding never
+//! shrinks it.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
+use super::config::Llama3RopeScaling;
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
 
@@ -32,6 +36,9 @@ pub struct Step {
     pub positions: Tensor,
     /// `[batch, 1, seq, past + seq]` additive mask (0 or -inf).
     pub mask: Tensor,
+    /// The mask of sliding-window layers, when the step was begun with a window: a query at
+    /// position p sees the keys at positions p − window < k ≤ p.
+    pub window_mask: Option<Tensor>,
     pub batch: usize,
     pub seq: usize,
 }
@@ -73,8 +80,8 @@ impl KvCache {
     }
 
     /// Registers `valid` (`[batch][seq]`, false = padding) as the next step and returns its
-    /// positions and mask.
-    pub fn begin_step(&mut self, valid: &[Vec<bool>], device: &Device) -> Result<Step> {
+    /// positions and masks (`window`: also the mask of sliding-window layers).
+    pub fn begin_step(&mut self, valid: &[Vec<bool>], window: Option<usize>, device: &Device) -> Result<Step> {
         let batch = valid.len();
         if batch != self.valid.len() {
             bail!("step has {batch} sequences, the cache {}", self.valid.len());
@@ -87,6 +94,7 @@ impl KvCache {
         let total = past + seq;
         let mut positions = Vec::with_capacity(batch * seq);
         let mut mask = vec![f32::NEG_INFINITY; batch * seq * total];
+        let mut window_mask = window.map(|_| vec![f32::NEG_INFINITY; batch * seq * total]);
         for (b, row) in valid.iter().enumerate() {
             for &is_real in row {
                 if is_real {
@@ -106,10 +114,34 @@ impl KvCache {
                     }
                 }
             }
+            if let (Some(w), Some(wm)) = (window, window_mask.as_mut()) {
+                // Each slot's position: the number of real tokens before it.
+                let slot_pos: Vec<usize> = self.valid[b]
+                    .iter()
+                    .scan(0, |n, &v| {
+                        let p = *n;
+                        *n += v as usize;
+                        Some(p)
+                    })
+                    .collect();
+                for i in 0..seq {
+                    let q = past + i;
+                    let base = (b * seq + i) * total;
+                    for k in 0..=q {
+                        // A padding query keeps the causal row (its output is never used).
+                        let in_window = !self.valid[b][q] || slot_pos[k] + w > slot_pos[q];
+                        if mask[base + k] == 0.0 && in_window {
+                            wm[base + k] = 0.0;
+                        }
+                    }
+                }
+            }
         }
+        let shape = (batch, 1, seq, total);
         Ok(Step {
             positions: Tensor::from_vec(positions, batch * seq, device)?,
-            mask: Tensor::from_vec(mask, (batch, 1, seq, total), device)?,
+            mask: Tensor::from_vec(mask, shape, device)?,
+            window_mask: window_mask.map(|m| Tensor::from_vec(m, shape, device)).transpose()?,
             batch,
             seq,
         })
@@ -144,12 +176,36 @@ impl KvCache {
     }
 }
 
+/// How attention scores are formed from `q · k`: `s = scale · (q · k)`, then, with a soft cap
+/// `c`, `s = c · tanh(s / c)` (Gemma-2), before the mask and the softmax.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+impl Scores {
+    /// The usual `1 / sqrt(head_dim)`, no soft cap.
+    pub fn standard(head_dim: usize) -> Self {
+        Self { scale: 1.0 / (head_dim as f32).sqrt(), softcap: None }
+    }
+
+    #[inline(always)]
+    fn apply(self, dot: f32) -> f32 {
+        let s = dot * self.scale;
+        match self.softcap {
+            Some(c) => c * (s / c).tanh(),
+            None => s,
+        }
+    }
+}
+
 /// Softmax attention: `q [b, h, t, hd]`, cached `k`, `v` `[b, kv_h, T, hd]`, grouped-query when
 /// `kv_h < h`; `mask [b, 1, t, T]` is 0 where a query may look and -inf elsewhere. Returns
 /// `[b, t, h * hd]`. On the CPU one fused pass per (sequence, head); elsewhere tensor ops.
-pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scores: Scores) -> Result<Tensor> {
     if q.device().is_cpu() {
-        return cpu::attend(q, k, v, mask);
+        return cpu::attend(q, k, v, mask, scores);
     }
     let (b, h, t, hd) = q.dims4()?;
     let kv_h = k.dim(1)?;
@@ -158,8 +214,12 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tenso
     // Grouped-query attention without copying keys: fold the heads that share a key/value head
     // into the query's sequence dimension.
     let q = q.reshape((b, kv_h, group * t, hd))?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let opts = scores;
+    let scores = (q.matmul(&k.t()?)? * opts.scale as f64)?;
+    let scores = match opts.softcap {
+        Some(c) => ((scores / c as f64)?.tanh()? * c as f64)?,
+        None => scores,
+    };
     let scores = scores.reshape((b, kv_h, group, t, total))?;
     let mask = mask.unsqueeze(1)?; // [b, 1, 1, t, T]
     let scores = scores.broadcast_add(&mask)?;
@@ -178,6 +238,7 @@ mod cpu {
     use candle_core::{Device, Storage, Tensor};
     use rayon::prelude::*;
 
+    use super::Scores;
     use crate::model::matmul::{Isa, SendPtr};
 
     /// A CPU f32 tensor's data from its start offset, with its strides.
@@ -204,6 +265,7 @@ mod cpu {
         t: usize,
         total: usize,
         hd: usize,
+        scores: Scores,
         /// Strides of k and v over sequences and heads (their rows are `hd` apart).
         k_seq: usize,
         k_head: usize,
@@ -211,7 +273,7 @@ mod cpu {
         v_head: usize,
     }
 
-    pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scores: Scores) -> Result<Tensor> {
         let q = q.contiguous()?;
         let mask = mask.contiguous()?;
         let (b, h, t, hd) = q.dims4()?;
@@ -223,7 +285,7 @@ mod cpu {
         if kst[2] != hd || kst[3] != 1 || vst[2] != hd || vst[3] != 1 || h % kv_h != 0 {
             bail!("CPU attention: keys and values must have contiguous rows");
         }
-        let d = Dims { h, kv_h, t, total, hd, k_seq: kst[0], k_head: kst[1], v_seq: vst[0], v_head: vst[1] };
+        let d = Dims { h, kv_h, t, total, hd, scores, k_seq: kst[0], k_head: kst[1], v_seq: vst[0], v_head: vst[1] };
         let (qv, kv, vv, mv) = (&slice(&qs)?[qo..], &slice(&ks)?[ko..], &slice(&vs)?[vo..], &slice(&ms)?[mo..]);
         let mut out = vec![0f32; b * t * h * hd];
         let optr = SendPtr(out.as_mut_ptr());
@@ -280,7 +342,6 @@ mod cpu {
         let (bi, hi) = (bh / d.h, bh % d.h);
         let kvh = hi / (d.h / d.kv_h);
         let (kbase, vbase) = (bi * d.k_seq + kvh * d.k_head, bi * d.v_seq + kvh * d.v_head);
-        let scale = 1.0 / (d.hd as f32).sqrt();
         let mut p = vec![0f32; d.total];
         for i in 0..d.t {
             let qrow = &q[((bi * d.h + hi) * d.t + i) * d.hd..][..d.hd];
@@ -290,7 +351,7 @@ mod cpu {
                 *pj = if m == f32::NEG_INFINITY {
                     f32::NEG_INFINITY
                 } else {
-                    dot(qrow, &k[kbase + j * d.hd..][..d.hd]) * scale + m
+                    d.scores.apply(dot(qrow, &k[kbase + j * d.hd..][..d.hd])) + m
                 };
                 max = max.max(*pj);
             }
@@ -332,6 +393,46 @@ pub fn hooked_norm(hooks: &mut Hooks, x: &Tensor, eps: f64, center: bool, scale_
     hooks.visit(normalized_at, normalized)
 }
 
+/// Rotary `cos` / `sin` tables `[n_positions, head_dim / 2]` for base `theta`, with Llama-3
+/// frequency scaling when given.
+pub fn rotary_tables(
+    head_dim: usize,
+    theta: f64,
+    n_positions: usize,
+    scaling: Option<&Llama3RopeScaling>,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+            let freq = match scaling {
+                None => freq,
+                Some(s) => {
+                    let old = s.original_max_position_embeddings as f64;
+                    let low_wavelen = old / s.low_freq_factor;
+                    let high_wavelen = old / s.high_freq_factor;
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    if wavelen < high_wavelen {
+                        freq
+                    } else if wavelen > low_wavelen {
+                        freq / s.factor
+                    } else {
+                        let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                        (1.0 - smooth) * freq / s.factor + smooth * freq
+                    }
+                }
+            };
+            freq as f32
+        })
+        .collect();
+    let n = n_positions;
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let pos = Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?.reshape((n, 1))?;
+    let angles = pos.broadcast_mul(&inv_freq)?;
+    Ok((angles.cos()?.contiguous()?, angles.sin()?.contiguous()?))
+}
+
 /// Keeps every position, or only the last one, of `x [batch, seq, d]`.
 pub fn select_positions(x: Tensor, at: LogitsAt) -> Result<Tensor> {
     Ok(match at {
@@ -341,4 +442,60 @@ pub fn select_positions(x: Tensor, at: LogitsAt) -> Result<Tensor> {
             x.narrow(1, t - 1, 1)?
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which keys each query of sequence `b` may see, from a `[batch, 1, seq, total]` mask.
+    fn visible(mask: &Tensor, b: usize) -> Vec<Vec<usize>> {
+        let rows: Vec<Vec<f32>> = mask.get(b).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        rows.iter().map(|r| r.iter().enumerate().filter(|(_, &m)| m == 0.0).map(|(k, _)| k).collect()).collect()
+    }
+
+    /// The window counts positions, not slots: a left-padded sequence sees the same keys as
+    /// one without padding, in the prefill and in cached steps.
+    #[test]
+    fn sliding_window_over_positions_with_padding_and_cache() {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new(1, 2, 8);
+        // Sequence 0: 4 real tokens; sequence 1: 2 padding slots, then 2 real tokens.
+        let valid = vec![vec![true; 4], vec![false, false, true, true]];
+        let step = cache.begin_step(&valid, Some(2), &dev).unwrap();
+        let w = step.window_mask.as_ref().unwrap();
+        assert_eq!(visible(w, 0), vec![vec![0], vec![0, 1], vec![1, 2], vec![2, 3]]);
+        assert_eq!(visible(w, 1), vec![vec![0], vec![1], vec![2], vec![2, 3]]);
+        assert_eq!(visible(&step.mask, 0)[3], vec![0, 1, 2, 3]);
+        // One cached step: sequence 1 is at position 2, slot 4.
+        let step = cache.begin_step(&[vec![true], vec![true]], Some(2), &dev).unwrap();
+        let w = step.window_mask.unwrap();
+        assert_eq!(visible(&w, 0), vec![vec![3, 4]]);
+        assert_eq!(visible(&w, 1), vec![vec![3, 4]]);
+        assert_eq!(visible(&step.mask, 1), vec![vec![2, 3, 4]]);
+        let no_window = cache.begin_step(&[vec![true], vec![true]], None, &dev).unwrap();
+        assert!(no_window.window_mask.is_none());
+    }
+
+    /// The fused CPU attention and the tensor-op path agree, with a scale and a soft cap.
+    #[test]
+    fn softcapped_scores_match_tensor_ops() {
+        let dev = Device::Cpu;
+        let q = (Tensor::randn(0f32, 1.0, (1, 4, 3, 8), &dev).unwrap() * 4.0).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap();
+        let mut cache = KvCache::new(1, 1, 3);
+        let mask = cache.begin_step(&[vec![true; 3]], None, &dev).unwrap().mask;
+        let scores = Scores { scale: 0.3, softcap: Some(2.0) };
+        let fused = attend(&q, &k, &v, &mask, scores).unwrap();
+        // Reference: repeat kv heads, cap, mask, softmax.
+        let kr = Tensor::cat(&[k.narrow(1, 0, 1).unwrap(), k.narrow(1, 0, 1).unwrap(), k.narrow(1, 1, 1).unwrap(), k.narrow(1, 1, 1).unwrap()], 1).unwrap();
+        let vr = Tensor::cat(&[v.narrow(1, 0, 1).unwrap(), v.narrow(1, 0, 1).unwrap(), v.narrow(1, 1, 1).unwrap(), v.narrow(1, 1, 1).unwrap()], 1).unwrap();
+        let s = (q.matmul(&kr.t().unwrap()).unwrap() * 0.3).unwrap();
+        let s = ((s / 2.0).unwrap().tanh().unwrap() * 2.0).unwrap().broadcast_add(&mask).unwrap();
+        let p = candle_nn::ops::softmax_last_dim(&s).unwrap();
+        let want = p.matmul(&vr).unwrap().transpose(1, 2).unwrap().reshape((1, 3, 32)).unwrap();
+        let diff = (fused - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
 }

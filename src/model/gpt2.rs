@@ -11,7 +11,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::attention::{attend, hooked_norm, select_positions, KvCache, Step};
+use super::attention::{attend, hooked_norm, select_positions, KvCache, Scores, Step};
 use super::linear::Linear;
 use super::config::Gpt2Config;
 use super::LogitsAt;
@@ -152,7 +152,7 @@ impl Gpt2 {
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             let (k, v) = cache.append(l, k, v)?;
-            let attn = attend(&q, &k, &v, &step.mask)?;
+            let attn = attend(&q, &k, &v, &step.mask, Scores::standard(hd))?;
             let attn_out = hooks.visit(HookPoint::AttnOut(l), blk.c_proj.forward(&attn)?)?;
             x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
             // MLP.

@@ -1,31 +1,29 @@
-//! The Llama family (Llama 2/3.x, SmolLM, TinyLlama, llama2.c checkpoints), with hook points.
+//! The Llama family (Llama 2/3.x, SmolLM, TinyLlama, llama2.c checkpoints) and Qwen3, with hook
+//! points. Qwen3 is Llama with an RMSNorm over each head's q and k before RoPE.
 //!
 //! Weights stay as Hugging Face stores them; the hook values are those of TransformerLens's
 //! processed model: for RMSNorm, `fold_ln` only moves the norm's gain into the next weights, so
 //! `ln*.hook_normalized` is `x / rms(x)` and the gain is applied after the hook.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{attend, hooked_norm, select_positions, KvCache, Step};
+use super::attention::{hooked_norm, select_positions, KvCache, Scores, Step};
+use super::config::{LlamaConfig, LlamaFamily};
+use super::decoder::{Activation, AttentionShape, GatedMlp, Rotary, SelfAttention};
 use super::linear::Linear;
-use super::config::LlamaConfig;
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
 
 struct Block {
     attn_norm: Tensor,
-    /// q, k and v projections, outputs side by side: `[(heads + 2 kv_heads) * head_dim]`.
-    qkv: Linear,
-    wo: Linear,
+    attn: SelfAttention,
     mlp_norm: Tensor,
-    /// Gate and up projections, outputs side by side: `[2 d_mlp]`.
-    gate_up: Linear,
-    down: Linear,
+    mlp: GatedMlp,
 }
 
-/// A Llama model with hook points.
+/// A Llama (or Qwen3) model with hook points.
 pub struct Llama {
     pub config: LlamaConfig,
     /// Token embeddings in the weight dtype.
@@ -33,9 +31,7 @@ pub struct Llama {
     blocks: Vec<Block>,
     final_norm: Tensor,
     lm_head: Linear,
-    /// Rotary tables `[max_positions, head_dim / 2]`.
-    cos: Tensor,
-    sin: Tensor,
+    rotary: Rotary,
 }
 
 impl Llama {
@@ -43,28 +39,20 @@ impl Llama {
     /// embeddings in `dtype`, norm gains in f32.
     pub fn load(config: LlamaConfig, vb: VarBuilder, dtype: DType) -> Result<Self> {
         let c = &config;
-        let (d, hd, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
-        let q_out = c.num_attention_heads * hd;
-        let kv_out = c.num_key_value_heads * hd;
+        let d = c.hidden_size;
         let vb = vb.to_dtype(DType::F32);
         let w = vb.to_dtype(dtype);
         let embed = w.get((c.vocab_size, d), "model.embed_tokens.weight")?;
+        let shape = AttentionShape { d_model: d, heads: c.num_attention_heads, kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
+        let qk_norm = (c.family == LlamaFamily::Qwen3).then_some(c.rms_norm_eps);
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            let (b, bw) = (vb.pp(format!("model.layers.{i}")), w.pp(format!("model.layers.{i}")));
-            let qkv = Linear::stacked(vec![
-                bw.get((q_out, d), "self_attn.q_proj.weight")?,
-                bw.get((kv_out, d), "self_attn.k_proj.weight")?,
-                bw.get((kv_out, d), "self_attn.v_proj.weight")?,
-            ])?;
-            let gate_up = Linear::stacked(vec![bw.get((f, d), "mlp.gate_proj.weight")?, bw.get((f, d), "mlp.up_proj.weight")?])?;
+            let b = vb.pp(format!("model.layers.{i}"));
             blocks.push(Block {
                 attn_norm: b.get(d, "input_layernorm.weight")?,
-                qkv,
-                wo: Linear::new(bw.get((d, q_out), "self_attn.o_proj.weight")?, None)?,
+                attn: SelfAttention::load(&b.pp("self_attn"), dtype, shape, qk_norm, Scores::standard(c.head_dim))?,
                 mlp_norm: b.get(d, "post_attention_layernorm.weight")?,
-                gate_up,
-                down: Linear::new(bw.get((d, f), "mlp.down_proj.weight")?, None)?,
+                mlp: GatedMlp::load(&b.pp("mlp"), dtype, d, c.intermediate_size, Activation::Silu)?,
             });
         }
         let final_norm = vb.get(d, "model.norm.weight")?;
@@ -73,8 +61,9 @@ impl Llama {
         } else {
             embed.clone()
         };
-        let (cos, sin) = rotary_tables(c, vb.device()).context("building rotary tables")?;
-        Ok(Self { config, embed, blocks, final_norm, lm_head: Linear::new(lm_head, None)?, cos, sin })
+        let rotary = Rotary::new(c.head_dim, c.rope_theta, c.max_position_embeddings, c.rope_scaling.as_ref(), vb.device())
+            .context("building rotary tables")?;
+        Ok(Self { config, embed, blocks, final_norm, lm_head: Linear::new(lm_head, None)?, rotary })
     }
 
     /// Runs `tokens [batch, seq]` (u32) through the model, appending to `cache`.
@@ -89,8 +78,7 @@ impl Llama {
         let c = &self.config;
         let (b, t) = (step.batch, step.seq);
         let eps = c.rms_norm_eps;
-        let cos = self.cos.index_select(&step.positions, 0)?.reshape((b, t, c.head_dim / 2))?;
-        let sin = self.sin.index_select(&step.positions, 0)?.reshape((b, t, c.head_dim / 2))?;
+        let rope = self.rotary.at(step)?;
 
         let x = self.embed.index_select(&tokens.flatten_all()?, 0)?.to_dtype(DType::F32)?.reshape((b, t, c.hidden_size))?;
         let mut x = hooks.visit(HookPoint::Embed, x)?;
@@ -98,29 +86,14 @@ impl Llama {
             x = hooks.visit(HookPoint::ResidPre(l), x)?;
             // Attention.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l))?;
-            let h = normed.broadcast_mul(&blk.attn_norm)?;
-            let qkv = blk.qkv.forward(&h)?;
-            let (q_out, kv_out) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
-            let heads = |start: usize, n: usize| -> Result<Tensor> {
-                Ok(qkv.narrow(2, start, n * c.head_dim)?.reshape((b, t, n, c.head_dim))?.transpose(1, 2)?.contiguous()?)
-            };
-            let q = heads(0, c.num_attention_heads)?;
-            let k = heads(q_out, c.num_key_value_heads)?;
-            let v = heads(q_out + kv_out, c.num_key_value_heads)?;
-            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-            let (k, v) = cache.append(l, k, v)?;
-            let attn = attend(&q, &k, &v, &step.mask)?;
-            let attn_out = hooks.visit(HookPoint::AttnOut(l), blk.wo.forward(&attn)?)?;
+            let attn = blk.attn.forward(&normed.broadcast_mul(&blk.attn_norm)?, &rope, cache, l, &step.mask)?;
+            let attn_out = hooks.visit(HookPoint::AttnOut(l), attn)?;
             x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
             // MLP.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l))?;
             let h = hooks.visit(HookPoint::MlpIn(l), normed.broadcast_mul(&blk.mlp_norm)?)?;
-            let gate_up = blk.gate_up.forward(&h)?;
-            let pre = hooks.visit(HookPoint::MlpPre(l), gate_up.narrow(2, 0, c.intermediate_size)?)?;
-            let post = (candle_nn::ops::silu(&pre)? * gate_up.narrow(2, c.intermediate_size, c.intermediate_size)?)?;
-            let post = hooks.visit(HookPoint::MlpPost(l), post)?;
-            let mlp_out = hooks.visit(HookPoint::MlpHookOut(l), blk.down.forward(&post)?)?;
+            let mlp_out = blk.mlp.forward(hooks, l, &h)?;
+            let mlp_out = hooks.visit(HookPoint::MlpHookOut(l), mlp_out)?;
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), mlp_out)?;
             x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
         }
@@ -129,38 +102,4 @@ impl Llama {
         let h = normed.broadcast_mul(&self.final_norm)?;
         self.lm_head.forward(&h)
     }
-}
-
-/// Rotary `cos` / `sin` tables, with Llama-3 frequency scaling when configured.
-fn rotary_tables(c: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
-    let half = c.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| {
-            let freq = 1.0 / c.rope_theta.powf(2.0 * i as f64 / c.head_dim as f64);
-            let freq = match &c.rope_scaling {
-                None => freq,
-                Some(s) => {
-                    let old = s.original_max_position_embeddings as f64;
-                    let low_wavelen = old / s.low_freq_factor;
-                    let high_wavelen = old / s.high_freq_factor;
-                    let wavelen = 2.0 * std::f64::consts::PI / freq;
-                    if wavelen < high_wavelen {
-                        freq
-                    } else if wavelen > low_wavelen {
-                        freq / s.factor
-                    } else {
-                        let smooth = (old / wavelen - s.low_freq_factor)
-                            / (s.high_freq_factor - s.low_freq_factor);
-                        (1.0 - smooth) * freq / s.factor + smooth * freq
-                    }
-                }
-            };
-            freq as f32
-        })
-        .collect();
-    let n = c.max_position_embeddings;
-    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-    let pos = Tensor::arange(0u32, n as u32, device)?.to_dtype(candle_core::DType::F32)?.reshape((n, 1))?;
-    let angles = pos.broadcast_mul(&inv_freq)?;
-    Ok((angles.cos()?.contiguous()?, angles.sin()?.contiguous()?))
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
-use super::config::LlamaConfig;
+use super::config::{LlamaConfig, LlamaFamily};
 
 /// A loaded llama2.c checkpoint: its config and its weights under Hugging Face names.
 pub struct Llama2cCheckpoint {
@@ -151,6 +151,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Llama2cCheckpoint
         *t.1 = t.1.flatten_all()?;
     }
     let config = LlamaConfig {
+        family: LlamaFamily::Llama,
         hidden_size: d,
         intermediate_size: hd,
         num_hidden_layers: l,

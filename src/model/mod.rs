@@ -1,8 +1,10 @@
-//! Loading and running language models: Hugging Face folders or hub ids (Llama, GPT-2) and
-//! llama2.c checkpoints, all behind one [`Model`] with TransformerLens hook points.
+//! Loading and running language models: Hugging Face folders or hub ids (Llama, Qwen3, Gemma-2,
+//! GPT-2) and llama2.c checkpoints, all behind one [`Model`] with TransformerLens hook points.
 
 pub mod attention;
 pub mod config;
+pub mod decoder;
+pub mod gemma2;
 pub mod gpt2;
 pub mod linear;
 pub mod llama;
@@ -19,6 +21,7 @@ use candle_nn::VarBuilder;
 
 pub use attention::KvCache;
 use config::ModelConfig;
+use gemma2::Gemma2;
 use gpt2::Gpt2;
 use llama::Llama;
 use tokenizer::{TextCodec, Tokenizer};
@@ -124,7 +127,9 @@ pub enum LogitsAt {
 
 /// The network itself.
 pub enum Network {
+    /// Llama and Qwen3.
     Llama(Box<Llama>),
+    Gemma2(Box<Gemma2>),
     Gpt2(Box<Gpt2>),
 }
 
@@ -133,7 +138,7 @@ pub enum Network {
 pub struct ModelInfo {
     /// Where the model came from (folder, file or hub id).
     pub source: String,
-    /// `llama` or `gpt2`.
+    /// `llama`, `qwen3`, `gemma2` or `gpt2`.
     pub family: &'static str,
     pub n_layers: usize,
     pub d_model: usize,
@@ -143,6 +148,12 @@ pub struct ModelInfo {
     pub n_ctx: usize,
     pub bos: Option<u32>,
     pub eos: Vec<u32>,
+    /// TransformerLens's `default_prepend_bos`: false for Qwen3, whose text starts without BOS
+    /// (an empty text then becomes `[bos]`, as in the references).
+    pub prepend_bos: bool,
+    /// Whether TransformerLens's logits are centred over the vocabulary (`center_unembed`); off
+    /// for models with a final logit soft cap (Gemma-2), which is not shift-invariant.
+    pub center_unembed: bool,
 }
 
 /// A language model with its tokenizer.
@@ -211,6 +222,23 @@ impl Model {
                 let m = Llama::load(c, vb, dtype).with_context(|| format!("{source}: bad weights"))?;
                 (Network::Llama(Box::new(m)), info)
             }
+            ModelConfig::Gemma2(c) => {
+                let info = ModelInfo {
+                    source: source.to_string(),
+                    family: "gemma2",
+                    n_layers: c.num_hidden_layers,
+                    d_model: c.hidden_size,
+                    d_mlp: c.intermediate_size,
+                    vocab_size: c.vocab_size,
+                    n_ctx: c.max_position_embeddings,
+                    bos: c.bos_token_id,
+                    eos: c.eos_token_ids.clone(),
+                    prepend_bos: true,
+                    center_unembed: c.final_logit_softcapping.is_none(),
+                };
+                let m = Gemma2::load(c, vb, dtype).with_context(|| format!("{source}: bad weights"))?;
+                (Network::Gemma2(Box::new(m)), info)
+            }
             ModelConfig::Gpt2(c) => {
                 let info = ModelInfo {
                     source: source.to_string(),
@@ -222,19 +250,33 @@ impl Model {
                     n_ctx: c.n_positions,
                     bos: c.bos_token_id,
                     eos: c.eos_token_ids.clone(),
+                    prepend_bos: true,
+                    center_unembed: true,
                 };
                 let m = Gpt2::load(c, vb, dtype).with_context(|| format!("{source}: bad weights"))?;
                 (Network::Gpt2(Box::new(m)), info)
             }
         };
-        let codec = TextCodec { tokenizer, bos: info.bos };
-        Ok(Model { network, codec, info, device, dtype })
+        let codec = TextCodec { tokenizer, bos: None, bos_if_empty: None };
+        Ok(Model { network, codec, info, device, dtype }.with_bos(true))
     }
 
-    /// Turns BOS prepending on (TransformerLens's default) or off.
+    /// Turns BOS handling on (TransformerLens's default for the family: BOS prepended, except for
+    /// Qwen3, where only an empty text becomes `[bos]`) or off (no BOS at all).
     pub fn with_bos(mut self, on: bool) -> Self {
-        self.codec.bos = if on { self.info.bos } else { None };
+        let bos = if on { self.info.bos } else { None };
+        (self.codec.bos, self.codec.bos_if_empty) = if self.info.prepend_bos { (bos, None) } else { (None, bos) };
         self
+    }
+
+    /// TransformerLens's logits from ours: centred over the vocabulary (the last dimension) when
+    /// it centres them (`center_unembed`), else as they are.
+    pub fn tl_logits(&self, logits: &Tensor) -> Result<Tensor> {
+        Ok(if self.info.center_unembed {
+            logits.broadcast_sub(&logits.mean_keepdim(candle_core::D::Minus1)?)?
+        } else {
+            logits.clone()
+        })
     }
 
     /// Whether the model has learned position embeddings (`hook_pos_embed`).
@@ -242,9 +284,14 @@ impl Model {
         matches!(self.network, Network::Gpt2(_))
     }
 
+    /// Whether the blocks have post-attention and post-MLP norms (`ln1_post`, `ln2_post`).
+    pub fn has_post_norms(&self) -> bool {
+        matches!(self.network, Network::Gemma2(_))
+    }
+
     /// Parses and checks a hook name against this model.
     pub fn hook_point(&self, name: &str) -> Result<HookPoint> {
-        HookPoint::parse_for(name, self.info.n_layers, self.has_pos_embed())
+        HookPoint::parse_for(name, self.info.n_layers, self.has_pos_embed(), self.has_post_norms())
     }
 
     /// One forward step over `tokens` (`[batch][seq]`, left-padded; `valid` marks real tokens),
@@ -257,7 +304,11 @@ impl Model {
         hooks: &mut Hooks,
         logits_at: LogitsAt,
     ) -> Result<Tensor> {
-        let step = cache.begin_step(valid, &self.device)?;
+        let window = match &self.network {
+            Network::Gemma2(m) => m.sliding_window(),
+            Network::Llama(_) | Network::Gpt2(_) => None,
+        };
+        let step = cache.begin_step(valid, window, &self.device)?;
         if cache.max_position() > self.info.n_ctx {
             bail!(
                 "sequence of {} positions exceeds the model's context of {}",
@@ -272,6 +323,7 @@ impl Model {
         let ids = Tensor::from_vec(flat, (step.batch, step.seq), &self.device)?;
         match &self.network {
             Network::Llama(m) => m.forward(&ids, &step, cache, hooks, logits_at),
+            Network::Gemma2(m) => m.forward(&ids, &step, cache, hooks, logits_at),
             Network::Gpt2(m) => m.forward(&ids, &step, cache, hooks, logits_at),
         }
     }
@@ -401,7 +453,7 @@ fn device_name(device: &Device) -> String {
 fn llama_info(spec: &str, c: &config::LlamaConfig) -> ModelInfo {
     ModelInfo {
         source: spec.to_string(),
-        family: "llama",
+        family: c.family.name(),
         n_layers: c.num_hidden_layers,
         d_model: c.hidden_size,
         d_mlp: c.intermediate_size,
@@ -409,6 +461,8 @@ fn llama_info(spec: &str, c: &config::LlamaConfig) -> ModelInfo {
         n_ctx: c.max_position_embeddings,
         bos: c.bos_token_id,
         eos: c.eos_token_ids.clone(),
+        prepend_bos: c.family != config::LlamaFamily::Qwen3,
+        center_unembed: true,
     }
 }
 

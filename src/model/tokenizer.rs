@@ -1,4 +1,5 @@
-//! Text to ids and back, with TransformerLens's `to_tokens` convention: BOS prepended once.
+//! Text to ids and back, with TransformerLens's `to_tokens` convention: BOS prepended once (for
+//! the families whose default is to prepend it).
 
 use std::path::Path;
 
@@ -56,16 +57,23 @@ impl Tokenizer {
 /// A tokenizer together with the model's BOS rule.
 pub struct TextCodec {
     pub tokenizer: Tokenizer,
-    /// The BOS id to prepend, or `None` when the model has none or BOS is turned off.
+    /// The BOS id to prepend, or `None` when the model has none, takes none or BOS is turned off.
     pub bos: Option<u32>,
+    /// The id an otherwise empty text becomes, for models that take no BOS (Qwen3: its
+    /// `bos_token_id`, as the references run the empty prompt).
+    pub bos_if_empty: Option<u32>,
 }
 
 impl TextCodec {
-    /// TransformerLens's `to_tokens`: BOS (when set) followed by the text's tokens.
+    /// TransformerLens's `to_tokens`: BOS (when set) followed by the text's tokens; an empty
+    /// result becomes `[bos_if_empty]` when that is set.
     pub fn to_tokens(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
         ids.extend(self.bos);
         ids.extend(self.tokenizer.encode(text)?);
+        if ids.is_empty() {
+            ids.extend(self.bos_if_empty);
+        }
         Ok(ids)
     }
 
