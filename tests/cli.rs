@@ -150,3 +150,45 @@ fn mismatched_transcoder_and_offline_hub_fail_cleanly() {
         .unwrap();
     assert_clean_error(&out, &["someone/not-cached", "config.json", "tokenizer.json", "model.safetensors"]);
 }
+
+/// Invalid inputs the hostile-input corpus found accepted are refused in one line: duplicate
+/// feature ids, absurd config sizes, special tokens outside the vocabulary, a weight map that
+/// points outside the model's folder, an untied model without its lm_head.
+#[test]
+fn invalid_inputs_are_refused() {
+    let Some(shared) = common::shared() else { return };
+    let gpt2 = shared.join("fixtures/tiny-gpt2");
+    let tc = shared.join("fixtures/transcoders/tiny-gpt2/layer_01/tiny-gpt2_blocks.1.ln2.hook_normalized_256.pt");
+    assert_clean_error(
+        &run(&["generate", "--model", gpt2.to_str().unwrap(), "--prompt", "x", "--max-new-tokens", "2", "--transcoder", tc.to_str().unwrap(), "--features", "7,3,3", "--strength", "3"]),
+        &["feature 3 is listed twice"],
+    );
+    let llama = shared.join("fixtures/tiny-llama3");
+    let edit = |name: &str, change: &dyn Fn(&mut serde_json::Value)| -> PathBuf {
+        let d = tmpdir(name);
+        copy_dir(&llama, &d);
+        let mut cfg = common::json(&d.join("config.json"));
+        change(&mut cfg);
+        std::fs::write(d.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+        d
+    };
+    for (name, change, needle) in [
+        ("layers", Box::new(|c: &mut serde_json::Value| c["num_hidden_layers"] = 1_000_000_000_000u64.into()) as Box<dyn Fn(&mut serde_json::Value)>, "num_hidden_layers"),
+        ("positions", Box::new(|c: &mut serde_json::Value| c["max_position_embeddings"] = 1_000_000_000_000_000u64.into()), "max_position_embeddings"),
+        ("theta", Box::new(|c: &mut serde_json::Value| c["rope_theta"] = (-1.0).into()), "rope_theta"),
+        ("eps", Box::new(|c: &mut serde_json::Value| c["rms_norm_eps"] = (-1e-5).into()), "epsilon"),
+        ("eos", Box::new(|c: &mut serde_json::Value| c["eos_token_id"] = 99_999_999.into()), "outside the vocabulary"),
+    ] {
+        let d = edit(name, &*change);
+        assert_clean_error(&run(&["generate", "--model", d.to_str().unwrap(), "--prompt", "x"]), &["config.json", needle]);
+    }
+    // The index points outside the folder.
+    let d = tmpdir("weightmap");
+    copy_dir(&llama, &d);
+    let idx = d.join("model.safetensors.index.json");
+    let mut index = common::json(&idx);
+    let first = index["weight_map"].as_object().unwrap().keys().next().unwrap().clone();
+    index["weight_map"][&first] = "../../etc/passwd".into();
+    std::fs::write(&idx, serde_json::to_string(&index).unwrap()).unwrap();
+    assert_clean_error(&run(&["generate", "--model", d.to_str().unwrap(), "--prompt", "x"]), &["weight_map", "../../etc/passwd"]);
+}

@@ -6,6 +6,9 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+/// Most positions a model may have: the rotary tables are built for all of them.
+const MAX_POSITIONS: usize = 1 << 21;
+
 /// The architectures neurosteer runs.
 pub const SUPPORTED_ARCHITECTURES: &str =
     "LlamaForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, GPT2LMHeadModel (HF folders or hub ids) and llama2.c checkpoints (.bin)";
@@ -231,6 +234,80 @@ impl ModelConfig {
 
     /// Parses the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
+        let config = Self::parse(text)?;
+        config.check_limits()?;
+        Ok(config)
+    }
+
+    /// Refuses sizes no model has (before anything is allocated for them), non-positive norm
+    /// epsilons and RoPE bases, and special tokens outside the vocabulary.
+    fn check_limits(&self) -> Result<()> {
+        let (sizes, eps, theta, bos, eos): (Vec<(&str, usize, usize)>, f64, Option<f64>, Option<u32>, &[u32]) = match self {
+            ModelConfig::Llama(c) => (
+                vec![
+                    ("hidden_size", c.hidden_size, 1 << 16),
+                    ("intermediate_size", c.intermediate_size, 1 << 18),
+                    ("num_hidden_layers", c.num_hidden_layers, 1024),
+                    ("head_dim", c.head_dim, 1024),
+                    ("vocab_size", c.vocab_size, 1 << 22),
+                    ("max_position_embeddings", c.max_position_embeddings, MAX_POSITIONS),
+                ],
+                c.rms_norm_eps,
+                Some(c.rope_theta),
+                c.bos_token_id,
+                &c.eos_token_ids,
+            ),
+            ModelConfig::Gemma2(c) => (
+                vec![
+                    ("hidden_size", c.hidden_size, 1 << 16),
+                    ("intermediate_size", c.intermediate_size, 1 << 18),
+                    ("num_hidden_layers", c.num_hidden_layers, 1024),
+                    ("head_dim", c.head_dim, 1024),
+                    ("vocab_size", c.vocab_size, 1 << 22),
+                    ("max_position_embeddings", c.max_position_embeddings, MAX_POSITIONS),
+                ],
+                c.rms_norm_eps,
+                Some(c.rope_theta),
+                c.bos_token_id,
+                &c.eos_token_ids,
+            ),
+            ModelConfig::Gpt2(c) => (
+                vec![
+                    ("n_embd", c.n_embd, 1 << 16),
+                    ("n_inner", c.n_inner, 1 << 18),
+                    ("n_layer", c.n_layer, 1024),
+                    ("vocab_size", c.vocab_size, 1 << 22),
+                    ("n_positions", c.n_positions, MAX_POSITIONS),
+                ],
+                c.layer_norm_epsilon,
+                None,
+                c.bos_token_id,
+                &c.eos_token_ids,
+            ),
+        };
+        for (name, value, max) in sizes {
+            if value == 0 || value > max {
+                bail!("{name} {value} is out of range (1..={max})");
+            }
+        }
+        if !(eps.is_finite() && eps > 0.0) {
+            bail!("the norm epsilon {eps} must be a positive number");
+        }
+        if let Some(theta) = theta.filter(|t| !(t.is_finite() && *t > 0.0)) {
+            bail!("rope_theta {theta} must be a positive number");
+        }
+        let vocab = match self {
+            ModelConfig::Llama(c) => c.vocab_size,
+            ModelConfig::Gemma2(c) => c.vocab_size,
+            ModelConfig::Gpt2(c) => c.vocab_size,
+        };
+        if let Some(id) = bos.into_iter().chain(eos.iter().copied()).find(|&id| id as usize >= vocab) {
+            bail!("special token id {id} (bos_token_id or eos_token_id) is outside the vocabulary of {vocab}");
+        }
+        Ok(())
+    }
+
+    fn parse(text: &str) -> Result<Self> {
         let value: serde_json::Value =
             serde_json::from_str(text).context("not valid JSON")?;
         let arch = value

@@ -58,8 +58,10 @@ impl Llama {
         let final_norm = vb.get(d, "model.norm.weight")?;
         let lm_head = if w.contains_tensor("lm_head.weight") {
             w.get((c.vocab_size, d), "lm_head.weight")?
-        } else {
+        } else if c.tie_word_embeddings {
             embed.clone()
+        } else {
+            anyhow::bail!("config.json has tie_word_embeddings false (or unset), but the weights hold no lm_head.weight");
         };
         let rotary = Rotary::new(c.head_dim, c.rope_theta, c.max_position_embeddings, c.rope_scaling.as_ref(), vb.device())
             .context("building rotary tables")?;

@@ -420,6 +420,9 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
     let mut names: Vec<String> = Vec::new();
     for f in map.values() {
         let f = f.as_str().with_context(|| format!("{}: weight_map values must be file names", index.display()))?;
+        if Path::new(f).file_name().and_then(|n| n.to_str()) != Some(f) {
+            bail!("{}: weight_map names `{f}`, which is not a file in the model's folder", index.display());
+        }
         if !names.iter().any(|n| n == f) {
             names.push(f.to_string());
         }

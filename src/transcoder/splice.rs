@@ -137,6 +137,10 @@ impl Steering {
         if let Some(&bad) = features.iter().find(|&&i| i >= d_sae) {
             bail!("feature {bad} is out of range: the transcoder has {d_sae} features");
         }
+        let mut seen = vec![false; d_sae];
+        if let Some(&dup) = features.iter().find(|&&i| std::mem::replace(&mut seen[i], true)) {
+            bail!("feature {dup} is listed twice (each feature is scaled once)");
+        }
         if !strength.is_finite() {
             bail!("strength must be a finite number, got {strength}");
         }
