@@ -14,6 +14,7 @@ pub mod trace;
 pub mod steer;
 pub mod evaluate;
 pub mod classify;
+pub mod inject;
 pub mod data;
 pub mod pickle;
 pub mod stats;
