@@ -663,7 +663,7 @@ fn html_report(
     h.p(&format!("{} answers ({score}) of the steered set differ from Base ({} flips in all configurations and scores, in flips.csv).", steered_flips.len(), e.flips.len()));
     let ft = flips_table(&Evaluation { flips: steered_flips.iter().take(60).map(|f| (*f).clone()).collect(), ..e.clone() });
     h.table(&ft);
-    if score == "generate" {
+    if score == "generate" && !steered_flips.is_empty() {
         if let Some(base) = &e.base {
             h.h2("Example generations");
             for f in steered_flips.iter().take(6) {

@@ -295,3 +295,91 @@ fn recount(e: &serde_json::Value, records: &[serde_json::Value]) {
         }
     }
 }
+
+/// A planted effect: the 10 features that, steered alone (strength 8 or -8, whichever direction
+/// works better), raise " yes" over " no" most where a few prompts end, steered together on items
+/// whose answer is yes (which the base model answers no). On stories260K it is -8: accuracy
+/// +0.38, bootstrap interval above 0, McNemar p 0.002, every control +0. Evaluate must find the change, above every
+/// random control, and the controls must not show one; otherwise a null result means nothing.
+#[test]
+fn positive_control_is_detected_and_random_controls_are_not() {
+    let Some(shared) = common::shared() else { return };
+    let fx = fixture(&shared);
+    let d = tmpdir("positive");
+    let items: Vec<serde_json::Value> = std::fs::read_to_string(&fx.boolq)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["answer"] == true && v["passage"].as_str().unwrap().len() < 700)
+        .take(30)
+        .collect();
+    let data = d.join("yes.jsonl");
+    std::fs::write(&data, items.iter().map(|v| v.to_string() + "\n").collect::<String>()).unwrap();
+
+    // Each feature that fires where the first prompts end, steered alone: how much it raises
+    // log p(" yes") − log p(" no") there. The 10 that raise it most are the planted set.
+    let (model, tc) = load(&fx);
+    let tc = std::sync::Arc::new(tc);
+    let prompts: Vec<Vec<u32>> = items
+        .iter()
+        .take(4)
+        .map(|v| model.codec.to_tokens(&format!("Question: {}\nPassage: {}\nAnswer:", v["question"].as_str().unwrap(), v["passage"].as_str().unwrap())).unwrap())
+        .collect();
+    let margin = |hooks: &neurosteer::hooks::Hooks| -> f64 {
+        prompts.iter().map(|p| {
+            let l = neurosteer::steer::yes_no_loglik(&model, p, hooks).unwrap();
+            l["yes"] - l["no"]
+        }).sum::<f64>()
+    };
+    let base = margin(&neurosteer::hooks::Hooks::none());
+    let mut active = vec![0f32; tc.meta.d_sae];
+    for p in &prompts {
+        for (a, v) in active.iter_mut().zip(features(&model, &tc, p).pop().unwrap()) {
+            *a += v;
+        }
+    }
+    // Both directions: strength 8 adds 7 times a feature's output, -8 subtracts 9 times it.
+    let gains_at = |strength: f64| -> Vec<(usize, f64)> {
+        let mut g: Vec<(usize, f64)> = (0..active.len())
+            .filter(|&i| active[i] > 0.0)
+            .map(|i| {
+                let mut hooks = neurosteer::hooks::Hooks::none();
+                let edit = neurosteer::transcoder::splice::Steering::new(tc.clone(), vec![i], strength, neurosteer::transcoder::splice::SteerMode::Delta).unwrap();
+                hooks.edit(std::sync::Arc::new(edit));
+                (i, margin(&hooks) - base)
+            })
+            .collect();
+        g.sort_by(|a, b| b.1.total_cmp(&a.1));
+        g.truncate(10);
+        g
+    };
+    let (up, down) = (gains_at(8.0), gains_at(-8.0));
+    let total = |g: &[(usize, f64)]| g.iter().map(|x| x.1).sum::<f64>();
+    eprintln!("gains at 8: {up:?}\ngains at -8: {down:?}");
+    let (strength, gains) = if total(&up) >= total(&down) { ("8", up) } else { ("-8", down) };
+    let chosen: Vec<usize> = gains.iter().map(|g| g.0).collect();
+    let features_file = d.join("planted.json");
+    std::fs::write(&features_file, serde_json::to_string(&chosen).unwrap()).unwrap();
+
+    let results = d.join("results.json");
+    ok(common::bin()
+        .args(["steer", "--model", &fx.model, "--transcoder", &fx.transcoder, "--features", &s(&features_file), "--dataset", &s(&data),
+            "--no-shuffle", "--n", "30", "--configs", &format!("Base,Push={strength}"), "--random-controls", "5", "--score", "loglik", "--out", &s(&results)])
+        .output()
+        .unwrap());
+    let eval_dir = d.join("eval");
+    ok(common::bin().args(["evaluate", &s(&results), "--out", &s(&eval_dir)]).output().unwrap());
+    let e = common::json(&eval_dir.join("evaluation.json"));
+    let comps = e["comparisons"].as_array().unwrap();
+    let set = comps.iter().find(|c| c["config"] == "Push").unwrap();
+    eprintln!("planted: {set}");
+    assert!(f(&set["base_accuracy"]) < 0.5, "the base model should mostly answer no here: {}", set["base_accuracy"]);
+    assert!(f(&set["ci_low"]) > 0.0 && f(&set["p_mcnemar"]) < 0.01, "the planted effect is detected: {set}");
+    let ctl = &set["controls"];
+    assert_eq!(ctl["k"], 5);
+    assert_eq!(f(&ctl["percentile"]), 100.0);
+    assert!(f(&ctl["max"]) < f(&set["delta"]));
+    for c in comps.iter().filter(|c| c["feature_set"].as_str().unwrap().starts_with("control")) {
+        assert!(f(&c["p_mcnemar"]) > 0.05, "a random control looks significant: {c}");
+    }
+}
