@@ -354,12 +354,12 @@ pub fn classify(styles: &[(String, StyleStats)], log_frequency: &[f32], th: Thre
     let effect = |s: Option<&StyleStats>, i: usize| s.map_or(f64::NAN, |s| hedges(sums(s, i), sums(basic, i)));
     let is_alive = |i: usize| (log_frequency[i] as f64) > th.alive;
     let mut features = Vec::with_capacity(d);
-    for i in 0..d {
+    for (i, &lf) in log_frequency.iter().enumerate() {
         let (t0, p0) = test(zero, i);
         let (tf, pf) = test(few, i);
         features.push(FeatureRow {
             index: i,
-            log_frequency: log_frequency[i],
+            log_frequency: lf,
             alive: is_alive(i),
             label: "dead",
             values: styles.iter().map(|(n, s)| (n.clone(), [s.mean[i], s.first[i], s.last[i]])).collect(),

@@ -166,7 +166,7 @@ pub fn run(model: &Model, tc: &Transcoder, traces: &Path, cot_styles: &[String],
     if job.top_tokens == 0 {
         bail!("--top-tokens must be at least 1");
     }
-    if !(job.threshold > 0.0) {
+    if job.threshold.is_nan() || job.threshold <= 0.0 {
         bail!("--lexical-threshold must be above 0, not {}", job.threshold);
     }
     if cot_styles.is_empty() {
