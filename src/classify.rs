@@ -3,8 +3,9 @@
 //! The original rule: alive = log10 frequency > `alive_threshold` (-6); reasoning = alive and
 //! (0shot − basic > t or fewshot − basic > t) on the chosen statistic (the mean over all
 //! (text, step) vectors by default); memory = alive and not reasoning. Beyond it, each feature
-//! gets a Welch t-test across texts (per-text mean activation, CoT style vs basic), so features
-//! can be ranked by evidence rather than by a fixed threshold.
+//! gets, per CoT style, a Welch t-test across texts (per-text mean activation, CoT style vs
+//! basic), Hedges' g and a Benjamini–Hochberg q-value, so the reasoning set can be chosen by
+//! evidence ([`Selection`]) rather than by a fixed threshold.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -189,12 +190,63 @@ pub fn read_frequency(path: &Path) -> Result<Vec<f32>> {
     tc.log_frequency.with_context(|| format!("{}: this transcoder carries no feature frequencies", path.display()))
 }
 
+/// How the reasoning set is chosen among the alive features.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Selection {
+    /// The original rule: a CoT style exceeds basic by more than the diff threshold.
+    Threshold,
+    /// Some CoT style is higher than basic (t > 0) with a q-value of at most Q.
+    Fdr(f64),
+    /// The K features with the smallest q-value among the styles where they are higher than
+    /// basic (ties: larger Hedges' g).
+    Top(usize),
+}
+
+impl std::str::FromStr for Selection {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || anyhow::anyhow!("--select: `{s}` is not threshold, fdr:Q (0 < Q <= 1) or top:K");
+        match s.split_once(':') {
+            None if s == "threshold" => Ok(Self::Threshold),
+            Some(("fdr", q)) => {
+                let q: f64 = q.parse().map_err(|_| bad())?;
+                if q > 0.0 && q <= 1.0 { Ok(Self::Fdr(q)) } else { Err(bad()) }
+            }
+            Some(("top", k)) => Ok(Self::Top(k.parse().map_err(|_| bad())?)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for Selection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Threshold => write!(f, "threshold"),
+            Self::Fdr(q) => write!(f, "fdr:{q}"),
+            Self::Top(k) => write!(f, "top:{k}"),
+        }
+    }
+}
+
+impl Serialize for Selection {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Selection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// The rule's settings.
 #[derive(Debug, Clone, Serialize)]
 pub struct Thresholds {
     pub alive: f64,
     pub diff: f64,
     pub statistic: Statistic,
+    pub select: Selection,
 }
 
 /// Per-feature results.
@@ -212,6 +264,18 @@ pub struct FeatureRow {
     pub p_0shot: f64,
     pub t_fewshot: f64,
     pub p_fewshot: f64,
+    /// Hedges' g of the per-text means, CoT style vs basic.
+    pub g_0shot: f64,
+    pub g_fewshot: f64,
+    /// Benjamini–Hochberg q-values (over every alive feature's tests, both styles together).
+    pub q_0shot: f64,
+    pub q_fewshot: f64,
+    /// The style with the smaller q-value: its q and g (what the volcano plot shows).
+    pub q: f64,
+    pub g: f64,
+    /// The injection ratio, for the features the token-injection control tested.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub injection_ratio: Option<f64>,
 }
 
 /// The classification of every feature.
@@ -224,19 +288,35 @@ pub struct Classification {
     pub n_alive: usize,
     pub n_reasoning: usize,
     pub n_memory: usize,
+    /// From the token-injection control ([`crate::inject`]), when it ran: the tested features
+    /// whose activation injection reproduces, and the reasoning features that are not lexical.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lexical: Option<Vec<usize>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_nonlexical: Option<Vec<usize>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub injection: Option<crate::inject::Injection>,
     pub features: Vec<FeatureRow>,
+}
+
+/// Mean and sample variance from (Σm, Σm², n).
+fn moments((s, sq, n): (f64, f64, usize)) -> (f64, f64, f64) {
+    let n = n as f64;
+    let m = s / n;
+    let var = if n > 1.0 { ((sq - n * m * m) / (n - 1.0)).max(0.0) } else { 0.0 };
+    (m, var, n)
+}
+
+/// Hedges' g from per-text sums (Σm, Σm², n) of two groups.
+fn hedges(a: (f64, f64, usize), b: (f64, f64, usize)) -> f64 {
+    let ((ma, va, _), (mb, vb, _)) = (moments(a), moments(b));
+    crate::stats::hedges_g(ma, va, a.2, mb, vb, b.2)
 }
 
 /// Welch's t statistic and two-sided p from per-text sums (Σm, Σm², n) of two groups.
 fn welch(a: (f64, f64, usize), b: (f64, f64, usize)) -> (f64, f64) {
-    let stats = |(s, sq, n): (f64, f64, usize)| {
-        let n = n as f64;
-        let m = s / n;
-        let var = if n > 1.0 { ((sq - n * m * m) / (n - 1.0)).max(0.0) } else { 0.0 };
-        (m, var, n)
-    };
-    let (ma, va, na) = stats(a);
-    let (mb, vb, nb) = stats(b);
+    let (ma, va, na) = moments(a);
+    let (mb, vb, nb) = moments(b);
     if na < 2.0 || nb < 2.0 {
         return (f64::NAN, f64::NAN);
     }
@@ -269,36 +349,48 @@ pub fn classify(styles: &[(String, StyleStats)], log_frequency: &[f32], th: Thre
     }
     let b = basic.statistic(th.statistic);
     let diff = |s: Option<&StyleStats>, i: usize| s.map_or(f64::NEG_INFINITY, |s| s.statistic(th.statistic)[i] - b[i]);
-    let test = |s: Option<&StyleStats>, i: usize| {
-        s.map_or((f64::NAN, f64::NAN), |s| {
-            welch((s.text_sum[i], s.text_sqsum[i], s.n_texts), (basic.text_sum[i], basic.text_sqsum[i], basic.n_texts))
-        })
-    };
-    let (mut reasoning, mut memory, mut alive) = (Vec::new(), Vec::new(), Vec::new());
+    let sums = |s: &StyleStats, i: usize| (s.text_sum[i], s.text_sqsum[i], s.n_texts);
+    let test = |s: Option<&StyleStats>, i: usize| s.map_or((f64::NAN, f64::NAN), |s| welch(sums(s, i), sums(basic, i)));
+    let effect = |s: Option<&StyleStats>, i: usize| s.map_or(f64::NAN, |s| hedges(sums(s, i), sums(basic, i)));
+    let is_alive = |i: usize| (log_frequency[i] as f64) > th.alive;
     let mut features = Vec::with_capacity(d);
-    for i in 0..d {
-        let is_alive = (log_frequency[i] as f64) > th.alive;
-        let (d0, df) = (diff(zero, i), diff(few, i));
-        let is_reasoning = is_alive && (d0 > th.diff || df > th.diff);
-        if is_alive {
-            alive.push(i);
-            if is_reasoning { reasoning.push(i) } else { memory.push(i) }
-        }
+    for (i, &lf) in log_frequency.iter().enumerate() {
         let (t0, p0) = test(zero, i);
         let (tf, pf) = test(few, i);
         features.push(FeatureRow {
             index: i,
-            log_frequency: log_frequency[i],
-            alive: is_alive,
-            label: if !is_alive { "dead" } else if is_reasoning { "reasoning" } else { "memory" },
+            log_frequency: lf,
+            alive: is_alive(i),
+            label: "dead",
             values: styles.iter().map(|(n, s)| (n.clone(), [s.mean[i], s.first[i], s.last[i]])).collect(),
-            diff_0shot: d0,
-            diff_fewshot: df,
+            diff_0shot: diff(zero, i),
+            diff_fewshot: diff(few, i),
             t_0shot: t0,
             p_0shot: p0,
             t_fewshot: tf,
             p_fewshot: pf,
+            g_0shot: effect(zero, i),
+            g_fewshot: effect(few, i),
+            q_0shot: f64::NAN,
+            q_fewshot: f64::NAN,
+            q: f64::NAN,
+            g: f64::NAN,
+            injection_ratio: None,
         });
+    }
+    // One family of tests: both styles' tests of every alive feature.
+    let alive: Vec<usize> = (0..d).filter(|&i| is_alive(i)).collect();
+    let ps: Vec<f64> = alive.iter().flat_map(|&i| [features[i].p_0shot, features[i].p_fewshot]).collect();
+    let qs = crate::stats::benjamini_hochberg(&ps);
+    for (k, &i) in alive.iter().enumerate() {
+        let f = &mut features[i];
+        (f.q_0shot, f.q_fewshot) = (qs[2 * k], qs[2 * k + 1]);
+        (f.q, f.g) = if f.q_fewshot < f.q_0shot || f.q_0shot.is_nan() { (f.q_fewshot, f.g_fewshot) } else { (f.q_0shot, f.g_0shot) };
+    }
+    let reasoning = select(&features, &alive, &th);
+    let memory: Vec<usize> = alive.iter().copied().filter(|i| reasoning.binary_search(i).is_err()).collect();
+    for &i in &alive {
+        features[i].label = if reasoning.binary_search(&i).is_ok() { "reasoning" } else { "memory" };
     }
     Ok(Classification {
         n_alive: alive.len(),
@@ -308,26 +400,68 @@ pub fn classify(styles: &[(String, StyleStats)], log_frequency: &[f32], th: Thre
         memory,
         alive,
         thresholds: th,
+        lexical: None,
+        reasoning_nonlexical: None,
+        injection: None,
         features,
     })
 }
 
+/// The reasoning set (sorted) among `alive` under `th.select`.
+fn select(features: &[FeatureRow], alive: &[usize], th: &Thresholds) -> Vec<usize> {
+    // A feature's smallest q-value among the styles where it is higher than basic, and its g.
+    let evidence = |f: &FeatureRow| {
+        [(f.t_0shot, f.q_0shot, f.g_0shot), (f.t_fewshot, f.q_fewshot, f.g_fewshot)]
+            .into_iter()
+            .filter(|(t, q, _)| *t > 0.0 && !q.is_nan())
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(b.2.total_cmp(&a.2)))
+            .map(|(_, q, g)| (q, g))
+    };
+    let mut out: Vec<usize> = match th.select {
+        Selection::Threshold => {
+            alive.iter().copied().filter(|&i| features[i].diff_0shot > th.diff || features[i].diff_fewshot > th.diff).collect()
+        }
+        Selection::Fdr(level) => alive.iter().copied().filter(|&i| evidence(&features[i]).is_some_and(|(q, _)| q <= level)).collect(),
+        Selection::Top(k) => {
+            let mut ranked: Vec<(usize, (f64, f64))> = alive.iter().filter_map(|&i| Some((i, evidence(&features[i])?))).collect();
+            ranked.sort_by(|a, b| a.1 .0.total_cmp(&b.1 .0).then(b.1 .1.total_cmp(&a.1 .1)).then(a.0.cmp(&b.0)));
+            ranked.into_iter().take(k).map(|(i, _)| i).collect()
+        }
+    };
+    out.sort_unstable();
+    out
+}
+
+/// Splits a feature spec into a JSON file and the list named in it: `neurons.json` is the
+/// `reasoning` list, `neurons.json:LIST` the list `LIST` (`lexical`, `reasoning_nonlexical`,
+/// `memory`, `alive`, ...). None when the spec names no existing file (an index list).
+pub fn features_file(spec: &str) -> Option<(&Path, &str)> {
+    if Path::new(spec).is_file() {
+        return Some((Path::new(spec), "reasoning"));
+    }
+    let (file, list) = spec.rsplit_once(':')?;
+    (Path::new(file).is_file() && !list.is_empty()).then_some((Path::new(file), list))
+}
+
 /// Reads a feature list: `1,5,9`, a JSON file holding a list of ints, or an object with a
-/// `"reasoning"` list (what `classify` writes).
+/// `"reasoning"` list (what `classify` writes), or `FILE:LIST` for another list of that object.
 pub fn parse_features(spec: &str) -> Result<Vec<usize>> {
-    let path = Path::new(spec);
-    if path.is_file() {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{spec}: cannot read"))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{spec}: not valid JSON"))?;
+    if let Some((path, name)) = features_file(spec) {
+        let file = path.display();
+        let text = std::fs::read_to_string(path).with_context(|| format!("{file}: cannot read"))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{file}: not valid JSON"))?;
         let list = match &v {
-            serde_json::Value::Array(_) => &v,
-            serde_json::Value::Object(o) => o.get("reasoning").with_context(|| format!("{spec}: no \"reasoning\" list"))?,
-            _ => bail!("{spec}: expected a list of feature indices or an object with \"reasoning\""),
+            serde_json::Value::Array(_) if name == "reasoning" && !spec.ends_with(":reasoning") => &v,
+            serde_json::Value::Object(o) => o.get(name).with_context(|| {
+                let lists: Vec<&String> = o.iter().filter(|(_, x)| x.is_array()).map(|(k, _)| k).collect();
+                format!("{file}: no \"{name}\" list (lists: {lists:?}; `lexical` and `reasoning_nonlexical` come from classify --inject)")
+            })?,
+            _ => bail!("{file}: expected a list of feature indices or an object with \"{name}\""),
         };
-        let list = list.as_array().with_context(|| format!("{spec}: \"reasoning\" is not a list"))?;
+        let list = list.as_array().with_context(|| format!("{file}: \"{name}\" is not a list"))?;
         return list
             .iter()
-            .map(|x| x.as_u64().map(|u| u as usize).with_context(|| format!("{spec}: {x} is not a feature index")))
+            .map(|x| x.as_u64().map(|u| u as usize).with_context(|| format!("{file}: {x} is not a feature index")))
             .collect();
     }
     if spec.trim().is_empty() {

@@ -135,7 +135,7 @@ pub fn run_demo(out: &Path, n_boolq: usize, placement: &Placement, source: Sourc
             batch_size: 8,
             truncate_left: true,
         },
-        classify: ClassifyJob { frequency: None, alive_threshold: -6.0, diff_threshold: 1e-3, statistic: crate::classify::Statistic::Mean },
+        classify: ClassifyJob::default(),
         steer: SteerJob {
             dataset: dataset(&files.boolq, "validation", "boolq", n_boolq),
             template: crate::data::prompts::BOOLQ_TEMPLATE.to_string(),

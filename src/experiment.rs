@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::classify::{self, Statistic, Thresholds};
+use crate::classify::{self, Selection, Statistic, Thresholds};
 use crate::data::prompts::PromptSet;
 use crate::data::{self, DatasetKind, Item};
 use crate::model::{LoadOptions, Model, Placement};
@@ -231,6 +231,12 @@ pub struct ClassifyJob {
     pub diff_threshold: f64,
     #[serde(default = "default_statistic")]
     pub statistic: Statistic,
+    /// `threshold`, `fdr:Q` or `top:K`.
+    #[serde(default = "default_select")]
+    pub select: Selection,
+    /// The token-injection control on the reasoning set (needs the model and transcoder).
+    #[serde(default)]
+    pub inject: Option<crate::inject::InjectJob>,
 }
 
 fn default_alive() -> f64 {
@@ -242,10 +248,14 @@ fn default_diff() -> f64 {
 fn default_statistic() -> Statistic {
     Statistic::Mean
 }
+fn default_select() -> Selection {
+    Selection::Threshold
+}
 
 /// Classifies the traces in `traces` and writes `out` (neurons.json), a CSV beside it and the
-/// plots. Prints the top features.
-pub fn run_classify_job(job: &ClassifyJob, traces: &Path, out: &Path) -> Result<classify::Classification> {
+/// plots. Prints the top features. The injection control, when `job.inject` asks for it, runs
+/// with `model` (the traced model and transcoder).
+pub fn run_classify_job(job: &ClassifyJob, traces: &Path, out: &Path, model: Option<(&Model, &Transcoder)>) -> Result<classify::Classification> {
     let manifest: Option<TraceManifest> = match std::fs::read_to_string(traces.join("trace.json")) {
         Ok(t) => Some(serde_json::from_str(&t).with_context(|| format!("{}: bad trace manifest", traces.display()))?),
         Err(_) => None,
@@ -265,8 +275,30 @@ pub fn run_classify_job(job: &ClassifyJob, traces: &Path, out: &Path) -> Result<
         .iter()
         .map(|s| Ok((s.clone(), classify::load_style(traces, s, d_sae)?)))
         .collect::<Result<_>>()?;
-    let th = Thresholds { alive: job.alive_threshold, diff: job.diff_threshold, statistic: job.statistic };
-    let c = classify::classify(&styles, &log_frequency, th)?;
+    let th = Thresholds { alive: job.alive_threshold, diff: job.diff_threshold, statistic: job.statistic, select: job.select };
+    let mut c = classify::classify(&styles, &log_frequency, th)?;
+    if let Some(ij) = &job.inject {
+        let (model, tc) = model.context("the injection control needs the model and the transcoder (--model, --transcoder)")?;
+        if tc.meta.d_sae != c.features.len() {
+            bail!("the transcoder has {} features, the traces {}", tc.meta.d_sae, c.features.len());
+        }
+        let cot: Vec<String> = style_names.iter().filter(|s| *s != "basic").cloned().collect();
+        let inj = crate::inject::run(model, tc, traces, &cot, &c.reasoning, ij)?;
+        let lexical: Vec<usize> = inj.features.iter().filter(|f| f.lexical).map(|f| f.index).collect();
+        for f in &inj.features {
+            c.features[f.index].injection_ratio = Some(f.ratio);
+        }
+        println!(
+            "injection: {} of {} reasoning features are lexical (ratio >= {}), {} untested",
+            lexical.len(),
+            c.reasoning.len(),
+            ij.threshold,
+            inj.untested.len()
+        );
+        c.reasoning_nonlexical = Some(c.reasoning.iter().copied().filter(|i| !lexical.contains(i)).collect());
+        c.lexical = Some(lexical);
+        c.injection = Some(inj);
+    }
     let mut json = serde_json::to_value(&c)?;
     if let Some(m) = &manifest {
         json["layer"] = m.layer.into();
@@ -301,7 +333,11 @@ fn classify_table(c: &classify::Classification) -> report::Table {
             headers.push(format!("{s}_{v}"));
         }
     }
-    headers.extend(["diff_0shot", "diff_fewshot", "t_0shot", "p_0shot", "t_fewshot", "p_fewshot"].iter().map(|s| s.to_string()));
+    headers.extend(
+        ["diff_0shot", "diff_fewshot", "t_0shot", "p_0shot", "t_fewshot", "p_fewshot", "g_0shot", "g_fewshot", "q_0shot", "q_fewshot", "q", "g", "injection_ratio"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
     let rows = c
         .features
         .iter()
@@ -310,7 +346,12 @@ fn classify_table(c: &classify::Classification) -> report::Table {
             for (_, v) in &f.values {
                 r.extend(v.iter().map(|x| x.to_string()));
             }
-            r.extend([f.diff_0shot, f.diff_fewshot, f.t_0shot, f.p_0shot, f.t_fewshot, f.p_fewshot].iter().map(|x| x.to_string()));
+            r.extend(
+                [f.diff_0shot, f.diff_fewshot, f.t_0shot, f.p_0shot, f.t_fewshot, f.p_fewshot, f.g_0shot, f.g_fewshot, f.q_0shot, f.q_fewshot, f.q, f.g]
+                    .iter()
+                    .map(|x| x.to_string()),
+            );
+            r.push(f.injection_ratio.map_or(String::new(), |x| x.to_string()));
             r
         })
         .collect();
@@ -356,9 +397,28 @@ fn classify_plots(styles: &[(String, classify::StyleStats)], c: &classify::Class
         })
         .collect();
     let mut out = report::panels_chart(stem, &values)?;
-    let mut diff_stem = stem.as_os_str().to_owned();
-    diff_stem.push("_diff");
-    out.extend(report::panels_chart(Path::new(&diff_stem), &diffs)?);
+    let suffixed = |suffix: &str| {
+        let mut s = stem.as_os_str().to_owned();
+        s.push(suffix);
+        PathBuf::from(s)
+    };
+    out.extend(report::panels_chart(&suffixed("_diff"), &diffs)?);
+    // Volcano: each alive feature's g against -log10 q (of its style with the smaller q);
+    // q = 0 is drawn at the top of the finite values.
+    let y = |q: f64| -q.max(1e-300).log10();
+    let points = |selected: bool| -> Vec<(f64, f64)> {
+        alive
+            .iter()
+            .filter(|i| c.reasoning.binary_search(i).is_ok() == selected)
+            .map(|&i| (c.features[i].g, y(c.features[i].q)))
+            .filter(|(g, _)| g.is_finite())
+            .collect()
+    };
+    let volcano = [
+        Series { name: format!("not selected ({})", c.n_memory), points: points(false), errors: None },
+        Series { name: format!("selected: {} ({})", c.thresholds.select, c.n_reasoning), points: points(true), errors: None },
+    ];
+    out.extend(report::scatter_chart(&suffixed("_volcano"), "Volcano: CoT vs basic", "Hedges' g", "-log10 q (BH)", &volcano)?);
     Ok(out)
 }
 
@@ -477,8 +537,8 @@ pub fn run_steer_job(job: &SteerJob, model: &Model, splice: &Splice, transcoder_
 /// feature when there are fewer of those than the reasoning set holds (a warning says so).
 /// Alive and memory lists come from `neurons.json`, else from the transcoder's frequencies.
 fn control_pool(features: &str, reasoning: &[usize], tc: &Transcoder) -> Result<Vec<usize>> {
-    let from_file = std::fs::read_to_string(features)
-        .ok()
+    let from_file = classify::features_file(features)
+        .and_then(|(path, _)| std::fs::read_to_string(path).ok())
         .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
         .and_then(|v| {
             let list = |k: &str| -> Option<Vec<usize>> {
@@ -532,7 +592,20 @@ pub struct ExperimentConfig {
 }
 
 fn default_classify() -> ClassifyJob {
-    ClassifyJob { frequency: None, alive_threshold: default_alive(), diff_threshold: default_diff(), statistic: default_statistic() }
+    ClassifyJob::default()
+}
+
+impl Default for ClassifyJob {
+    fn default() -> Self {
+        Self {
+            frequency: None,
+            alive_threshold: default_alive(),
+            diff_threshold: default_diff(),
+            statistic: default_statistic(),
+            select: default_select(),
+            inject: None,
+        }
+    }
 }
 
 /// Runs trace, classify, steer and evaluate; each stage resumes or is reused when its outputs
@@ -568,7 +641,10 @@ pub fn run_pipeline(cfg: &ExperimentConfig, base: &Path) -> Result<()> {
     eprintln!("[2/4] classify -> {}", neurons.display());
     let mut cj = cfg.classify.clone();
     cj.frequency = cj.frequency.as_deref().map(resolve);
-    run_classify_job(&cj, &traces, &neurons)?;
+    if let Some(ij) = cj.inject.as_mut() {
+        ij.text = ij.text.as_deref().map(resolve);
+    }
+    run_classify_job(&cj, &traces, &neurons, Some((&model, &tc)))?;
     let results = out.join("results.json");
     eprintln!("[3/4] steer -> {}", results.display());
     let mut sj = cfg.steer.clone();
@@ -576,8 +652,9 @@ pub fn run_pipeline(cfg: &ExperimentConfig, base: &Path) -> Result<()> {
     run_steer_job(&sj, &model, &splice, &transcoder_path, &neurons.display().to_string(), &results)?;
     let eval_dir = out.join("evaluation");
     eprintln!("[4/4] evaluate -> {}", eval_dir.display());
-    let (e, written) = crate::evaluate::evaluate_file(&results, &eval_dir)?;
+    let (e, written) = crate::evaluate::evaluate_file(&results, &eval_dir, Some(&neurons))?;
     println!("{}", crate::evaluate::table(&e).to_text());
+    println!("{}", crate::evaluate::comparison_table(&e).to_text());
     for p in written {
         println!("wrote {}", p.display());
     }

@@ -15,6 +15,7 @@ pub mod trace;
 pub mod steer;
 pub mod evaluate;
 pub mod classify;
+pub mod inject;
 pub mod data;
 pub mod pickle;
 pub mod progress;

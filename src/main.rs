@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use neurosteer::bench::{self, Preset};
 use neurosteer::generate::{generate, GenerateOptions};
 use neurosteer::hooks::Hooks;
-use neurosteer::classify::Statistic;
+use neurosteer::classify::{Selection, Statistic};
 use neurosteer::experiment::{self, ClassifyJob, DatasetSpec, SteerJob, TraceJob};
 use neurosteer::model::{LoadOptions, Model, Placement};
 use neurosteer::transcoder::splice::{SteerMode, Steering};
@@ -165,6 +165,40 @@ struct ClassifyArgs {
     /// Which per-style vector to compare.
     #[arg(long, value_enum, default_value_t = Statistic::Mean)]
     statistic: Statistic,
+    /// How the reasoning set is chosen: `threshold` (the rule above), `fdr:Q` (q-value at most Q
+    /// in a style where the feature rises) or `top:K` (the K smallest such q-values).
+    #[arg(long, default_value = "threshold")]
+    select: Selection,
+    /// Run the token-injection control on the reasoning set (needs the model and transcoder:
+    /// --model/--transcoder, else the ones in the traces' trace.json).
+    #[arg(long)]
+    inject: bool,
+    /// Injection: the feature's top CoT tokens injected per text.
+    #[arg(long, default_value_t = neurosteer::inject::DEFAULT_TOP_TOKENS)]
+    top_tokens: usize,
+    /// Injection: lexical means injected / CoT activation at least this.
+    #[arg(long, default_value_t = neurosteer::inject::DEFAULT_THRESHOLD)]
+    lexical_threshold: f64,
+    /// Injection: a neutral text file (one text per line) instead of the basic prompts.
+    #[arg(long)]
+    inject_text: Option<PathBuf>,
+    /// Injection: how many base texts.
+    #[arg(long, default_value_t = neurosteer::inject::DEFAULT_TEXTS)]
+    inject_texts: usize,
+    /// Injection: the model (default: the traces' model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Injection: the tokenizer file, for llama2.c `.bin` checkpoints.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Injection: the transcoder (default: the traces' transcoder and layer).
+    #[arg(long)]
+    transcoder: Option<PathBuf>,
+    /// Injection: the layer to load from a transcoder set.
+    #[arg(long)]
+    layer: Option<usize>,
+    #[command(flatten)]
+    placement: Placement,
     /// Output JSON (a CSV and plots are written beside it).
     #[arg(long, default_value = "neurons.json")]
     out: PathBuf,
@@ -226,9 +260,14 @@ struct SteerArgs {
 struct EvaluateArgs {
     /// A results file written by `steer`.
     results: PathBuf,
-    /// Folder for evaluation.{json,md,csv} and the plot.
+    /// Folder for evaluation.{json,md,csv}, comparisons.{md,csv}, flips.csv, the plot and
+    /// report.html.
     #[arg(long, default_value = "evaluation")]
     out: PathBuf,
+    /// The classification (neurons.json) behind the steered features, shown in report.html with
+    /// its plots and injection result.
+    #[arg(long)]
+    neurons: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -810,8 +849,33 @@ fn cmd_trace(a: TraceArgs) -> Result<()> {
 }
 
 fn cmd_classify(a: ClassifyArgs) -> Result<()> {
-    let job = ClassifyJob { frequency: a.frequency, alive_threshold: a.alive_threshold, diff_threshold: a.diff_threshold, statistic: a.statistic };
-    experiment::run_classify_job(&job, &a.traces, &a.out)?;
+    let inject = a.inject.then(|| neurosteer::inject::InjectJob {
+        top_tokens: a.top_tokens,
+        threshold: a.lexical_threshold,
+        text: a.inject_text.clone(),
+        n_texts: a.inject_texts,
+    });
+    let job = ClassifyJob {
+        frequency: a.frequency,
+        alive_threshold: a.alive_threshold,
+        diff_threshold: a.diff_threshold,
+        statistic: a.statistic,
+        select: a.select,
+        inject,
+    };
+    if !a.inject {
+        experiment::run_classify_job(&job, &a.traces, &a.out, None)?;
+        return Ok(());
+    }
+    // The traced model and transcoder, unless given.
+    let manifest = std::fs::read_to_string(a.traces.join("trace.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<neurosteer::trace::TraceManifest>(&t).ok());
+    let model = a.model.clone().or(manifest.as_ref().map(|m| m.model.clone())).context("--inject: give --model (the traces have no trace.json)")?;
+    let tc_path = a.transcoder.clone().or(manifest.as_ref().map(|m| PathBuf::from(&m.transcoder))).context("--inject: give --transcoder")?;
+    let layer = a.layer.or(manifest.as_ref().filter(|_| a.transcoder.is_none()).map(|m| m.layer));
+    let (model, tc) = experiment::load_model_and_transcoder(&model, &a.placement.load_options(a.tokenizer.clone(), false)?, &tc_path, layer)?;
+    experiment::run_classify_job(&job, &a.traces, &a.out, Some((&model, &tc)))?;
     Ok(())
 }
 
@@ -844,8 +908,12 @@ fn cmd_steer(a: SteerArgs) -> Result<()> {
 }
 
 fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
-    let (e, written) = evaluate::evaluate_file(&a.results, &a.out)?;
+    let (e, written) = evaluate::evaluate_file(&a.results, &a.out, a.neurons.as_deref())?;
     println!("{}", evaluate::table(&e).to_text());
+    println!("{}", evaluate::comparison_table(&e).to_text());
+    for w in &e.warnings {
+        eprintln!("warning: {w}");
+    }
     for p in written {
         println!("wrote {}", p.display());
     }

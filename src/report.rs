@@ -84,6 +84,35 @@ pub fn line_chart(
         y_label,
         series,
         sizes: &sizes,
+        lines: true,
+    };
+    render_both(stem, LINE_SIZE, &job)
+}
+
+/// Like [`line_chart`], but each series is drawn as markers only (no connecting lines, markers
+/// at any number of points): a scatter plot.
+pub fn scatter_chart(
+    stem: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<Vec<PathBuf>> {
+    ensure_font()?;
+    let sizes = TextSizes {
+        title: 24,
+        axis_desc: 16,
+        tick: 13,
+        legend: 14,
+        ticks: 8,
+    };
+    let job = LineJob {
+        title,
+        x_label,
+        y_label,
+        series,
+        sizes: &sizes,
+        lines: false,
     };
     render_both(stem, LINE_SIZE, &job)
 }
@@ -144,6 +173,8 @@ struct LineJob<'a> {
     y_label: &'a str,
     series: &'a [Series],
     sizes: &'a TextSizes,
+    /// Connect the points (false: markers only).
+    lines: bool,
 }
 
 impl Figure for LineJob<'_> {
@@ -158,6 +189,7 @@ impl Figure for LineJob<'_> {
             self.y_label,
             self.series,
             self.sizes,
+            self.lines,
         )
     }
 }
@@ -178,7 +210,7 @@ impl Figure for PanelsJob<'_> {
         }
         let areas = root.split_evenly((1, self.panels.len()));
         for (area, (title, x_label, y_label, series)) in areas.iter().zip(self.panels) {
-            draw_chart(area, title, x_label, y_label, series, self.sizes)?;
+            draw_chart(area, title, x_label, y_label, series, self.sizes, true)?;
         }
         Ok(())
     }
@@ -370,7 +402,8 @@ fn shorten(text: &str, max: usize) -> String {
     cut
 }
 
-/// Draws one titled chart with axes, lines, markers, error bars and a legend into `area`.
+/// Draws one titled chart with axes, lines (unless `lines` is false), markers, error bars and a
+/// legend into `area`.
 fn draw_chart<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     title: &str,
@@ -378,6 +411,7 @@ fn draw_chart<DB: DrawingBackend>(
     y_label: &str,
     series: &[Series],
     sizes: &TextSizes,
+    lines: bool,
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
@@ -405,7 +439,7 @@ where
     let mut any_named = false;
     for (i, p) in prepared.iter().enumerate() {
         let color = series_color(i);
-        let markers = p.finite <= MAX_MARKERS;
+        let markers = !lines || p.finite <= MAX_MARKERS;
         // An empty element series carries the legend entry, so every named series is listed,
         // even one without drawable points.
         if !p.name.is_empty() {
@@ -421,7 +455,7 @@ where
                     EmptyElement::at((0, 0)) + line + dot
                 });
         }
-        for segment in &p.segments {
+        for segment in p.segments.iter().filter(|_| lines) {
             let points = thin(segment, MAX_LINE_POINTS);
             // Thick polylines get miter spikes at sharp turns, so dense lines are drawn 1 px wide.
             let width = if markers { 2 } else { 1 };
@@ -500,6 +534,26 @@ impl Table {
             .filter(|c| !c.is_empty())
             .peekable();
         cells.peek().is_some() && cells.all(|c| c.parse::<f64>().is_ok())
+    }
+
+    /// An HTML table (escaped); numeric columns are right-aligned.
+    pub fn to_html(&self) -> String {
+        let n = self.columns();
+        let mut out = String::from("<table>\n<tr>");
+        for h in &self.headers {
+            out += &format!("<th>{}</th>", escape_html(h));
+        }
+        out += "</tr>\n";
+        let right: Vec<bool> = (0..n).map(|i| self.numeric(i)).collect();
+        for row in &self.rows {
+            out += "<tr>";
+            for (i, c) in row.iter().enumerate() {
+                let class = if right.get(i) == Some(&true) { " class=\"num\"" } else { "" };
+                out += &format!("<td{class}>{}</td>", escape_html(c));
+            }
+            out += "</tr>\n";
+        }
+        out + "</table>\n"
     }
 
     /// Renders `cells` (already escaped) with columns padded to a shared width.
@@ -680,6 +734,96 @@ impl Drop for OutputLock {
         let _ = fs::remove_file(&self.0);
     }
 }
+
+/// Escapes text for HTML.
+pub fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A self-contained HTML page, built section by section: no scripts, no external files (SVG
+/// figures are inlined), readable offline.
+pub struct Html {
+    title: String,
+    body: String,
+}
+
+impl Html {
+    pub fn new(title: &str) -> Self {
+        Self { title: title.to_string(), body: format!("<h1>{}</h1>\n", escape_html(title)) }
+    }
+
+    pub fn h2(&mut self, text: &str) {
+        self.body += &format!("<h2>{}</h2>\n", escape_html(text));
+    }
+
+    pub fn p(&mut self, text: &str) {
+        self.body += &format!("<p>{}</p>\n", escape_html(text));
+    }
+
+    /// A highlighted caution.
+    pub fn warning(&mut self, text: &str) {
+        self.body += &format!("<p class=\"warn\">{}</p>\n", escape_html(text));
+    }
+
+    /// A two-column list of names and values.
+    pub fn pairs(&mut self, pairs: &[(String, String)]) {
+        self.body += "<table class=\"pairs\">\n";
+        for (k, v) in pairs {
+            self.body += &format!("<tr><th>{}</th><td>{}</td></tr>\n", escape_html(k), escape_html(v));
+        }
+        self.body += "</table>\n";
+    }
+
+    pub fn table(&mut self, t: &Table) {
+        self.body += &t.to_html();
+    }
+
+    /// Inlines the SVG file at `svg` (written by the charts here) with a caption.
+    pub fn figure(&mut self, svg: &Path, caption: &str) -> Result<()> {
+        let text = fs::read_to_string(svg).with_context(|| format!("{}: cannot read", svg.display()))?;
+        let start = text.find("<svg").with_context(|| format!("{}: not an SVG file", svg.display()))?;
+        self.body += &format!("<figure>{}<figcaption>{}</figcaption></figure>\n", &text[start..], escape_html(caption));
+        Ok(())
+    }
+
+    /// A prompt and several texts side by side (e.g. generations under two configurations).
+    pub fn side_by_side(&mut self, title: &str, prompt: &str, texts: &[(&str, &str)]) {
+        self.body += &format!("<div class=\"example\"><h3>{}</h3><pre class=\"prompt\">{}</pre><div class=\"cols\">", escape_html(title), escape_html(prompt));
+        for (name, text) in texts {
+            self.body += &format!("<div><h4>{}</h4><pre>{}</pre></div>", escape_html(name), escape_html(text));
+        }
+        self.body += "</div></div>\n";
+    }
+
+    /// The finished page.
+    pub fn finish(self) -> String {
+        format!(
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title><style>{}</style></head><body>\n{}</body></html>\n",
+            escape_html(&self.title),
+            HTML_STYLE,
+            self.body
+        )
+    }
+}
+
+const HTML_STYLE: &str = "body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}\
+table{border-collapse:collapse;margin:0.5em 0;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 6px;text-align:left}\
+th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}.pairs th{width:14em}\
+.warn{background:#fff3cd;border-left:4px solid #e0a800;padding:0.4em 0.8em}\
+figure{margin:1em 0}figure svg{max-width:100%;height:auto}figcaption{font-size:0.85em;color:#555}\
+pre{white-space:pre-wrap;background:#f8f8f8;padding:0.5em;margin:0.3em 0}\
+.cols{display:flex;gap:1em}.cols>div{flex:1}.example{border-top:1px solid #ddd;margin-top:1em}";
 
 /// Writes a file atomically: to `{path}.tmp` in the same folder, fsync, then rename.
 ///

@@ -279,6 +279,59 @@ pub fn bootstrap_diff_ci(a: &[f64], b: &[f64], n_boot: usize, alpha: f64, seed: 
     (quantile_sorted(&diffs, alpha / 2.0), quantile_sorted(&diffs, 1.0 - alpha / 2.0))
 }
 
+/// Benjamini–Hochberg q-values (step-up, made monotone): `q_(i) = min over j >= i of
+/// p_(j) m / j` for the p-values sorted ascending, capped at 1, returned in input order. NaN
+/// p-values are left out of `m` and get a NaN q-value.
+pub fn benjamini_hochberg(p: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..p.len()).filter(|&i| !p[i].is_nan()).collect();
+    order.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
+    let m = order.len() as f64;
+    let mut q = vec![f64::NAN; p.len()];
+    let mut running = 1.0f64;
+    for (rank, &i) in order.iter().enumerate().rev() {
+        running = running.min(p[i] * m / (rank + 1) as f64);
+        q[i] = running;
+    }
+    q
+}
+
+/// Hedges' g from two groups' means, sample variances (divisor n - 1) and sizes: Cohen's d with
+/// the pooled standard deviation times the small-sample correction `J = 1 - 3 / (4 (n_a + n_b) - 9)`.
+/// Fewer than two values in a group give NaN; zero pooled variance gives 0 for equal means and
+/// ±infinity otherwise.
+pub fn hedges_g(mean_a: f64, var_a: f64, n_a: usize, mean_b: f64, var_b: f64, n_b: usize) -> f64 {
+    if n_a < 2 || n_b < 2 {
+        return f64::NAN;
+    }
+    let (na, nb) = (n_a as f64, n_b as f64);
+    let pooled = (((na - 1.0) * var_a + (nb - 1.0) * var_b) / (na + nb - 2.0)).sqrt();
+    let diff = mean_a - mean_b;
+    let d = if pooled > 0.0 {
+        diff / pooled
+    } else if diff == 0.0 {
+        0.0
+    } else {
+        diff.signum() * f64::INFINITY
+    };
+    d * (1.0 - 3.0 / (4.0 * (na + nb) - 9.0))
+}
+
+/// Percentile bootstrap confidence interval `(low, high)` at level `1 - alpha` for the mean
+/// paired difference `mean(a[i] - b[i])`: items are resampled with replacement (the same item
+/// for both), `n_boot` times, seeded with `StdRng::seed_from_u64(seed)`. Empty or unequal
+/// samples, or `n_boot = 0`, give `(NaN, NaN)`.
+pub fn paired_bootstrap_ci(a: &[f64], b: &[f64], n_boot: usize, alpha: f64, seed: u64) -> (f64, f64) {
+    if a.is_empty() || a.len() != b.len() || n_boot == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut means: Vec<f64> =
+        (0..n_boot).map(|_| (0..d.len()).map(|_| d[rng.gen_range(0..d.len())]).sum::<f64>() / d.len() as f64).collect();
+    means.sort_by(|x, y| x.total_cmp(y));
+    (quantile_sorted(&means, alpha / 2.0), quantile_sorted(&means, 1.0 - alpha / 2.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,5 +478,46 @@ mod tests {
         let s = [0.0, 1.0, 2.0, 3.0, 4.0];
         close(quantile_sorted(&s, 0.5), 2.0, 1e-15);
         close(quantile_sorted(&s, 0.125), 0.5, 1e-15);
+    }
+
+    #[test]
+    fn benjamini_hochberg_matches_hand_computation() {
+        // p sorted: 0.01 0.02 0.03 0.04 0.20 (m = 5): p m / rank = 0.05 0.05 0.05 0.05 0.20,
+        // already monotone. The NaN is left out.
+        let q = benjamini_hochberg(&[0.04, 0.01, f64::NAN, 0.20, 0.03, 0.02]);
+        for (got, want) in q.iter().zip([0.05, 0.05, f64::NAN, 0.20, 0.05, 0.05]) {
+            if want.is_nan() { assert!(got.is_nan()) } else { close(*got, want, 1e-12) }
+        }
+        // Step-up monotonicity: 0.001 0.04 0.041 (m = 3) -> 0.003, min(0.06, 0.041) = 0.041, 0.041.
+        let q = benjamini_hochberg(&[0.041, 0.001, 0.04]);
+        close(q[0], 0.041, 1e-12);
+        close(q[1], 0.003, 1e-12);
+        close(q[2], 0.041, 1e-12);
+        assert_eq!(benjamini_hochberg(&[0.9, 0.8]), vec![0.9, 0.9]);
+    }
+
+    #[test]
+    fn hedges_g_known_value() {
+        // The Welch example: d = -1.3416407864998738, J = 1 - 3 / (4 * 11 - 9) = 32 / 35.
+        let (a, b) = ([1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 4.0, 6.0, 8.0, 10.0, 12.0]);
+        let g = hedges_g(mean(&a), sample_var(&a), 5, mean(&b), sample_var(&b), 6);
+        close(g, -1.3416407864998738 * 32.0 / 35.0, 1e-12);
+        assert!(hedges_g(1.0, 0.0, 1, 0.0, 1.0, 5).is_nan());
+        assert_eq!(hedges_g(1.0, 0.0, 3, 0.0, 0.0, 3), f64::INFINITY);
+    }
+
+    #[test]
+    fn paired_bootstrap_is_seeded_and_pairs_items() {
+        // b = a - 1 on every item: every resample's mean difference is exactly 1, however
+        // different the items are (an unpaired bootstrap would give a wide interval).
+        let a: Vec<f64> = (0..50).map(|i| (i % 7) as f64).collect();
+        let b: Vec<f64> = a.iter().map(|x| x - 1.0).collect();
+        assert_eq!(paired_bootstrap_ci(&a, &b, 500, 0.05, 3), (1.0, 1.0));
+        let x: Vec<f64> = (0..200).map(|i| if i % 10 < 7 { 1.0 } else { 0.0 }).collect();
+        let y: Vec<f64> = (0..200).map(|i| if i % 10 < 5 { 1.0 } else { 0.0 }).collect();
+        let ci = paired_bootstrap_ci(&x, &y, 2000, 0.05, 7);
+        assert_eq!(ci, paired_bootstrap_ci(&x, &y, 2000, 0.05, 7));
+        assert!(ci.0 < 0.2 && 0.2 < ci.1 && ci.0 > 0.1, "{ci:?}");
+        assert!(paired_bootstrap_ci(&[1.0], &[], 10, 0.05, 1).0.is_nan());
     }
 }

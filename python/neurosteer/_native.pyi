@@ -222,12 +222,20 @@ def classify(
     traces: _Path,
     out: _Path = "neurons.json",
     *,
+    model: Optional[Model] = None,
+    transcoder: Optional[Union[Transcoder, _Path]] = None,
     frequency: Optional[_Path] = None,
     alive_threshold: float = -6.0,
     diff_threshold: float = 1e-3,
     statistic: Literal["mean", "first", "last"] = "mean",
+    select: str = "threshold",
+    inject: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """``neurosteer classify``: splits alive features into reasoning and memory features.
+
+    ``select`` is ``"threshold"`` (the original rule), ``"fdr:Q"`` or ``"top:K"``. ``inject``
+    (keys ``top_tokens``, ``threshold``, ``text``, ``n_texts``, as ``[classify.inject]`` in a
+    ``run`` config) runs the token-injection control and needs ``model`` and ``transcoder``.
 
     Writes ``out`` (plus a CSV and plots beside it) and returns its content; ``"features"`` is
     a list of per-feature records.
@@ -264,7 +272,8 @@ def steer(
     every item.
     """
 
-def evaluate(results: _Path, out: _Path = "evaluation") -> Dict[str, Any]:
-    """``neurosteer evaluate``: accuracy, Wilson CIs, McNemar tests and controls of a results
-    file; writes ``evaluation.{json,md,csv}`` and the plot into ``out`` and returns the
-    evaluation."""
+def evaluate(results: _Path, out: _Path = "evaluation", neurons: Optional[_Path] = None) -> Dict[str, Any]:
+    """``neurosteer evaluate``: accuracy, bootstrap CIs, McNemar tests, the random controls'
+    distribution and flips of a results file; writes ``evaluation.{json,md,csv}``, the plots
+    and ``report.html`` into ``out`` (``neurons``: the classification the report describes)
+    and returns the evaluation."""

@@ -578,12 +578,28 @@ fn trace<'py>(
 }
 
 /// `neurosteer classify`: splits alive features into reasoning and memory features; writes
-/// `out` (with a CSV and plots beside it) and returns its content.
+/// `out` (with a CSV and plots beside it) and returns its content. The token-injection control
+/// (`inject={...}`) needs `model` and `transcoder`.
 #[pyfunction]
-#[pyo3(signature = (traces, out = PathBuf::from("neurons.json"), **options))]
-fn classify<'py>(py: Python<'py>, traces: PathBuf, out: PathBuf, options: Option<&Bound<'py, PyDict>>) -> PyResult<Bound<'py, PyAny>> {
+#[pyo3(signature = (traces, out = PathBuf::from("neurons.json"), *, model = None, transcoder = None, **options))]
+fn classify<'py>(
+    py: Python<'py>,
+    traces: PathBuf,
+    out: PathBuf,
+    model: Option<&Bound<'py, PyModel>>,
+    transcoder: Option<&Bound<'py, PyAny>>,
+    options: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
     let job: ClassifyJob = job("classify", None, options)?;
-    compute(py, || experiment::run_classify_job(&job, &traces, &out))?;
+    let tc = transcoder.map(|t| transcoder_arg(py, t)).transpose()?;
+    let model = model.map(|m| &m.get().model);
+    compute(py, || {
+        let fitted = match (model, &tc) {
+            (Some(m), Some((tc, path))) => Some((m, transcoder_for(m, tc, path)?)),
+            _ => None,
+        };
+        experiment::run_classify_job(&job, &traces, &out, fitted.as_ref().map(|(m, t)| (*m, t.as_ref())))
+    })?;
     read_json(py, &out)
 }
 
@@ -617,12 +633,13 @@ fn steer<'py>(
     read_json(py, &out)
 }
 
-/// `neurosteer evaluate`: scores a results file (accuracy, Wilson CIs, McNemar tests, controls)
-/// and writes evaluation.{json,md,csv} and the plot into `out`. Returns the evaluation.
+/// `neurosteer evaluate`: scores a results file (accuracy, bootstrap CIs, McNemar tests, the
+/// controls' distribution, flips) and writes evaluation.{json,md,csv}, the plots and report.html
+/// into `out` (`neurons`: the classification to describe in the report). Returns the evaluation.
 #[pyfunction]
-#[pyo3(signature = (results, out = PathBuf::from("evaluation")))]
-fn evaluate<'py>(py: Python<'py>, results: PathBuf, out: PathBuf) -> PyResult<Bound<'py, PyAny>> {
-    let (e, _) = compute(py, || neurosteer::evaluate::evaluate_file(&results, &out))?;
+#[pyo3(signature = (results, out = PathBuf::from("evaluation"), neurons = None))]
+fn evaluate<'py>(py: Python<'py>, results: PathBuf, out: PathBuf, neurons: Option<PathBuf>) -> PyResult<Bound<'py, PyAny>> {
+    let (e, _) = compute(py, || neurosteer::evaluate::evaluate_file(&results, &out, neurons.as_deref()))?;
     let text = serde_json::to_string(&e).map_err(|e| NeurosteerError::new_err(e.to_string()))?;
     from_json(py, &text)
 }
