@@ -127,7 +127,11 @@ class TranscoderConfig:
     format: str
     """The on-disk format it was read from."""
     model_name: Optional[str]
-    activation: Literal["relu", "jumprelu"]
+    activation: Literal["relu", "jump_relu", "jump_relu_non_negative", "top_k"]
+    """``jump_relu`` is ``pre·(pre > θ)`` (circuit-tracer, Gemma Scope); ``jump_relu_non_negative``
+    is SAELens's ``relu(pre)·(pre > θ)``."""
+    k: Optional[int]
+    """For ``top_k``: how many features each token keeps."""
     skip: bool
     """Whether it has a skip connection."""
     extra: Dict[str, Any]

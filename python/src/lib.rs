@@ -12,7 +12,7 @@ use neurosteer::generate::{generate, GenerateOptions};
 use neurosteer::hooks::{HookPoint, Hooks, ZeroAblation};
 use neurosteer::model::{DTypeChoice, Model, Placement};
 use neurosteer::transcoder::splice::{Splice, SteerMode, Steering};
-use neurosteer::transcoder::Transcoder;
+use neurosteer::transcoder::{Activation, Transcoder};
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{AllowTypeChange, IntoPyArray, PyArrayDyn, PyArrayLikeDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
@@ -159,6 +159,11 @@ fn features_spec(obj: &Bound<'_, PyAny>) -> PyResult<String> {
 fn transcoder_for(model: &Model, tc: &Arc<Transcoder>, path: &Path) -> anyhow::Result<Arc<Transcoder>> {
     experiment::check_fit(model, tc, path)?;
     Ok(if model.device.is_cpu() { tc.clone() } else { Arc::new(tc.to_device(&model.device)?) })
+}
+
+/// An activation's name, as the transcoder meta serialises it (`relu`, `jump_relu`, ...).
+fn activation_name(a: &Activation) -> String {
+    serde_json::to_value(a).ok().and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string)).unwrap_or_default()
 }
 
 /// A `Transcoder` object or a path to load one from.
@@ -377,8 +382,11 @@ struct PyTranscoderConfig {
     format: String,
     /// The model it was trained on, when the file says.
     model_name: Option<String>,
-    /// `"relu"` or `"jumprelu"`.
+    /// `"relu"`, `"jump_relu"` (`pre·(pre > θ)`), `"jump_relu_non_negative"` (SAELens's
+    /// `relu(pre)·(pre > θ)`) or `"top_k"`.
     activation: String,
+    /// For `top_k`: how many features each token keeps.
+    k: Option<usize>,
     /// Whether it has a skip connection (`W_skip`).
     skip: bool,
     /// Other configuration fields of the file.
@@ -442,7 +450,11 @@ impl PyTranscoder {
             d_out: m.d_out,
             format: m.format.clone(),
             model_name: m.model_name.clone(),
-            activation: if self.tc.threshold.is_some() { "jumprelu" } else { "relu" }.to_string(),
+            activation: activation_name(&m.activation),
+            k: match m.activation {
+                Activation::TopK { k } => Some(k),
+                _ => None,
+            },
             skip: self.tc.w_skip.is_some(),
             extra: from_json(py, &extra)?.unbind(),
         })

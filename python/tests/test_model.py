@@ -163,7 +163,7 @@ def test_errors_are_exceptions_with_the_cli_message(shared, cli):
     assert str(e.value) == cli_error(cli, "generate", *args, "--prompt", "x", "--transcoder", shared / TC_STORIES, "--features", "600")
     with pytest.raises(ns.NeurosteerError, match="mode `up`"):
         ns.Steering(tc, [1], 2.0, mode="up")
-    with pytest.raises(ns.NeurosteerError, match="not of layer 3"):
+    with pytest.raises(ns.NeurosteerError, match="--layer 3, but this transcoder is for layer 2"):
         ns.Transcoder.load(shared / TC_STORIES, layer=3)
     with pytest.raises(ns.NeurosteerError) as e:
         model.generate("x" * 3000, max_new_tokens=5)
@@ -199,3 +199,22 @@ def test_generate_releases_the_gil(shared):
     # With the GIL held for the whole generate, this loop would have run about once.
     assert elapsed > 0.2, f"generate was too quick ({elapsed:.3f} s) to tell"
     assert ticks > 50, f"the main thread ran only {ticks} times in {elapsed:.2f} s"
+
+
+def test_public_transcoder_sets(shared):
+    """A circuit-tracer TopK set (one layer chosen with `layer`) and a cross-layer transcoder read
+    through Transcoder.load give the fixtures' reference features at every position."""
+    model = ns.Model.load(str(shared / "fixtures/tiny-llama3"))
+    for folder, layer in [("circuit-tracer-topk", 1), ("circuit-tracer-clt", 2), ("circuit-tracer-relu-skip", 1)]:
+        ref_dir = shared / "fixtures/transcoders" / folder
+        ref = json.loads((ref_dir / "reference.json").read_text())
+        arrays = read_safetensors(ref_dir / "reference_features.safetensors")
+        tc = ns.Transcoder.load(ref_dir, layer=layer)
+        assert tc.cfg.layer == layer
+        for p in ref["prompts"]:
+            _, cache = model.run_with_cache(p["text"], names=[tc.cfg.hook_in])
+            got = tc.encode(cache[tc.cfg.hook_in])
+            want = arrays[p["features"][str(layer)]]
+            assert np.abs(got - want).max() / max(1.0, np.abs(want).max()) <= 1e-4, (folder, p["name"])
+    topk = ns.Transcoder.load(shared / "fixtures/transcoders/circuit-tracer-topk", layer=1)
+    assert topk.cfg.activation == "top_k" and topk.cfg.k == 16 and topk.cfg.hook_in == "blocks.1.mlp.hook_in"
