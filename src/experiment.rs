@@ -175,6 +175,9 @@ fn default_batch() -> usize {
 
 /// Renders every style's prompts and traces them into `out`.
 pub fn run_trace_job(job: &TraceJob, model: &Model, transcoder: Arc<Transcoder>, transcoder_path: &Path, out: &Path) -> Result<()> {
+    if job.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
     let prompts = match &job.templates {
         Some(p) => PromptSet::from_toml_file(p)?,
         None => PromptSet::builtin(),
@@ -210,7 +213,7 @@ pub fn run_trace_job(job: &TraceJob, model: &Model, transcoder: Arc<Transcoder>,
         hook_point: transcoder.meta.hook_in.clone(),
         d_sae: transcoder.meta.d_sae,
         max_new_tokens: job.max_new_tokens,
-        shard_size: job.batch_size.max(1),
+        shard_size: job.batch_size,
         truncate_left: job.truncate_left,
         styles,
     };
@@ -256,6 +259,11 @@ fn default_select() -> Selection {
 /// plots. Prints the top features. The injection control, when `job.inject` asks for it, runs
 /// with `model` (the traced model and transcoder).
 pub fn run_classify_job(job: &ClassifyJob, traces: &Path, out: &Path, model: Option<(&Model, &Transcoder)>) -> Result<classify::Classification> {
+    for (flag, v) in [("--alive-threshold", job.alive_threshold), ("--diff-threshold", job.diff_threshold)] {
+        if !v.is_finite() {
+            bail!("{flag} {v} must be a finite number");
+        }
+    }
     let manifest: Option<TraceManifest> = match std::fs::read_to_string(traces.join("trace.json")) {
         Ok(t) => Some(serde_json::from_str(&t).with_context(|| format!("{}: bad trace manifest", traces.display()))?),
         Err(_) => None,
@@ -483,6 +491,9 @@ fn default_score() -> String {
     "generate".into()
 }
 
+/// Most random control sets a steering run takes.
+pub const MAX_RANDOM_CONTROLS: usize = 100;
+
 /// Runs the steering experiment with the feature set in `features` (`neurons.json`, a JSON
 /// list or `1,5,9`).
 pub fn run_steer_job(job: &SteerJob, model: &Model, splice: &Splice, transcoder_path: &Path, features: &str, out: &Path) -> Result<()> {
@@ -490,8 +501,20 @@ pub fn run_steer_job(job: &SteerJob, model: &Model, splice: &Splice, transcoder_
     if !["generate", "loglik", "both"].contains(&job.score.as_str()) {
         bail!("--score must be generate, loglik or both, not `{}`", job.score);
     }
+    if job.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if job.template.trim().is_empty() {
+        bail!("--template is empty");
+    }
+    if job.random_controls > MAX_RANDOM_CONTROLS {
+        bail!("--random-controls {}: at most {MAX_RANDOM_CONTROLS} (each control set is another full run of every strength)", job.random_controls);
+    }
     let reasoning = classify::parse_features(features)?;
     let (items, _) = job.dataset.load(0)?;
+    if items.is_empty() {
+        bail!("{}: no items to steer", job.dataset.path);
+    }
     let items = items
         .iter()
         .map(|it| {
@@ -517,7 +540,7 @@ pub fn run_steer_job(job: &SteerJob, model: &Model, splice: &Splice, transcoder_
         layer: transcoder.meta.layer,
         mode: job.mode,
         max_new_tokens: job.max_new_tokens,
-        batch_size: job.batch_size.max(1),
+        batch_size: job.batch_size,
         score: job.score.clone(),
         dataset: job.dataset.path.clone(),
         seed: job.dataset.seed,

@@ -77,13 +77,16 @@ pub fn generate(
     hooks: &Hooks,
     mut on_step: impl FnMut(&StepView) -> Result<()>,
 ) -> Result<Vec<Vec<u32>>> {
+    if opts.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
     let prompts: Vec<Vec<u32>> =
         prompts.iter().map(|p| fit_prompt(model, p.clone(), opts)).collect::<Result<_>>()?;
     // Batch prompts of similar length together: less padding, same results.
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
     let mut outputs = vec![Vec::new(); prompts.len()];
-    for chunk in order.chunks(opts.batch_size.max(1)) {
+    for chunk in order.chunks(opts.batch_size) {
         let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
         let mut hooks = hooks.clone();
         let new = generate_batch(model, &batch, opts, &mut hooks, |step, rows, values| {

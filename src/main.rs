@@ -710,10 +710,15 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             (None, Some(m)) => Model::load(m, &a.model.placement.load_options(a.model.tokenizer.clone(), false)?)?,
             (None, None) => unreachable!("a model or presets"),
         };
-        if a.new_tokens + 1 >= model.info.n_ctx {
-            bail!("--new-tokens {} leaves no room in the context of {}", a.new_tokens, model.info.n_ctx);
+        if a.prompt_tokens == 0 || a.prompt_tokens + a.new_tokens > model.info.n_ctx {
+            bail!(
+                "--prompt-tokens {} plus --new-tokens {} must fit the model's context of {} (and --prompt-tokens be at least 1)",
+                a.prompt_tokens,
+                a.new_tokens,
+                model.info.n_ctx
+            );
         }
-        let prompt = a.prompt_tokens.clamp(1, model.info.n_ctx - a.new_tokens - 1);
+        let prompt = a.prompt_tokens;
         for &batch in &a.batch {
             let row = bench::measure(&model, batch, prompt, a.new_tokens, &Hooks::none(), floors)?;
             print_bench_row(&row);

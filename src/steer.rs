@@ -179,7 +179,10 @@ fn record_id(item: &SteerItem) -> serde_json::Value {
 pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &Path) -> Result<Vec<SteerRecord>> {
     let _lock = crate::report::OutputLock::acquire(out)?;
     let meta_file = meta_path(out);
-    let chunk_size = settings.batch_size.max(1);
+    if settings.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let chunk_size = settings.batch_size;
     let mut records: Vec<SteerRecord> = Vec::new();
     let mut done = 0;
     if meta_file.exists() {

@@ -163,6 +163,14 @@ fn invalid_inputs_are_refused() {
         &run(&["generate", "--model", gpt2.to_str().unwrap(), "--prompt", "x", "--max-new-tokens", "2", "--transcoder", tc.to_str().unwrap(), "--features", "7,3,3", "--strength", "3"]),
         &["feature 3 is listed twice"],
     );
+    assert_clean_error(&run(&["generate", "--model", gpt2.to_str().unwrap(), "--prompt", "x", "--batch-size", "0"]), &["--batch-size"]);
+    let traces = shared.join("fixtures/seed-traces");
+    assert_clean_error(&run(&["classify", "--traces", traces.to_str().unwrap(), "--diff-threshold", "NaN", "--out", "/tmp/never.json"]), &["--diff-threshold"]);
+    let s = shared.join("assets");
+    assert_clean_error(
+        &run(&["transcoder", "train", "--model", s.join("stories260K/hf").to_str().unwrap(), "--layer", "2", "--dataset", s.join("boolq/validation.jsonl").to_str().unwrap(), "--lr", "NaN", "--out", "/tmp/never.safetensors"]),
+        &["--lr"],
+    );
     let llama = shared.join("fixtures/tiny-llama3");
     let edit = |name: &str, change: &dyn Fn(&mut serde_json::Value)| -> PathBuf {
         let d = tmpdir(name);

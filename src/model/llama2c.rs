@@ -83,6 +83,9 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Llama2cCheckpoint
 
     let mut tensors = HashMap::new();
     let mut put = |name: String, data: Vec<f32>, shape: (usize, usize)| -> Result<()> {
+        if data.iter().any(|x| !x.is_finite()) {
+            bail!("{}: weight {name} holds NaN or infinite values", path.display());
+        }
         tensors.insert(name, Tensor::from_vec(data, shape, device)?);
         Ok(())
     };

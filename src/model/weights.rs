@@ -106,10 +106,27 @@ impl SafetensorsFiles {
         }
         let n = e.shape.iter().product::<usize>();
         let dev = &Device::Cpu;
+        // A NaN or infinite weight would poison every output: refuse it here, naming it.
+        let finite = |ok: bool| -> Result<()> {
+            anyhow::ensure!(ok, "{}: tensor {name} holds NaN or infinite values", path.display());
+            Ok(())
+        };
         Ok(match e.dtype {
-            DType::F32 => Tensor::from_vec(typed::<f32>(n, read)?, e.shape.as_slice(), dev)?,
-            DType::BF16 => Tensor::from_vec(typed::<half::bf16>(n, read)?, e.shape.as_slice(), dev)?,
-            DType::F16 => Tensor::from_vec(typed::<half::f16>(n, read)?, e.shape.as_slice(), dev)?,
+            DType::F32 => {
+                let v = typed::<f32>(n, read)?;
+                finite(v.iter().all(|x| x.is_finite()))?;
+                Tensor::from_vec(v, e.shape.as_slice(), dev)?
+            }
+            DType::BF16 => {
+                let v = typed::<half::bf16>(n, read)?;
+                finite(v.iter().all(|x| x.is_finite()))?;
+                Tensor::from_vec(v, e.shape.as_slice(), dev)?
+            }
+            DType::F16 => {
+                let v = typed::<half::f16>(n, read)?;
+                finite(v.iter().all(|x| x.is_finite()))?;
+                Tensor::from_vec(v, e.shape.as_slice(), dev)?
+            }
             other => {
                 let mut bytes = vec![0u8; (e.end - e.start) as usize];
                 read(&mut bytes)?;

@@ -40,6 +40,24 @@ impl Default for TrainOptions {
     }
 }
 
+impl TrainOptions {
+    /// Refuses settings training cannot run with.
+    pub fn check(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            anyhow::bail!("--lr {} must be a positive number", self.lr);
+        }
+        if !(self.l1_coefficient.is_finite() && self.l1_coefficient >= 0.0) {
+            anyhow::bail!("--l1-coefficient {} must be a non-negative number", self.l1_coefficient);
+        }
+        for (flag, v) in [("--d-sae", self.d_sae), ("--steps", self.steps), ("--batch-tokens", self.batch_tokens)] {
+            if v == 0 {
+                anyhow::bail!("{flag} must be at least 1");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What training measured on held-out tokens.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainReport {
@@ -260,6 +278,10 @@ fn resample_dead(
 /// Collects activations of `opts.layer` over `texts`, trains, and saves the transcoder (with
 /// its held-out log10 frequencies) to `out` in neurosteer's format.
 pub fn train_for_model(model: &Model, texts: &[String], opts: &TrainOptions, max_tokens: usize, out: &std::path::Path) -> Result<TrainReport> {
+    opts.check()?;
+    if opts.layer >= model.info.n_layers {
+        anyhow::bail!("--layer {}: the model has {} layers", opts.layer, model.info.n_layers);
+    }
     eprintln!("collecting activations of layer {} ...", opts.layer);
     let (x, y) = collect_activations(model, texts, opts.layer, max_tokens)?;
     let l = opts.layer;
