@@ -398,20 +398,25 @@ fn layer_file_index(name: &str) -> Option<usize> {
 
 fn looks_like_repo_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
-    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+    let is_file = [".pt", ".pth", ".bin", ".safetensors", ".npz", ".json", ".yaml"].iter().any(|e| spec.ends_with(e));
+    !is_file && parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
 }
 
 /// Reads `config.yaml`, else `wandb-config.yaml` / `wanb-config.yaml` (W&B's `key: {value: v}`).
 fn read_config(files: &Files) -> Result<Option<SetConfig>> {
+    let mut hub_error = None;
     for (name, wandb) in [("config.yaml", false), ("wandb-config.yaml", true), ("wanb-config.yaml", true)] {
-        let present = match files {
-            Files::Local(dir) => dir.join(name).is_file(),
-            Files::Hub { .. } => files.get(name).is_ok(),
+        let path = match files {
+            Files::Local(dir) if !dir.join(name).is_file() => continue,
+            Files::Local(dir) => dir.join(name),
+            Files::Hub { .. } => match files.get(name) {
+                Ok(p) => p,
+                Err(e) => {
+                    hub_error.get_or_insert(e);
+                    continue;
+                }
+            },
         };
-        if !present {
-            continue;
-        }
-        let path = files.get(name)?;
         let text = std::fs::read_to_string(&path).map_err(|e| file_err(&path, e))?;
         let value: J = serde_yaml_ng::from_str(&text).map_err(|e| file_err(&path, format!("not valid YAML: {e}")))?;
         let obj = value.as_object().ok_or_else(|| file_err(&path, "not a YAML mapping"))?;
@@ -456,7 +461,11 @@ fn read_config(files: &Files) -> Result<Option<SetConfig>> {
             model_name: string("model_name"),
         }));
     }
-    Ok(None)
+    // On the hub, say why config.yaml could not be had (absent, or no network).
+    match hub_error {
+        Some(e) => Err(e.context(format!("{}: no transcoder set config (config.yaml or wandb-config.yaml)", files.describe()))),
+        None => Ok(None),
+    }
 }
 
 /// The activation of a circuit-tracer file: `activation: topk` (with `k`), `relu`, else
