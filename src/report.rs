@@ -70,23 +70,7 @@ pub fn line_chart(
     y_label: &str,
     series: &[Series],
 ) -> Result<Vec<PathBuf>> {
-    ensure_font()?;
-    let sizes = TextSizes {
-        title: 24,
-        axis_desc: 16,
-        tick: 13,
-        legend: 14,
-        ticks: 8,
-    };
-    let job = LineJob {
-        title,
-        x_label,
-        y_label,
-        series,
-        sizes: &sizes,
-        lines: true,
-    };
-    render_both(stem, LINE_SIZE, &job)
+    xy_chart(stem, title, x_label, y_label, series, true)
 }
 
 /// Like [`line_chart`], but each series is drawn as markers only (no connecting lines, markers
@@ -98,22 +82,14 @@ pub fn scatter_chart(
     y_label: &str,
     series: &[Series],
 ) -> Result<Vec<PathBuf>> {
+    xy_chart(stem, title, x_label, y_label, series, false)
+}
+
+/// The line and scatter charts: markers, joined by lines when `lines` is set.
+fn xy_chart(stem: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], lines: bool) -> Result<Vec<PathBuf>> {
     ensure_font()?;
-    let sizes = TextSizes {
-        title: 24,
-        axis_desc: 16,
-        tick: 13,
-        legend: 14,
-        ticks: 8,
-    };
-    let job = LineJob {
-        title,
-        x_label,
-        y_label,
-        series,
-        sizes: &sizes,
-        lines: false,
-    };
+    let sizes = TextSizes { title: 24, axis_desc: 16, tick: 13, legend: 14, ticks: 8 };
+    let job = LineJob { title, x_label, y_label, series, sizes: &sizes, lines };
     render_both(stem, LINE_SIZE, &job)
 }
 

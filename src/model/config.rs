@@ -243,33 +243,20 @@ impl ModelConfig {
     /// epsilons and RoPE bases, and special tokens outside the vocabulary.
     fn check_limits(&self) -> Result<()> {
         let (sizes, eps, theta, bos, eos): (Vec<(&str, usize, usize)>, f64, Option<f64>, Option<u32>, &[u32]) = match self {
-            ModelConfig::Llama(c) => (
+            ModelConfig::Llama(LlamaConfig { hidden_size, intermediate_size, num_hidden_layers, head_dim, vocab_size, max_position_embeddings, rms_norm_eps, rope_theta, bos_token_id, eos_token_ids, .. })
+            | ModelConfig::Gemma2(Gemma2Config { hidden_size, intermediate_size, num_hidden_layers, head_dim, vocab_size, max_position_embeddings, rms_norm_eps, rope_theta, bos_token_id, eos_token_ids, .. }) => (
                 vec![
-                    ("hidden_size", c.hidden_size, 1 << 16),
-                    ("intermediate_size", c.intermediate_size, 1 << 18),
-                    ("num_hidden_layers", c.num_hidden_layers, 1024),
-                    ("head_dim", c.head_dim, 1024),
-                    ("vocab_size", c.vocab_size, 1 << 22),
-                    ("max_position_embeddings", c.max_position_embeddings, MAX_POSITIONS),
+                    ("hidden_size", *hidden_size, 1 << 16),
+                    ("intermediate_size", *intermediate_size, 1 << 18),
+                    ("num_hidden_layers", *num_hidden_layers, 1024),
+                    ("head_dim", *head_dim, 1024),
+                    ("vocab_size", *vocab_size, 1 << 22),
+                    ("max_position_embeddings", *max_position_embeddings, MAX_POSITIONS),
                 ],
-                c.rms_norm_eps,
-                Some(c.rope_theta),
-                c.bos_token_id,
-                &c.eos_token_ids,
-            ),
-            ModelConfig::Gemma2(c) => (
-                vec![
-                    ("hidden_size", c.hidden_size, 1 << 16),
-                    ("intermediate_size", c.intermediate_size, 1 << 18),
-                    ("num_hidden_layers", c.num_hidden_layers, 1024),
-                    ("head_dim", c.head_dim, 1024),
-                    ("vocab_size", c.vocab_size, 1 << 22),
-                    ("max_position_embeddings", c.max_position_embeddings, MAX_POSITIONS),
-                ],
-                c.rms_norm_eps,
-                Some(c.rope_theta),
-                c.bos_token_id,
-                &c.eos_token_ids,
+                *rms_norm_eps,
+                Some(*rope_theta),
+                *bos_token_id,
+                eos_token_ids,
             ),
             ModelConfig::Gpt2(c) => (
                 vec![
