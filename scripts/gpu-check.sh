@@ -6,7 +6,9 @@
 #      prompt's layer-1 TransformerLens hooks with reference_hooks.safetensors;
 #   2. compares `generate --device cuda` greedy ids with the references (batch 1 and 5);
 #   3. runs `bench` on a random llama-3.1-8b in bf16 (batch 1, 8, 32), then with
-#      --steer-features 65536;
+#      --steer-features 65536 and --experiment 300 (the original experiment's shape: 300 prompts
+#      of 160 tokens, Base + 3 strengths, 50 new tokens, a 65,536-feature transcoder at layer 0,
+#      its wall time);
 # and writes everything to $OUT/gpu-check.json (OUT defaults to ./gpu-check-out), with the
 # commands' logs beside it. Exit status 0 when every correctness check passed.
 #
@@ -290,12 +292,14 @@ for name, mdir, no_bos in MODELS:
             report["failures"].append(f"generate {name} {dtype} batch {bs}: {g}")
     save()
 
-# 3. bench: random llama-3.1-8b in bf16, then with a 65,536-feature transcoder
+# 3. bench: random llama-3.1-8b in bf16, then with a 65,536-feature transcoder and the original
+#    experiment's shape (300 prompts of BoolQ length, 160 tokens; Base + 3 strengths; 50 new tokens)
 bench = report["steps"]["bench"] = {}
-for key, extra, cap in (("plain", [], 150), ("steer_65536", ["--steer-features", "65536"], 200)):
+for key, extra, cap in (("plain", ["--new-tokens", "16"], 120),
+                        ("steer_65536", ["--steer-features", "65536", "--experiment", "300", "--new-tokens", "50"], 300)):
     bf = os.path.join(OUT, f"bench-{key}.json")
     args = ["bench", "--preset", "llama-3.1-8b", "--dtype", "bf16", "--device", "cuda",
-            "--batch", "1", "--batch", "8", "--batch", "32", "--prompt-tokens", "128", "--new-tokens", "16",
+            "--batch", "1", "--batch", "8", "--batch", "32", "--prompt-tokens", "160",
             "--out", bf] + extra
     rc, dt, out = run(args, cap, stdout_file=os.path.join(OUT, f"bench-{key}.txt"))
     b = bench[key] = {"seconds": round(dt, 1), "rc": rc}
@@ -313,6 +317,8 @@ for f in os.listdir(TMP):
 os.rmdir(TMP)
 print(json.dumps({"pass": report["pass"], "failures": report["failures"][:10], "elapsed_s": report["elapsed_s"],
                   "bench": {k: ([(r["model"], r["batch"], r["decode_step_ms"]) for r in v["report"]["rows"]] if "report" in v else v.get("error"))
-                            for k, v in bench.items()}}, indent=1))
+                            for k, v in bench.items()},
+                  "experiment": [(e["total_s"], e["tokens_per_s"], [(c["name"], round(c["seconds"], 1)) for c in e["configs"]])
+                                 for v in bench.values() for e in v.get("report", {}).get("experiments", [])]}, indent=1))
 sys.exit(0 if report["pass"] else 1)
 PY

@@ -59,6 +59,98 @@ pub struct BenchRow {
     pub peak_rss_gib: Option<f64>,
 }
 
+/// A timed run of the original experiment's shape: `prompts` prompts of `prompt_tokens` tokens,
+/// `new_tokens` greedy tokens each, in batches of `batch`, under each configuration of `steer`'s
+/// default (`Base,Original=1.0,Suppressed=0.5,Strengthen=2.0`, delta mode) with a transcoder at
+/// `layer` scaling every tenth of its features. As in `steer`, a configuration that is another by
+/// construction (strength 1 is the base model) is not generated again.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExperimentTiming {
+    pub model: String,
+    pub dtype: String,
+    pub transcoder_dtype: String,
+    pub layer: usize,
+    pub d_sae: usize,
+    pub features: usize,
+    pub prompts: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub batch: usize,
+    pub configs: Vec<ConfigTiming>,
+    /// Wall time of every configuration together, in seconds.
+    pub total_s: f64,
+    /// Generated tokens per second over the whole run (configurations not generated count as 0).
+    pub tokens_per_s: f64,
+    pub peak_rss_gib: Option<f64>,
+}
+
+/// One configuration of an [`ExperimentTiming`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigTiming {
+    pub name: String,
+    /// `null` for the unsteered base model.
+    pub strength: Option<f64>,
+    pub seconds: f64,
+    /// The configuration this one equals by construction (not generated again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub same_as: Option<String>,
+}
+
+/// Times the original experiment's shape (see [`ExperimentTiming`]) with `tc` on `model`.
+pub fn time_experiment(
+    model: &Model,
+    tc: std::sync::Arc<crate::transcoder::Transcoder>,
+    prompts: usize,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    batch: usize,
+) -> Result<ExperimentTiming> {
+    use crate::steer::{identical_configs, parse_configs, DEFAULT_CONFIGS};
+    use crate::transcoder::splice::{SteerMode, Steering};
+    let vocab = model.info.vocab_size as u32;
+    let ids: Vec<Vec<u32>> =
+        (0..prompts).map(|b| (0..prompt_tokens).map(|i| ((i * 7919 + b * 104729 + 17) as u32) % vocab).collect()).collect();
+    let opts = crate::generate::GenerateOptions { max_new_tokens: new_tokens, batch_size: batch, stop_at_eos: false, truncate_left: false, feed_last: false };
+    let features: Vec<usize> = (0..tc.meta.d_sae).step_by(10).collect();
+    let configs = parse_configs(DEFAULT_CONFIGS)?;
+    let identical = identical_configs(&configs, SteerMode::Delta);
+    let mut timings = Vec::new();
+    let start = Instant::now();
+    for c in &configs {
+        let same_as = identical.get(&c.name).cloned();
+        let t = Instant::now();
+        if same_as.is_none() {
+            let mut hooks = Hooks::none();
+            if let Some(s) = c.strength {
+                hooks.edit(std::sync::Arc::new(Steering::new(tc.clone(), features.clone(), s, SteerMode::Delta)?));
+            }
+            crate::generate::generate(model, &ids, &opts, &hooks, |_| Ok(()))?;
+            model.device.synchronize()?;
+        }
+        let seconds = t.elapsed().as_secs_f64();
+        eprintln!("  {}: {seconds:.1} s{}", c.name, same_as.as_ref().map_or(String::new(), |s| format!(" (same as {s})")));
+        timings.push(ConfigTiming { name: c.name.clone(), strength: c.strength, seconds, same_as });
+    }
+    let total_s = start.elapsed().as_secs_f64();
+    let generated = timings.iter().filter(|t| t.same_as.is_none()).count() * prompts * new_tokens;
+    Ok(ExperimentTiming {
+        model: model.info.source.clone(),
+        dtype: model.dtype.as_str().to_string(),
+        transcoder_dtype: tc.w_enc.dtype().as_str().to_string(),
+        layer: tc.meta.layer,
+        d_sae: tc.meta.d_sae,
+        features: features.len(),
+        prompts,
+        prompt_tokens,
+        new_tokens,
+        batch,
+        configs: timings,
+        total_s,
+        tokens_per_s: generated as f64 / total_s,
+        peak_rss_gib: peak_rss_gib(),
+    })
+}
+
 /// Everything `bench` measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -70,6 +162,9 @@ pub struct BenchReport {
     pub isa: String,
     pub threads: usize,
     pub rows: Vec<BenchRow>,
+    /// `--experiment`: the original experiment's shape, timed per model.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub experiments: Vec<ExperimentTiming>,
 }
 
 /// A config for `preset`.

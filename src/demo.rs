@@ -123,6 +123,7 @@ pub fn run_demo(out: &Path, n_boolq: usize, placement: &Placement, source: Sourc
         tokenizer: Some(files.tokenizer),
         device: placement.device.clone(),
         dtype: placement.dtype,
+        transcoder_dtype: placement.transcoder_dtype,
         transcoder: transcoder.clone(),
         layer: None,
         out: out.to_path_buf(),

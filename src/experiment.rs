@@ -81,28 +81,41 @@ impl DatasetSpec {
 pub fn load_model_and_transcoder(model: &str, options: &LoadOptions, transcoder: &Path, layer: Option<usize>) -> Result<(Model, Arc<Transcoder>)> {
     let model = Model::load(model, options)?;
     let tc = load_transcoder_for(&model, transcoder, layer)?;
-    Ok((model, Arc::new(tc)))
+    Ok((model, tc))
 }
 
 /// Loads a transcoder (`layer` picks one of a set) for `model`: checks that they fit together
-/// and moves it to the model's device (in f32).
-pub fn load_transcoder_for(model: &Model, path: &Path, layer: Option<usize>) -> Result<Transcoder> {
+/// and places it on the model's device in the model's transcoder dtype ([`place_for`]).
+pub fn load_transcoder_for(model: &Model, path: &Path, layer: Option<usize>) -> Result<Arc<Transcoder>> {
     let tc = Transcoder::load(path, layer)?;
     check_fit(model, &tc, path)?;
-    Ok(if model.device.is_cpu() { tc } else { tc.to_device(&model.device)? })
+    place_for(model, Arc::new(tc))
+}
+
+/// A transcoder on `model`'s device with its weight matrices in the model's transcoder dtype
+/// (`--transcoder-dtype`; as it is when already there).
+pub fn place_for(model: &Model, tc: Arc<Transcoder>) -> Result<Arc<Transcoder>> {
+    let dtype = model.transcoder_dtype;
+    if tc.w_enc.device().same_device(&model.device) && tc.w_enc.dtype() == dtype {
+        return Ok(tc);
+    }
+    if dtype != candle_core::DType::F32 {
+        eprintln!("neurosteer: transcoder weight matrices held in {} (--transcoder-dtype)", dtype.as_str());
+    }
+    Ok(Arc::new(tc.to(&model.device, dtype)?))
 }
 
 /// What steering in `mode` splices from `path`: the transcoder of `layer`, and for `replace` with
 /// a cross-layer transcoder every source layer, each checked against `model` and on its device.
 pub fn load_splice_for(model: &Model, path: &Path, layer: Option<usize>, mode: SteerMode) -> Result<Splice> {
-    let tc = Arc::new(load_transcoder_for(model, path, layer)?);
+    let tc = load_transcoder_for(model, path, layer)?;
     if mode != SteerMode::Replace || !tc.is_cross_layer() {
         return Ok(Splice::new(tc));
     }
     let mut all = Vec::new();
     for t in Transcoder::load_all(path, layer)? {
         check_fit(model, &t, path)?;
-        all.push(Arc::new(if model.device.is_cpu() { t } else { t.to_device(&model.device)? }));
+        all.push(place_for(model, Arc::new(t))?);
     }
     Splice::cross_layer(all, tc.meta.layer)
 }
@@ -602,6 +615,9 @@ pub struct ExperimentConfig {
     /// `auto`, `f32`, `bf16` or `f16`.
     #[serde(default)]
     pub dtype: crate::model::DTypeChoice,
+    /// `f32`, `model`, `bf16` or `f16`: the transcoder's weight matrices.
+    #[serde(default)]
+    pub transcoder_dtype: crate::model::TranscoderDType,
     pub transcoder: PathBuf,
     /// The layer to load from a transcoder set.
     #[serde(default)]
@@ -649,7 +665,7 @@ pub fn run_pipeline(cfg: &ExperimentConfig, base: &Path) -> Result<()> {
     };
     let out = resolve(&cfg.out);
     let transcoder_path = resolve(&cfg.transcoder);
-    let placement = Placement { device: cfg.device.clone(), dtype: cfg.dtype };
+    let placement = Placement { device: cfg.device.clone(), dtype: cfg.dtype, transcoder_dtype: cfg.transcoder_dtype };
     let options = placement.load_options(cfg.tokenizer.as_deref().map(resolve), false)?;
     let model = Model::load(&resolve_str(&cfg.model), &options)?;
     let splice = load_splice_for(&model, &transcoder_path, cfg.layer, cfg.steer.mode)?;
@@ -682,4 +698,24 @@ pub fn run_pipeline(cfg: &ExperimentConfig, base: &Path) -> Result<()> {
         println!("wrote {}", p.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example configs parse (unknown keys are refused), with their placements.
+    #[test]
+    fn example_configs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        for name in ["llama31_8b.toml", "demo.toml"] {
+            let text = std::fs::read_to_string(root.join(name)).unwrap();
+            let cfg: ExperimentConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(cfg.transcoder_dtype, crate::model::TranscoderDType::F32, "{name}");
+        }
+        let text = std::fs::read_to_string(root.join("llama31_8b.toml")).unwrap();
+        let bad = text.replace("transcoder_dtype = \"f32\"", "transcoder_dtype = \"f8\"");
+        let err = toml::from_str::<ExperimentConfig>(&bad).unwrap_err().to_string();
+        assert!(err.contains("f8"), "{err}");
+    }
 }

@@ -517,6 +517,12 @@ struct BenchArgs {
     /// (delta and replace, scaling 10% of the features).
     #[arg(long)]
     steer_features: Option<usize>,
+    /// Also time the original experiment's shape on this many random prompts of --prompt-tokens
+    /// tokens: --new-tokens greedy tokens each, batches of the largest --batch, under steer's
+    /// default configurations (Base, strengths 1, 0.5, 2; delta) with a random transcoder of
+    /// --steer-features features (65,536 when not given) at layer 0.
+    #[arg(long, value_name = "PROMPTS")]
+    experiment: Option<usize>,
 }
 
 /// `bench`'s model: a real one, or random presets (in `--dtype`; `auto` means f32 for them).
@@ -681,6 +687,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.batch.contains(&0) {
         bail!("--batch: batch sizes must be at least 1");
     }
+    if a.experiment == Some(0) {
+        bail!("--experiment: give at least 1 prompt");
+    }
     if a.steer_features == Some(0) {
         bail!("--steer-features: the random transcoder needs at least 1 feature");
     }
@@ -699,13 +708,16 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         None => a.preset.iter().copied().map(Some).collect(),
     };
     let mut rows = Vec::new();
+    let mut experiments = Vec::new();
     for source in sources {
         let model = match (source, &a.model.model) {
             (Some(p), _) => {
                 // Random weights are "stored" in f32, so `auto` keeps f32 for them.
                 let dtype = a.model.placement.dtype.resolve(candle_core::DType::F32, 0, &device);
                 eprintln!("building a random {p:?} model in {dtype:?} ...");
-                bench::random_model(p, dtype, &device)?
+                let mut model = bench::random_model(p, dtype, &device)?;
+                model.transcoder_dtype = a.model.placement.transcoder_dtype.resolve(dtype);
+                model
             }
             (None, Some(m)) => Model::load(m, &a.model.placement.load_options(a.model.tokenizer.clone(), false)?)?,
             (None, None) => unreachable!("a model or presets"),
@@ -725,7 +737,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             rows.push(row);
             if let Some(d_sae) = a.steer_features {
                 let layer = model.info.n_layers / 2;
-                let tc = std::sync::Arc::new(bench::random_transcoder(&model, layer, d_sae)?);
+                let tc = experiment::place_for(&model, std::sync::Arc::new(bench::random_transcoder(&model, layer, d_sae)?))?;
                 let features: Vec<usize> = (0..d_sae).step_by(10).collect();
                 for mode in [SteerMode::Delta, SteerMode::Replace] {
                     let mut hooks = Hooks::none();
@@ -736,6 +748,23 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                     rows.push(row);
                 }
             }
+        }
+        if let Some(prompts) = a.experiment {
+            let d_sae = a.steer_features.unwrap_or(65536);
+            let batch = a.batch.iter().copied().max().unwrap_or(1);
+            eprintln!("timing the experiment's shape: {prompts} prompts, {d_sae}-feature transcoder at layer 0, batch {batch} ...");
+            let tc = experiment::place_for(&model, std::sync::Arc::new(bench::random_transcoder(&model, 0, d_sae)?))?;
+            let e = bench::time_experiment(&model, tc, prompts, prompt, a.new_tokens, batch)?;
+            println!(
+                "experiment: {} prompts x {} configurations ({} generated), {} new tokens: {:.1} s, {:.1} tokens/s",
+                e.prompts,
+                e.configs.len(),
+                e.configs.iter().filter(|c| c.same_as.is_none()).count(),
+                e.new_tokens,
+                e.total_s,
+                e.tokens_per_s
+            );
+            experiments.push(e);
         }
     }
     let threads = rayon::current_num_threads();
@@ -751,6 +780,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         isa: format!("{:?}", neurosteer::model::matmul::Isa::detected()),
         threads,
         rows,
+        experiments,
     };
     neurosteer::report::write_atomic(&a.out, serde_json::to_string_pretty(&report)?.as_bytes())?;
     eprintln!("wrote {}", a.out.display());

@@ -200,3 +200,34 @@ fn invalid_inputs_are_refused() {
     std::fs::write(&idx, serde_json::to_string(&index).unwrap()).unwrap();
     assert_clean_error(&run(&["generate", "--model", d.to_str().unwrap(), "--prompt", "x"]), &["weight_map", "../../etc/passwd"]);
 }
+
+/// `bench` on a given model: one row per batch size and, with `--experiment`, the experiment's
+/// shape timed per configuration (strength 1 not generated again in delta mode), with a bf16
+/// transcoder; the JSON holds both.
+#[test]
+fn bench_rows_and_experiment_timing() {
+    let Some(shared) = common::shared() else { return };
+    let d = tmpdir("bench");
+    let out_file = d.join("bench.json");
+    let out = run(&[
+        "bench", "--model", shared.join("fixtures/tiny-gpt2").to_str().unwrap(), "--batch", "1,2", "--prompt-tokens", "8",
+        "--new-tokens", "3", "--experiment", "3", "--steer-features", "64", "--transcoder-dtype", "bf16", "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = common::json(&out_file);
+    let rows = report["rows"].as_array().unwrap();
+    // Per batch size: plain, +delta, +replace.
+    assert_eq!(rows.len(), 6);
+    assert!(rows.iter().all(|r| r["decode_step_ms"].as_f64().unwrap() > 0.0 && r["floor_ms"].as_f64().unwrap() > 0.0));
+    let e = &report["experiments"][0];
+    assert_eq!((e["prompts"].as_u64(), e["batch"].as_u64(), e["d_sae"].as_u64()), (Some(3), Some(2), Some(64)));
+    assert_eq!(e["transcoder_dtype"], "bf16");
+    let configs = e["configs"].as_array().unwrap();
+    let names: Vec<&str> = configs.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["Base", "Original", "Suppressed", "Strengthen"]);
+    assert_eq!(configs[1]["same_as"], "Base");
+    assert!(e["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_clean_error(&run(&["bench", "--model", "x", "--experiment", "0"]), &["--experiment"]);
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -110,7 +110,7 @@ fn fixture(shared: &Path) -> Fixture {
     }
 }
 
-fn load(fx: &Fixture) -> (neurosteer::model::Model, neurosteer::transcoder::Transcoder) {
+fn load(fx: &Fixture) -> (neurosteer::model::Model, std::sync::Arc<neurosteer::transcoder::Transcoder>) {
     let model = neurosteer::model::Model::load(&fx.model, &neurosteer::model::LoadOptions::default()).unwrap();
     let tc = neurosteer::experiment::load_transcoder_for(&model, Path::new(&fx.transcoder), None).unwrap();
     (model, tc)
@@ -319,7 +319,6 @@ fn positive_control_is_detected_and_random_controls_are_not() {
     // Each feature that fires where the first prompts end, steered alone: how much it raises
     // log p(" yes") − log p(" no") there. The 10 that raise it most are the planted set.
     let (model, tc) = load(&fx);
-    let tc = std::sync::Arc::new(tc);
     let prompts: Vec<Vec<u32>> = items
         .iter()
         .take(4)

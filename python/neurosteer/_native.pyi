@@ -57,13 +57,15 @@ class Model:
         *,
         device: str = "cpu",
         dtype: Literal["auto", "f32", "bf16", "f16"] = "auto",
+        transcoder_dtype: Literal["f32", "model", "bf16", "f16"] = "f32",
         tokenizer: Optional[_Path] = None,
         no_bos: bool = False,
     ) -> "Model":
         """Loads a Hugging Face folder, a hub id or a llama2.c ``.bin`` checkpoint, as ``--model``.
 
         ``device``: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (CUDA builds only). ``dtype``: the weights'
-        precision (activations stay f32). ``tokenizer``: a ``tokenizer.json``, or llama2.c's
+        precision (activations stay f32). ``transcoder_dtype``: the precision of the weight matrices
+        of transcoders used to steer it (``"model"``: the model's; encodes sum in f32). ``tokenizer``: a ``tokenizer.json``, or llama2.c's
         ``tok512.bin`` for ``.bin`` checkpoints. ``no_bos``: do not prepend BOS in ``to_tokens``.
         """
     @property

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use neurosteer::experiment::{self, ClassifyJob, DatasetSpec, SteerJob, TraceJob};
 use neurosteer::generate::{generate, GenerateOptions};
 use neurosteer::hooks::{HookPoint, Hooks, ZeroAblation};
-use neurosteer::model::{DTypeChoice, Model, Placement};
+use neurosteer::model::{DTypeChoice, Model, Placement, TranscoderDType};
 use neurosteer::transcoder::splice::{Splice, SteerMode, Steering};
 use neurosteer::transcoder::{Activation, Transcoder};
 use numpy::ndarray::{ArrayD, IxDyn};
@@ -158,7 +158,7 @@ fn features_spec(obj: &Bound<'_, PyAny>) -> PyResult<String> {
 /// A transcoder ready to run with `model`: checked against it (hooks, widths) and on its device.
 fn transcoder_for(model: &Model, tc: &Arc<Transcoder>, path: &Path) -> anyhow::Result<Arc<Transcoder>> {
     experiment::check_fit(model, tc, path)?;
-    Ok(if model.device.is_cpu() { tc.clone() } else { Arc::new(tc.to_device(&model.device)?) })
+    experiment::place_for(model, tc.clone())
 }
 
 /// An activation's name, as the transcoder meta serialises it (`relu`, `jump_relu`, ...).
@@ -227,9 +227,13 @@ struct PyModel {
 impl PyModel {
     /// Loads a Hugging Face folder, a hub id or a llama2.c `.bin` checkpoint (as `--model`).
     #[staticmethod]
-    #[pyo3(signature = (spec, *, device = "cpu", dtype = "auto", tokenizer = None, no_bos = false))]
-    fn load(py: Python<'_>, spec: &str, device: &str, dtype: &str, tokenizer: Option<PathBuf>, no_bos: bool) -> PyResult<Self> {
-        let placement = Placement { device: device.to_string(), dtype: parse_enum::<DTypeChoice>("dtype", dtype)? };
+    #[pyo3(signature = (spec, *, device = "cpu", dtype = "auto", transcoder_dtype = "f32", tokenizer = None, no_bos = false))]
+    fn load(py: Python<'_>, spec: &str, device: &str, dtype: &str, transcoder_dtype: &str, tokenizer: Option<PathBuf>, no_bos: bool) -> PyResult<Self> {
+        let placement = Placement {
+            device: device.to_string(),
+            dtype: parse_enum::<DTypeChoice>("dtype", dtype)?,
+            transcoder_dtype: parse_enum::<TranscoderDType>("transcoder_dtype", transcoder_dtype)?,
+        };
         let model = compute(py, || Model::load(spec, &placement.load_options(tokenizer, no_bos)?))?;
         Ok(Self { model })
     }

@@ -110,6 +110,22 @@ def test_generate_with_steering_equals_cli(shared, cli, tmp_path, mode):
     assert [g["new_tokens"] for g in got] != [b["new_tokens"] for b in base], "steering changed nothing"
 
 
+def test_transcoder_dtype_equals_cli(shared, cli, tmp_path):
+    """A model loaded with transcoder_dtype="bf16" steers as `generate --transcoder-dtype bf16`."""
+    spec, tok, _ = MODELS["stories260K-hf"]
+    model = ns.Model.load(str(shared / spec), tokenizer=(shared / tok) if tok else None, transcoder_dtype="bf16")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    p = run_cli(cli, "generate", *model_args(shared, "stories260K-hf"), "--prompts", prompts, "--max-new-tokens", 16,
+                "--json", "--transcoder", shared / TC_STORIES, "--features", "3,17,42,100,311", "--strength", 4.0,
+                "--transcoder-dtype", "bf16")
+    want = [json.loads(l) for l in p.stdout.splitlines()]
+    got = model.generate(PROMPTS, max_new_tokens=16, steer=ns.Steering(ns.Transcoder.load(shared / TC_STORIES), [3, 17, 42, 100, 311], 4.0))
+    assert got == want
+    with pytest.raises(ns.NeurosteerError, match="transcoder_dtype"):
+        ns.Model.load(str(shared / spec), transcoder_dtype="f8")
+
+
 def test_generate_two_layers_and_single_prompt(shared, cli):
     model = load(shared, "stories260K-hf")
     p = run_cli(cli, "generate", *model_args(shared, "stories260K-hf"), "--prompt", PROMPTS[0], "--max-new-tokens", 20,

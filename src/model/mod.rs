@@ -10,6 +10,7 @@ pub mod linear;
 pub mod llama;
 pub mod llama2c;
 pub mod matmul;
+pub mod matmul_nn;
 pub mod tokenizer;
 pub mod weights;
 
@@ -59,8 +60,35 @@ impl DTypeChoice {
     }
 }
 
-/// Where a model runs and the precision of its weights: `--device` and `--dtype` on the command
-/// line, `device` and `dtype` in a `run` config.
+/// Precision of a transcoder's weight matrices (encoder and decoders): `--transcoder-dtype`.
+/// Biases, thresholds and the skip matrix stay f32, encodes accumulate in f32, and feature
+/// activations are f32 whatever the choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TranscoderDType {
+    #[default]
+    F32,
+    /// The dtype of the model's weights.
+    Model,
+    Bf16,
+    F16,
+}
+
+impl TranscoderDType {
+    /// The dtype for a model whose weights are held in `model`.
+    pub fn resolve(self, model: DType) -> DType {
+        match self {
+            TranscoderDType::F32 => DType::F32,
+            TranscoderDType::Model => model,
+            TranscoderDType::Bf16 => DType::BF16,
+            TranscoderDType::F16 => DType::F16,
+        }
+    }
+}
+
+/// Where a model runs and the precision of its weights and of transcoders loaded for it:
+/// `--device`, `--dtype` and `--transcoder-dtype` on the command line, `device`, `dtype` and
+/// `transcoder_dtype` in a `run` config.
 #[derive(Debug, Clone, clap::Args, serde::Deserialize, serde::Serialize)]
 pub struct Placement {
     /// Where to run: cpu, cuda (the first GPU) or cuda:N.
@@ -72,11 +100,16 @@ pub struct Placement {
     #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
     #[serde(default)]
     pub dtype: DTypeChoice,
+    /// Precision of transcoder weight matrices: f32, model (the model's dtype), bf16 or f16.
+    /// Encodes accumulate in f32 and feature activations are f32.
+    #[arg(long, value_enum, default_value_t = TranscoderDType::F32)]
+    #[serde(default)]
+    pub transcoder_dtype: TranscoderDType,
 }
 
 impl Default for Placement {
     fn default() -> Self {
-        Self { device: Self::default_device(), dtype: DTypeChoice::Auto }
+        Self { device: Self::default_device(), dtype: DTypeChoice::Auto, transcoder_dtype: TranscoderDType::F32 }
     }
 }
 
@@ -87,7 +120,7 @@ impl Placement {
 
     /// Load options for this placement.
     pub fn load_options(&self, tokenizer: Option<PathBuf>, no_bos: bool) -> Result<LoadOptions> {
-        Ok(LoadOptions { tokenizer, no_bos, device: parse_device(&self.device)?, dtype: self.dtype })
+        Ok(LoadOptions { tokenizer, no_bos, device: parse_device(&self.device)?, dtype: self.dtype, transcoder_dtype: self.transcoder_dtype })
     }
 }
 
@@ -164,6 +197,8 @@ pub struct Model {
     pub device: Device,
     /// The dtype the weight matrices are held in (activations are f32).
     pub dtype: DType,
+    /// The dtype transcoders loaded for this model hold their weight matrices in.
+    pub transcoder_dtype: DType,
 }
 
 /// How to load a model.
@@ -178,11 +213,13 @@ pub struct LoadOptions {
     pub device: Device,
     /// Weight precision.
     pub dtype: DTypeChoice,
+    /// Precision of transcoders loaded for the model.
+    pub transcoder_dtype: TranscoderDType,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { tokenizer: None, no_bos: false, device: Device::Cpu, dtype: DTypeChoice::Auto }
+        Self { tokenizer: None, no_bos: false, device: Device::Cpu, dtype: DTypeChoice::Auto, transcoder_dtype: TranscoderDType::F32 }
     }
 }
 
@@ -190,7 +227,7 @@ impl Model {
     /// Loads `spec`: a Hugging Face folder, a llama2.c `.bin` checkpoint, or a hub id.
     pub fn load(spec: &str, options: &LoadOptions) -> Result<Self> {
         let path = Path::new(spec);
-        let model = if path.is_dir() {
+        let mut model = if path.is_dir() {
             load_hf_folder(spec, &HfFiles::from_folder(path)?, options)
         } else if path.is_file() {
             load_llama2c(path, options)
@@ -199,6 +236,7 @@ impl Model {
         } else {
             bail!("{spec}: no such file or folder, and not a hub id (like `gpt2` or `org/name`)")
         }?;
+        model.transcoder_dtype = options.transcoder_dtype.resolve(model.dtype);
         // Say where the model runs unless it is the plain default (f32 on the CPU).
         if !(model.device.is_cpu() && model.dtype == DType::F32) {
             eprintln!(
@@ -258,7 +296,7 @@ impl Model {
             }
         };
         let codec = TextCodec { tokenizer, bos: None, bos_if_empty: None };
-        Ok(Model { network, codec, info, device, dtype }.with_bos(true))
+        Ok(Model { network, codec, info, device, dtype, transcoder_dtype: DType::F32 }.with_bos(true))
     }
 
     /// Turns BOS handling on (TransformerLens's default for the family: BOS prepended, except for

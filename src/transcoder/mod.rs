@@ -23,10 +23,12 @@ pub mod train;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::hooks::HookPoint;
+use crate::model::matmul::Weights;
+use crate::model::matmul_nn::matmul_nn;
 
 /// Where a transcoder sits in the model and how big it is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,7 +133,8 @@ impl TranscoderMeta {
     }
 }
 
-/// A transcoder's weights (f32, CPU unless moved with [`Transcoder::to_device`]).
+/// A transcoder's weights (f32 on the CPU as loaded; see [`Transcoder::to`] for other devices and
+/// precisions).
 #[derive(Debug, Clone)]
 pub struct Transcoder {
     /// Placement and sizes.
@@ -246,10 +249,7 @@ impl Transcoder {
     /// Feature activations: `[.., d_in] -> [.., d_sae]`.
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
         let (x2, lead) = self.flatten(x, self.meta.d_in, "encode")?;
-        let pre = x2
-            .broadcast_sub(&self.b_dec_in)?
-            .matmul(&self.w_enc)?
-            .broadcast_add(&self.b_enc)?;
+        let pre = linear_in(&x2.broadcast_sub(&self.b_dec_in)?, &self.w_enc)?.broadcast_add(&self.b_enc)?;
         let f = self.meta.activation.apply(&pre, self.threshold.as_ref())?;
         Ok(f.reshape(with_last(&lead, self.meta.d_sae))?)
     }
@@ -258,7 +258,7 @@ impl Transcoder {
     /// (no skip connection: that needs the input, see [`Transcoder::forward`]).
     pub fn decode(&self, f: &Tensor) -> Result<Tensor> {
         let (f2, lead) = self.flatten(f, self.meta.d_sae, "decode")?;
-        let y = f2.matmul(&self.w_dec)?.broadcast_add(&self.b_dec_out)?;
+        let y = linear_in(&f2, &self.w_dec)?.broadcast_add(&self.b_dec_out)?;
         Ok(y.reshape(with_last(&lead, self.meta.d_out))?)
     }
 
@@ -286,15 +286,20 @@ impl Transcoder {
         Some(lf.iter().enumerate().filter(|(_, &v)| v > threshold).map(|(i, _)| i).collect())
     }
 
-    /// A copy with every tensor on `device`.
-    pub fn to_device(&self, device: &Device) -> Result<Self> {
+    /// A copy on `device` with the encoder and decoders in `dtype` (f32, bf16 or f16); biases,
+    /// the threshold and the skip matrix stay f32.
+    pub fn to(&self, device: &Device, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            bail!("transcoder weights must be f32, bf16 or f16, not {dtype:?}");
+        }
         let mv = |t: &Tensor| t.to_device(device);
+        let cast = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
         Ok(Self {
             meta: self.meta.clone(),
-            w_enc: mv(&self.w_enc)?,
+            w_enc: cast(&self.w_enc)?,
             b_enc: mv(&self.b_enc)?,
-            w_dec: mv(&self.w_dec)?,
-            w_dec_next: self.w_dec_next.iter().map(mv).collect::<candle_core::Result<_>>()?,
+            w_dec: cast(&self.w_dec)?,
+            w_dec_next: self.w_dec_next.iter().map(cast).collect::<candle_core::Result<_>>()?,
             b_dec_in: mv(&self.b_dec_in)?,
             b_dec_out: mv(&self.b_dec_out)?,
             threshold: self.threshold.as_ref().map(mv).transpose()?,
@@ -315,6 +320,59 @@ impl Transcoder {
         let x = if x.dtype() == DType::F32 { x.clone() } else { x.to_dtype(DType::F32)? };
         Ok((x.reshape((n, width))?, lead))
     }
+}
+
+/// `x [.., k] @ w [k, n]` in f32, for a transcoder weight matrix in f32, bf16 or f16: f32 by one
+/// matrix product; half precision on the CPU by [`matmul_nn`] (rows widened in registers, f32
+/// sums), on a GPU with `x` cast to the weight's dtype (cuBLAS sums in f32) and the result cast back.
+pub fn linear_in(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let n = w.dim(1)?;
+    let rows = x.elem_count() / k.max(1);
+    let x2 = x.reshape((rows, k))?;
+    let y = match (w.dtype(), w.device()) {
+        (DType::F32, _) => x2.to_dtype(DType::F32)?.matmul(w)?,
+        (_, Device::Cpu) => cpu_matmul_nn(&x2, w)?,
+        _ => x2.to_dtype(w.dtype())?.matmul(w)?.to_dtype(DType::F32)?,
+    };
+    let mut out = dims;
+    *out.last_mut().unwrap() = n;
+    Ok(y.reshape(out)?)
+}
+
+/// `f @ W_dec` reading only the rows of `W_dec` whose feature is active (on the CPU; one matrix
+/// product elsewhere).
+pub fn sparse_decode(f: &Tensor, w_dec: &Tensor) -> Result<Tensor> {
+    if !f.device().is_cpu() {
+        return linear_in(f, w_dec);
+    }
+    let dims = f.dims().to_vec();
+    let d_sae = dims[dims.len() - 1];
+    let y = cpu_matmul_nn(&f.reshape((f.elem_count() / d_sae.max(1), d_sae))?, w_dec)?;
+    let mut shape = dims;
+    *shape.last_mut().unwrap() = w_dec.dim(1)?;
+    Ok(y.reshape(shape)?)
+}
+
+/// `x [m, k] @ w [k, n]` on the CPU by [`matmul_nn`], for `w` in f32, bf16 or f16.
+fn cpu_matmul_nn(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let n = w.dim(1)?;
+    let x = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { bail!("transcoder weight is not on the CPU") };
+    let off = layout.start_offset();
+    let weights = match w.dtype() {
+        DType::F32 => Weights::F32(&cpu.as_slice::<f32>()?[off..]),
+        DType::BF16 => Weights::Bf16(&cpu.as_slice::<half::bf16>()?[off..]),
+        DType::F16 => Weights::F16(&cpu.as_slice::<half::f16>()?[off..]),
+        other => bail!("transcoder weights must be f32, bf16 or f16, not {other:?}"),
+    };
+    let mut y = vec![0f32; m * n];
+    matmul_nn(&x, m, k, weights, n, &mut y);
+    Ok(Tensor::from_vec(y, (m, n), &Device::Cpu)?)
 }
 
 fn with_last(lead: &[usize], last: usize) -> Vec<usize> {

@@ -20,9 +20,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use candle_core::{Device, Storage, Tensor};
+use candle_core::Tensor;
 
-use super::Transcoder;
+use super::{linear_in, sparse_decode, Transcoder};
 
 use crate::hooks::{Edit, HookPoint};
 
@@ -309,43 +309,4 @@ impl Edit for Steering {
             }
         }
     }
-}
-
-/// `x [.., k] @ w [k, n]` as one matrix product over all leading dimensions.
-pub fn linear_in(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let k = dims[dims.len() - 1];
-    let y = x.reshape((x.elem_count() / k, k))?.matmul(w)?;
-    let mut out = dims;
-    *out.last_mut().unwrap() = w.dim(1)?;
-    Ok(y.reshape(out)?)
-}
-
-/// `f @ W_dec` reading only the rows of W_dec whose feature is active (on CPU).
-pub fn sparse_decode(f: &Tensor, w_dec: &Tensor) -> Result<Tensor> {
-    let dims = f.dims().to_vec();
-    let d_sae = dims[dims.len() - 1];
-    let d_out = w_dec.dim(1)?;
-    if !matches!(f.device(), Device::Cpu) || !w_dec.is_contiguous() {
-        return linear_in(f, w_dec);
-    }
-    let rows = f.reshape((f.elem_count() / d_sae, d_sae))?.to_vec2::<f32>()?;
-    let (storage, layout) = w_dec.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { return linear_in(f, w_dec) };
-    let w = &cpu.as_slice::<f32>()?[layout.start_offset()..];
-    let mut out = vec![0f32; rows.len() * d_out];
-    for (r, row) in rows.iter().enumerate() {
-        let acc = &mut out[r * d_out..(r + 1) * d_out];
-        for (i, &a) in row.iter().enumerate() {
-            if a != 0.0 {
-                let wi = &w[i * d_out..(i + 1) * d_out];
-                for (o, &wv) in acc.iter_mut().zip(wi) {
-                    *o += a * wv;
-                }
-            }
-        }
-    }
-    let mut shape = dims;
-    *shape.last_mut().unwrap() = d_out;
-    Ok(Tensor::from_vec(out, shape, f.device())?)
 }
