@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::trace;
+use crate::transcoder::formats;
 
 /// Which per-style vector the rule compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -174,16 +175,17 @@ pub fn load_style(dir: &Path, style: &str, d_sae: Option<usize>) -> Result<Style
 }
 
 /// Reads log10 firing frequencies: a JSON list, a `.pt` bare tensor or `.safetensors` (read by
-/// [`crate::transcoder::formats::read_frequency`]), or a transcoder (its own frequencies).
+/// [`formats::read_frequency_values`]), or a transcoder (its own frequencies); checked by
+/// [`formats::check_log_frequency`].
 pub fn read_frequency(path: &Path) -> Result<Vec<f32>> {
     if path.extension().is_some_and(|e| e == "json") {
         let v: Vec<f32> = serde_json::from_str(&std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?)
             .with_context(|| format!("{}: expected a JSON list of numbers", path.display()))?;
-        return Ok(v);
+        return formats::check_log_frequency(path, v);
     }
     if path.is_file() {
-        if let Ok(v) = crate::transcoder::formats::read_frequency(path) {
-            return Ok(v);
+        if let Ok(v) = formats::read_frequency_values(path) {
+            return formats::check_log_frequency(path, v);
         }
     }
     let tc = crate::transcoder::Transcoder::load(path, None)?;

@@ -192,3 +192,38 @@ fn corrupt_inputs_give_clean_errors() {
     assert!(e.contains("nothing.pt"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Log-frequency files: NaN, and values above 0 (plain frequencies taken for logs would make every
+/// feature alive), are refused naming the file; -inf (never fired) is kept.
+#[test]
+fn bad_log_frequencies_are_refused() {
+    let Some(shared) = common::shared() else { return };
+    let dir = tmpdir("frequency");
+    let mut tc = Transcoder::load(&stories_l2(&shared), None).unwrap();
+    let d_sae = tc.meta.d_sae;
+    let write = |name: &str, v: Vec<f32>| {
+        let p = dir.join(name);
+        let t = Tensor::from_vec(v, d_sae, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(&HashMap::from([("sparsity".to_string(), t)]), &p).unwrap();
+        p
+    };
+    let mut logs = vec![-3.0f32; d_sae];
+    logs[7] = f32::NEG_INFINITY;
+    tc.load_frequency(&write("ok.safetensors", logs.clone())).unwrap();
+    assert_eq!(tc.alive(-6.0).unwrap().len(), d_sae - 1);
+    let mut nan = logs.clone();
+    nan[3] = f32::NAN;
+    let e = format!("{:#}", tc.load_frequency(&write("nan.safetensors", nan)).unwrap_err());
+    assert!(e.contains("nan.safetensors") && e.contains("feature 3") && e.contains("NaN"), "{e}");
+    let plain: Vec<f32> = (0..d_sae).map(|i| (i % 10) as f32 / 10.0).collect();
+    let e = format!("{:#}", tc.load_frequency(&write("plain.safetensors", plain)).unwrap_err());
+    assert!(e.contains("plain.safetensors") && e.contains("not frequencies"), "{e}");
+    // classify's reader: the same checks for a .safetensors and a JSON list.
+    let e = format!("{:#}", neurosteer::classify::read_frequency(&dir.join("plain.safetensors")).unwrap_err());
+    assert!(e.contains("plain.safetensors") && e.contains("not frequencies"), "{e}");
+    std::fs::write(dir.join("plain.json"), "[0.5, 0.25, -3]").unwrap();
+    let e = format!("{:#}", neurosteer::classify::read_frequency(&dir.join("plain.json")).unwrap_err());
+    assert!(e.contains("plain.json") && e.contains("feature 0"), "{e}");
+    assert_eq!(neurosteer::classify::read_frequency(&dir.join("ok.safetensors")).unwrap().len(), d_sae);
+    std::fs::remove_dir_all(&dir).ok();
+}

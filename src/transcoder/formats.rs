@@ -161,8 +161,14 @@ fn sparsity_beside(path: &Path) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
-/// Reads a log10 frequency vector from a bare-tensor `.pt` or a `.safetensors` file.
+/// Reads a log10 frequency vector from a bare-tensor `.pt` or a `.safetensors` file, checked by
+/// [`check_log_frequency`].
 pub fn read_frequency(path: &Path) -> Result<Vec<f32>> {
+    check_log_frequency(path, read_frequency_values(path)?)
+}
+
+/// The vector of a frequency file, unchecked.
+pub fn read_frequency_values(path: &Path) -> Result<Vec<f32>> {
     if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
         let (tensors, _) = read_safetensors(path)?;
         let t = tensors
@@ -180,6 +186,22 @@ pub fn read_frequency(path: &Path) -> Result<Vec<f32>> {
         return Err(file_err(path, format!("frequency tensor has shape {shape:?}, expected [d_sae]")));
     }
     Ok(data)
+}
+
+/// Refuses what cannot be a log10 firing frequency: NaN, and values above 0 (a frequency above 1;
+/// plain frequencies or densities read as logs would make every feature look alive). `-inf`
+/// (never fired) is kept.
+pub fn check_log_frequency(path: &Path, v: Vec<f32>) -> Result<Vec<f32>> {
+    if let Some(i) = v.iter().position(|x| x.is_nan()) {
+        return Err(file_err(path, format!("log10 frequency of feature {i} is NaN")));
+    }
+    if let Some(i) = v.iter().position(|&x| x > 1e-6) {
+        return Err(file_err(
+            path,
+            format!("log10 frequency of feature {i} is {} (above 0, a frequency above 1): expected log10 frequencies, not frequencies", v[i]),
+        ));
+    }
+    Ok(v)
 }
 
 // ---------------------------------------------------------------------------------------------
