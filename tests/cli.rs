@@ -186,10 +186,18 @@ fn invalid_inputs_are_refused() {
         ("theta", Box::new(|c: &mut serde_json::Value| c["rope_theta"] = (-1.0).into()), "rope_theta"),
         ("eps", Box::new(|c: &mut serde_json::Value| c["rms_norm_eps"] = (-1e-5).into()), "epsilon"),
         ("eos", Box::new(|c: &mut serde_json::Value| c["eos_token_id"] = 99_999_999.into()), "outside the vocabulary"),
+        // The fixture's tokenizer has ids up to 50,257: a vocabulary of 1,000 cannot embed them.
     ] {
         let d = edit(name, &*change);
         assert_clean_error(&run(&["generate", "--model", d.to_str().unwrap(), "--prompt", "x"]), &["config.json", needle]);
     }
+    // The fixture's tokenizer has ids up to 50,257: a vocabulary of 1,000 cannot embed them.
+    let d = edit("vocab", &|c: &mut serde_json::Value| {
+        c["vocab_size"] = 1000.into();
+        c["bos_token_id"] = 1.into();
+        c["eos_token_id"] = 2.into();
+    });
+    assert_clean_error(&run(&["generate", "--model", d.to_str().unwrap(), "--prompt", "x"]), &["tokenizer", "id 50257", "vocabulary of 1000"]);
     // The index points outside the folder.
     let d = tmpdir("weightmap");
     copy_dir(&llama, &d);

@@ -253,6 +253,14 @@ impl Model {
     /// Builds a model from a parsed config and its weights (BOS on when the config names one),
     /// holding the weight matrices in `dtype` on `vb`'s device.
     pub fn build(source: &str, config: ModelConfig, vb: VarBuilder, dtype: DType, tokenizer: Tokenizer) -> Result<Self> {
+        let vocab = match &config {
+            ModelConfig::Llama(c) => c.vocab_size,
+            ModelConfig::Gemma2(c) => c.vocab_size,
+            ModelConfig::Gpt2(c) => c.vocab_size,
+        };
+        if let Some((id, piece)) = tokenizer.max_id().filter(|&(id, _)| id as usize >= vocab) {
+            bail!("{source}: the tokenizer has token {piece:?} with id {id}, outside the model's vocabulary of {vocab} (a tokenizer of another model?)");
+        }
         let device = vb.device().clone();
         let (network, info) = match config {
             ModelConfig::Llama(c) => {

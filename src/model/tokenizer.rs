@@ -45,6 +45,15 @@ impl Tokenizer {
         }
     }
 
+    /// The largest id the tokenizer can produce, with its token (added tokens included).
+    pub fn max_id(&self) -> Option<(u32, String)> {
+        match self {
+            Tokenizer::Hf(t) => t.get_vocab(true).into_iter().map(|(piece, id)| (id, piece)).max(),
+            // A llama2.c tokenizer is read for its checkpoint's vocabulary size.
+            Tokenizer::Llama2c(_) | Tokenizer::None => None,
+        }
+    }
+
     /// The id of a token spelled exactly `piece`, if the vocabulary has it.
     pub fn token_id(&self, piece: &str) -> Option<u32> {
         match self {
