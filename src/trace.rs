@@ -83,7 +83,8 @@ pub struct Summary {
     pub n_vectors: usize,
 }
 
-/// Traces every style's texts into `dir`, resuming what an earlier run left.
+/// Traces every style's texts into `dir`, resuming what an earlier run left. The folder is locked
+/// (`{dir}.lock`) while this runs: a second process tracing into it gets a clear error.
 pub fn run_trace(
     model: &Model,
     transcoder: Arc<Transcoder>,
@@ -91,6 +92,7 @@ pub fn run_trace(
     batch_size: usize,
     dir: &Path,
 ) -> Result<()> {
+    let _lock = crate::report::OutputLock::acquire(dir)?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let manifest_path = dir.join("trace.json");
     if manifest_path.exists() {

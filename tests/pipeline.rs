@@ -126,6 +126,12 @@ fn trace_classify_steer_evaluate_with_crashes() {
         .output()
         .unwrap();
     assert!(!other.status.success());
+    // A live process tracing into the folder holds its lock: a clear error.
+    let lock = d.join("traces-crash.lock");
+    std::fs::write(&lock, std::process::id().to_string()).unwrap();
+    let locked = trace_cmd(&f, &crashed).output().unwrap();
+    assert!(!locked.status.success() && String::from_utf8_lossy(&locked.stderr).contains("another neurosteer process"));
+    std::fs::remove_file(&lock).unwrap();
 
     // Classify with the transcoder's own frequencies.
     let neurons = d.join("neurons.json");
