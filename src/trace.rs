@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressStyle;
 use serde::{Deserialize, Serialize};
 
@@ -262,19 +262,34 @@ pub fn read_shard(path: &Path) -> Result<Shard> {
         .transpose()
         .with_context(|| format!("{}: corrupt trace shard metadata", path.display()))?
         .with_context(|| format!("{}: trace shard has no metadata", path.display()))?;
-    let get = |name: &str| -> Result<Tensor> {
+    let get = |name: &str, dtype: DType| -> Result<Tensor> {
         let v = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: trace shard lacks `{name}`: {e}", path.display()))?;
-        Ok(candle_core::safetensors::Load::load(&v, &Device::Cpu)?)
+        let t = candle_core::safetensors::Load::load(&v, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: trace shard tensor `{name}`: {e}", path.display()))?;
+        if t.dtype() != dtype || t.rank() != 1 {
+            bail!("{}: trace shard tensor `{name}` is {:?} {:?}, expected a {dtype:?} vector", path.display(), t.dtype(), t.dims());
+        }
+        Ok(t)
     };
-    let i64s = |name: &str| -> Result<Vec<i64>> { Ok(get(name)?.to_vec1::<i64>()?) };
+    let i64s = |name: &str| -> Result<Vec<i64>> { Ok(get(name, DType::I64)?.to_vec1::<i64>()?) };
     let (text, step, token, offsets) = (i64s("row_text")?, i64s("row_step")?, i64s("row_token")?, i64s("row_offsets")?);
-    let features = get("feature")?.to_vec1::<u32>()?;
-    let values = get("value")?.to_vec1::<f32>()?;
-    if text.len() != step.len() || offsets.len() != text.len() + 1 || features.len() != values.len()
-        || offsets.last().copied() != Some(features.len() as i64)
-        || text.iter().any(|&t| t < 0 || t as usize >= texts.len())
-    {
-        bail!("{}: inconsistent trace shard", path.display());
+    let features = get("feature", DType::U32)?.to_vec1::<u32>()?;
+    let values = get("value", DType::F32)?.to_vec1::<f32>()?;
+    let bad = |what: &str| anyhow::anyhow!("{}: inconsistent trace shard: {what}", path.display());
+    if text.len() != step.len() || text.len() != token.len() || offsets.len() != text.len() + 1 || features.len() != values.len() {
+        return Err(bad("its tensors' lengths disagree"));
+    }
+    if offsets.first() != Some(&0) || offsets.windows(2).any(|w| w[1] < w[0]) || offsets.last().copied() != Some(features.len() as i64) {
+        return Err(bad("row_offsets must rise from 0 to the number of features"));
+    }
+    if text.iter().any(|&t| t < 0 || t as usize >= texts.len()) {
+        return Err(bad("a row_text is outside its texts"));
+    }
+    if step.iter().any(|&t| t < 0) || token.iter().any(|&t| !(0..=u32::MAX as i64).contains(&t)) {
+        return Err(bad("a row_step or row_token is negative or too large"));
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(bad("a feature value is NaN or infinite"));
     }
     Ok(Shard {
         texts,

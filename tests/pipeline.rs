@@ -142,6 +142,38 @@ fn trace_classify_steer_evaluate_with_crashes() {
     assert!(reasoning > 0, "some feature rises under chain of thought");
     assert_eq!(n["layer"], 2);
 
+    // A corrupt shard (row offsets past the end, falling, or a NaN value) is one clear error.
+    for (name, change, needle) in [
+        ("past", Box::new(|t: &mut std::collections::HashMap<String, candle_core::Tensor>| {
+            let mut o = t["row_offsets"].to_vec1::<i64>().unwrap();
+            o[1] = 1 << 40;
+            t.insert("row_offsets".into(), candle_core::Tensor::new(o, &candle_core::Device::Cpu).unwrap());
+        }) as Box<dyn Fn(&mut std::collections::HashMap<String, candle_core::Tensor>)>, "row_offsets"),
+        ("falling", Box::new(|t: &mut std::collections::HashMap<String, candle_core::Tensor>| {
+            let mut o = t["row_offsets"].to_vec1::<i64>().unwrap();
+            o.swap(1, 2);
+            t.insert("row_offsets".into(), candle_core::Tensor::new(o, &candle_core::Device::Cpu).unwrap());
+        }), "row_offsets"),
+        ("nan", Box::new(|t: &mut std::collections::HashMap<String, candle_core::Tensor>| {
+            let mut v = t["value"].to_vec1::<f32>().unwrap();
+            v[0] = f32::NAN;
+            t.insert("value".into(), candle_core::Tensor::new(v, &candle_core::Device::Cpu).unwrap());
+        }), "NaN"),
+    ] {
+        let bad = d.join(format!("traces-{name}"));
+        assert!(Command::new("cp").arg("-r").arg(&clean).arg(&bad).status().unwrap().success());
+        let shard = bad.join("basic/shard-00000.safetensors");
+        let bytes = std::fs::read(&shard).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let mut tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).unwrap();
+        change(&mut tensors);
+        let views: Vec<(String, candle_core::Tensor)> = tensors.into_iter().collect();
+        std::fs::write(&shard, safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), header.metadata().clone()).unwrap()).unwrap();
+        let out = common::bin().args(["classify", "--traces", &s(&bad), "--out", &s(&d.join("bad.json"))]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("shard-00000.safetensors") && err.contains(needle) && !err.contains("panicked"), "{name}: {err}");
+    }
+
     // Steer 20 of the reasoning features (replace mode, so strength 1 differs from Base), with a
     // random control set drawn from the other alive features; killed once and resumed.
     let top: Vec<serde_json::Value> = n["reasoning"].as_array().unwrap().iter().take(20).cloned().collect();
