@@ -207,14 +207,17 @@ pub enum Selection {
 impl std::str::FromStr for Selection {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || anyhow::anyhow!("--select: `{s}` is not threshold, fdr:Q (0 < Q <= 1) or top:K");
+        let bad = || anyhow::anyhow!("--select: `{s}` is not threshold, fdr:Q (0 < Q <= 1) or top:K (K >= 1)");
         match s.split_once(':') {
             None if s == "threshold" => Ok(Self::Threshold),
             Some(("fdr", q)) => {
                 let q: f64 = q.parse().map_err(|_| bad())?;
                 if q > 0.0 && q <= 1.0 { Ok(Self::Fdr(q)) } else { Err(bad()) }
             }
-            Some(("top", k)) => Ok(Self::Top(k.parse().map_err(|_| bad())?)),
+            Some(("top", k)) => match k.parse() {
+                Ok(k) if k >= 1 => Ok(Self::Top(k)),
+                _ => Err(bad()),
+            },
             _ => Err(bad()),
         }
     }
@@ -461,15 +464,44 @@ pub fn parse_features(spec: &str) -> Result<Vec<usize>> {
             _ => bail!("{file}: expected a list of feature indices or an object with \"{name}\""),
         };
         let list = list.as_array().with_context(|| format!("{file}: \"{name}\" is not a list"))?;
+        if list.is_empty() {
+            bail!("{file}: the \"{name}\" list is empty: there is nothing to steer");
+        }
         return list
             .iter()
             .map(|x| x.as_u64().map(|u| u as usize).with_context(|| format!("{file}: {x} is not a feature index")))
             .collect();
     }
     if spec.trim().is_empty() {
-        return Ok(Vec::new());
+        bail!("--features: no feature given");
     }
     spec.split(',')
         .map(|s| s.trim().parse::<usize>().with_context(|| format!("--features: `{s}` is not a feature index or a file")))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feature lists: inline, a JSON list, an object's list; empty ones are refused (a steering
+    /// run of nothing would look like a real one), as is `--select top:0`.
+    #[test]
+    fn feature_lists_and_selections() {
+        let dir = std::env::temp_dir().join(format!("neurosteer-features-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(parse_features("3, 1,2").unwrap(), [3, 1, 2]);
+        let list = dir.join("list.json");
+        std::fs::write(&list, "[5, 7]").unwrap();
+        assert_eq!(parse_features(list.to_str().unwrap()).unwrap(), [5, 7]);
+        let neurons = dir.join("neurons.json");
+        std::fs::write(&neurons, r#"{"reasoning": [], "memory": [4]}"#).unwrap();
+        let e = parse_features(neurons.to_str().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("neurons.json") && e.contains("empty"), "{e}");
+        assert_eq!(parse_features(&format!("{}:memory", neurons.display())).unwrap(), [4]);
+        assert!(parse_features(" ").unwrap_err().to_string().contains("no feature"));
+        assert!("top:0".parse::<Selection>().is_err());
+        assert!(matches!("top:3".parse::<Selection>(), Ok(Selection::Top(3))));
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

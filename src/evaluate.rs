@@ -445,6 +445,43 @@ pub fn flips_table(e: &Evaluation) -> Table {
     }
 }
 
+/// Refuses results that cannot be scored as one experiment: no records, repeated ids, records
+/// whose configurations differ (from each other, or from the meta file's), a meta file with no
+/// configurations, or a configuration whose feature set it does not hold.
+fn check_results(records: &[SteerRecord], meta: Option<&SteerMeta>) -> Result<()> {
+    if records.is_empty() {
+        bail!("no records to evaluate");
+    }
+    let mut ids = std::collections::HashSet::new();
+    if let Some(r) = records.iter().find(|r| !ids.insert(r.id.to_string())) {
+        bail!("item {} has more than one record", r.id);
+    }
+    let keys = |r: &SteerRecord| -> Vec<String> {
+        let mut k: Vec<String> = r.generations.keys().chain(r.loglik.keys()).cloned().collect();
+        k.sort();
+        k.dedup();
+        k
+    };
+    let want = match meta {
+        Some(m) => {
+            if m.settings.configs.is_empty() {
+                bail!("its meta file lists no configurations");
+            }
+            if let Some(c) = m.settings.configs.iter().find(|c| c.strength.is_some() && !m.settings.feature_sets.contains_key(&c.feature_set)) {
+                bail!("its meta file has no feature set `{}` (configuration {})", c.feature_set, c.name);
+            }
+            let mut names: Vec<String> = m.settings.configs.iter().map(|c| c.name.clone()).collect();
+            names.sort();
+            names
+        }
+        None => keys(&records[0]),
+    };
+    if let Some(r) = records.iter().find(|r| keys(r) != want) {
+        bail!("item {} holds configurations {:?}, expected {want:?}", r.id, keys(r));
+    }
+    Ok(())
+}
+
 /// Reads a results file, evaluates it and writes into `out_dir`: `evaluation.json`, `.md`,
 /// `.csv`, `comparisons.{md,csv}`, `flips.csv`, the accuracy-vs-strength plot and `report.html`
 /// (which also shows the classification in `neurons`, when given). Returns the evaluation and
@@ -460,7 +497,8 @@ pub fn evaluate_file(results: &Path, out_dir: &Path, neurons: Option<&Path>) -> 
             serde_json::from_str(&t).with_context(|| format!("{}: not a neurons.json (--neurons)", p.display()))
         })
         .transpose()?;
-    let e = evaluate(&records, meta.as_ref())?;
+    check_results(&records, meta.as_ref()).with_context(|| format!("{}", results.display()))?;
+    let e = evaluate(&records, meta.as_ref()).with_context(|| format!("{}", results.display()))?;
     std::fs::create_dir_all(out_dir).with_context(|| format!("{}: cannot create", out_dir.display()))?;
     let (t, ct, ft) = (table(&e), comparison_table(&e), flips_table(&e));
     let mut written = Vec::new();

@@ -292,10 +292,29 @@ pub fn run_classify_job(job: &ClassifyJob, traces: &Path, out: &Path, model: Opt
         None => ["basic", "0shot", "fewshot"].iter().filter(|s| traces.join(s).is_dir()).map(|s| s.to_string()).collect(),
     };
     let d_sae = manifest.as_ref().map(|m| m.d_sae);
+    // The frequencies come from real data (the transcoder or a file): they bound what the
+    // manifest may claim before anything is allocated for it.
+    if let Some(d) = d_sae.filter(|&d| d != log_frequency.len()) {
+        bail!(
+            "{}: d_sae {d}, but {} holds {} feature frequencies",
+            traces.join("trace.json").display(),
+            frequency_path.display(),
+            log_frequency.len()
+        );
+    }
     let styles: Vec<(String, classify::StyleStats)> = style_names
         .iter()
         .map(|s| Ok((s.clone(), classify::load_style(traces, s, d_sae)?)))
         .collect::<Result<_>>()?;
+    if let Some((name, s)) = styles.iter().find(|(_, s)| s.mean.len() != log_frequency.len()) {
+        bail!(
+            "{}: style `{name}` has {} features, but {} holds {} feature frequencies",
+            traces.display(),
+            s.mean.len(),
+            frequency_path.display(),
+            log_frequency.len()
+        );
+    }
     let th = Thresholds { alive: job.alive_threshold, diff: job.diff_threshold, statistic: job.statistic, select: job.select };
     let mut c = classify::classify(&styles, &log_frequency, th)?;
     if let Some(ij) = &job.inject {
@@ -524,6 +543,7 @@ pub fn run_steer_job(job: &SteerJob, model: &Model, splice: &Splice, transcoder_
         bail!("--random-controls {}: at most {MAX_RANDOM_CONTROLS} (each control set is another full run of every strength)", job.random_controls);
     }
     let reasoning = classify::parse_features(features)?;
+    crate::transcoder::splice::check_features(&reasoning, transcoder.meta.d_sae).with_context(|| features.to_string())?;
     let (items, _) = job.dataset.load(0)?;
     if items.is_empty() {
         bail!("{}: no items to steer", job.dataset.path);

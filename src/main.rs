@@ -453,7 +453,11 @@ impl SteeringArgs {
             let layer = self.layers.get(i).or(self.layers.first()).copied();
             let splice = experiment::load_splice_for(model, path, layer, self.mode)?;
             let features = match self.features.get(i).or(self.features.first()) {
-                Some(f) => neurosteer::classify::parse_features(f)?,
+                Some(f) => {
+                    let features = neurosteer::classify::parse_features(f)?;
+                    transcoder::splice::check_features(&features, splice.transcoder().meta.d_sae).with_context(|| format!("--features {f}"))?;
+                    features
+                }
                 None => Vec::new(),
             };
             let strength = self.strengths.get(i).or(self.strengths.first()).copied().unwrap_or(1.0);

@@ -190,8 +190,9 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
             .with_context(|| format!("{}: not a steer meta file", meta_file.display()))?;
         if old.settings != settings {
             bail!(
-                "{}: was made with other arguments (model, transcoder, features, items, configs or mode); \
-                 pass another --out or delete it",
+                "{}: {} was made with other arguments (model, transcoder, features, items, configs or mode); \
+                 pass another --out or delete both",
+                meta_file.display(),
                 out.display()
             );
         }
@@ -199,21 +200,13 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
             records = serde_json::from_str(&std::fs::read_to_string(out).with_context(|| format!("{}: cannot read", out.display()))?)
                 .with_context(|| format!("{}: not a results file", out.display()))?;
         }
-        // Batches are saved whole: the results reach to the end of their last item's batch.
-        let through_results = match records.last() {
-            None => 0,
-            Some(last) => {
-                let i = settings.items.iter().position(|it| record_id(it) == last.id).with_context(|| {
-                    format!("{}: holds an item that is not in this experiment; delete it and its meta file to start over", out.display())
-                })?;
-                ((i / chunk_size + 1) * chunk_size).min(settings.items.len())
-            }
-        };
-        done = old.completed.max(through_results).min(settings.items.len());
+        // Batches are saved whole: the results reach to the end of their last item's batch, and
+        // an item there without a record was skipped (it does not fit the context); the meta
+        // file's count is not trusted beyond that (skipped batches are cheap to redo).
+        done = check_records(model, out, &settings, &records)?;
     } else if out.exists() {
         bail!("{}: results exist without their meta file {}; delete the results to start over", out.display(), meta_file.display());
     }
-    // Items before `done` without a record were skipped (they do not fit the context).
     let answered: std::collections::HashSet<String> = records.iter().map(|r| r.id.to_string()).collect();
     let mut skipped: Vec<String> =
         settings.items[..done].iter().filter(|it| !answered.contains(&record_id(it).to_string())).map(|it| it.id.clone()).collect();
@@ -319,6 +312,49 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
         eprintln!("skipped {} items whose prompt plus {} new tokens exceed the context of {}", skipped.len(), settings.max_new_tokens, model.info.n_ctx);
     }
     Ok(records)
+}
+
+/// Checks the records of a results file being resumed against `settings`: each is an item of
+/// the experiment, in order, with the item's prompt and ground truth, every configuration's
+/// result and token ids inside the vocabulary; an item before the last record's batch end with
+/// no record must be one that does not fit the context. Returns how many items the records
+/// cover (to the end of the last record's batch).
+fn check_records(model: &Model, out: &Path, settings: &SteerSettings, records: &[SteerRecord]) -> Result<usize> {
+    let bad = |what: String| anyhow::anyhow!("{}: {what}; delete it and its meta file to start over", out.display());
+    let names: std::collections::BTreeSet<&String> = settings.configs.iter().map(|c| &c.name).collect();
+    let mut next = 0;
+    let mut answered = std::collections::HashSet::new();
+    for r in records {
+        let i = settings.items[next..]
+            .iter()
+            .position(|it| record_id(it) == r.id)
+            .map(|p| next + p)
+            .ok_or_else(|| bad(format!("record {} is not an item of this experiment, or is out of order or repeated", r.id)))?;
+        let item = &settings.items[i];
+        if r.prompt != item.prompt || r.ground_truth != item.ground_truth {
+            return Err(bad(format!("record {} does not hold its item's prompt and ground truth", r.id)));
+        }
+        let has_all = |keys: Vec<&String>| keys.len() == names.len() && keys.iter().all(|k| names.contains(k));
+        let generated = settings.score != "loglik";
+        if (generated && (!has_all(r.generations.keys().collect()) || !has_all(r.new_tokens.keys().collect())))
+            || (settings.score != "generate" && !has_all(r.loglik.keys().collect()))
+        {
+            return Err(bad(format!("record {} does not hold exactly the configurations {names:?}", r.id)));
+        }
+        if r.new_tokens.values().flatten().any(|&t| t as usize >= model.info.vocab_size) {
+            return Err(bad(format!("record {} holds token ids outside the vocabulary", r.id)));
+        }
+        answered.insert(i);
+        next = i + 1;
+    }
+    let chunk = settings.batch_size;
+    let done = if records.is_empty() { 0 } else { (next - 1) / chunk * chunk + chunk }.min(settings.items.len());
+    for (_, item) in settings.items[..done].iter().enumerate().filter(|(i, _)| !answered.contains(i)) {
+        if model.codec.to_tokens(&item.prompt)?.len() + settings.max_new_tokens <= model.info.n_ctx {
+            return Err(bad(format!("item {} has no record, but it fits the context", item.id)));
+        }
+    }
+    Ok(done)
 }
 
 fn copy_entry<V: Clone>(map: &mut BTreeMap<String, V>, from: &str, to: &str) {

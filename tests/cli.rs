@@ -198,6 +198,15 @@ fn invalid_inputs_are_refused() {
         c["eos_token_id"] = 2.into();
     });
     assert_clean_error(&run(&["generate", "--model", d.to_str().unwrap(), "--prompt", "x"]), &["tokenizer", "id 50257", "vocabulary of 1000"]);
+    // A weight stored as integers (its header relabelled I32: the same bytes per element).
+    let d = tmpdir("intweights");
+    copy_dir(&shared.join("fixtures/tiny-gpt2"), &d);
+    let shard = d.join("model.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let at = bytes.windows(13).position(|w| w == b"\"dtype\":\"F32\"").expect("an F32 tensor in the header");
+    bytes[at + 9] = b'I';
+    std::fs::write(&shard, bytes).unwrap();
+    assert_clean_error(&run(&["generate", "--model", d.to_str().unwrap(), "--prompt", "x"]), &["model.safetensors", "I32", "floating point"]);
     // The index points outside the folder.
     let d = tmpdir("weightmap");
     copy_dir(&llama, &d);

@@ -160,7 +160,45 @@ fn resumes_after_a_kill_between_the_two_writes() {
     let e = run_steer(&model, &splice, settings.clone(), &out).unwrap_err().to_string();
     assert!(e.contains("another neurosteer process"), "{e}");
     std::fs::write(&lock, "999999999").unwrap();
-    run_steer(&model, &splice, settings, &out).unwrap();
+    run_steer(&model, &splice, settings.clone(), &out).unwrap();
     assert!(!lock.exists(), "the lock is removed at the end");
+
+    // Tampered results are refused on resume, naming the file.
+    type Change = fn(&mut Vec<serde_json::Value>);
+    let good: Vec<serde_json::Value> = serde_json::from_slice(&want_results).unwrap();
+    let tampered: [(&str, Change); 5] = [
+        ("not an item", |r| r[0]["id"] = 99.into()),
+        ("prompt and ground truth", |r| r[0]["ground_truth"] = "Banana".into()),
+        ("configurations", |r| {
+            r[1]["generations"].as_object_mut().unwrap().remove("Strengthen");
+        }),
+        ("fits the context", |r| {
+            r.remove(1);
+        }),
+        ("outside the vocabulary", |r| r[0]["new_tokens"]["Base"][0] = 1_000_000.into()),
+    ];
+    for (needle, change) in tampered {
+        let mut recs = good.clone();
+        change(&mut recs);
+        std::fs::write(&out, serde_json::to_string(&recs).unwrap()).unwrap();
+        std::fs::write(&meta, &want_meta).unwrap();
+        let e = format!("{:#}", run_steer(&model, &splice, settings.clone(), &out).unwrap_err());
+        assert!(e.contains("results.json") && e.contains(needle), "{needle}: {e}");
+    }
+    // evaluate refuses results that are not one experiment.
+    let evaluated: [(&str, Change); 3] = [
+        ("more than one record", |r| r.push(r[0].clone())),
+        ("holds configurations", |r| {
+            r[1]["generations"].as_object_mut().unwrap().remove("Strengthen");
+        }),
+        ("no records", |r| r.clear()),
+    ];
+    for (needle, change) in evaluated {
+        let mut recs = good.clone();
+        change(&mut recs);
+        std::fs::write(&out, serde_json::to_string(&recs).unwrap()).unwrap();
+        let e = format!("{:#}", neurosteer::evaluate::evaluate_file(&out, &dir.join("eval"), None).unwrap_err());
+        assert!(e.contains("results.json") && e.contains(needle), "{needle}: {e}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

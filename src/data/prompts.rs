@@ -106,6 +106,9 @@ fn parse(template: &str) -> Result<Vec<Piece<'_>>> {
 /// names the template in error messages.
 pub fn render_template(template: &str, item: &Item, style: &str) -> Result<String> {
     let pieces = parse(template).with_context(|| format!("prompt style `{style}`: bad template"))?;
+    if !pieces.iter().any(|p| matches!(p, Piece::Field(_))) {
+        bail!("prompt style `{style}`: the template has no placeholder such as {{question}}, so every item would get the same prompt");
+    }
     let mut out = String::with_capacity(template.len() + 256);
     for piece in pieces {
         match piece {
@@ -383,7 +386,8 @@ mod tests {
             assert!(err.is_err(), "{bad}");
             assert!(format!("{:#}", err.unwrap_err()).contains("style `s`"), "{bad}");
         }
-        assert_eq!(render_template("no fields", &it, "s").unwrap(), "no fields");
+        let err = render_template("no fields", &it, "s").unwrap_err().to_string();
+        assert!(err.contains("no placeholder"), "{err}");
         assert_eq!(render_template("héllo {question}é", &it, "s").unwrap(), "héllo qé");
     }
 

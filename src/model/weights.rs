@@ -99,7 +99,7 @@ impl SafetensorsFiles {
         // Floats are read straight into their typed buffer (one copy of the tensor, not two).
         fn typed<T: candle_core::WithDType>(n: usize, read: impl Fn(&mut [u8]) -> Result<()>) -> Result<Vec<T>> {
             let mut v = vec![T::zero(); n];
-            // SAFETY: f32, f16 and bf16 are plain old data: any bytes are a valid value.
+            // SAFETY: f64, f32, f16 and bf16 are plain old data: any bytes are a valid value.
             let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>()) };
             read(bytes)?;
             Ok(v)
@@ -127,11 +127,12 @@ impl SafetensorsFiles {
                 finite(v.iter().all(|x| x.is_finite()))?;
                 Tensor::from_vec(v, e.shape.as_slice(), dev)?
             }
-            other => {
-                let mut bytes = vec![0u8; (e.end - e.start) as usize];
-                read(&mut bytes)?;
-                Tensor::from_raw_buffer(&bytes, other, &e.shape, dev)?
+            DType::F64 => {
+                let v = typed::<f64>(n, read)?;
+                finite(v.iter().all(|x| x.is_finite()))?;
+                Tensor::from_vec(v, e.shape.as_slice(), dev)?
             }
+            other => anyhow::bail!("{}: tensor {name} has dtype {other:?}; weights are floating point (f32, f16, bf16, f64)", path.display()),
         })
     }
 }

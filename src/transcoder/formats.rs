@@ -217,6 +217,9 @@ fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<Str
         .map_err(|e| file_err(path, format!("bad safetensors file: {e}")))?;
     let mut out = HashMap::with_capacity(raw.len());
     for (k, t) in raw {
+        if !t.dtype().is_float() {
+            return Err(file_err(path, format!("tensor {k} has dtype {:?}; transcoder tensors are floating point", t.dtype())));
+        }
         let t = t.to_dtype(DType::F32).map_err(|e| file_err(path, format!("tensor {k}: {e}")))?;
         out.insert(k, t);
     }

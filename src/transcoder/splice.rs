@@ -125,6 +125,18 @@ impl Splice {
     }
 }
 
+/// Checks a steered feature list: every index below `d_sae`, none twice.
+pub fn check_features(features: &[usize], d_sae: usize) -> Result<()> {
+    if let Some(&bad) = features.iter().find(|&&i| i >= d_sae) {
+        bail!("feature {bad} is out of range: the transcoder has {d_sae} features");
+    }
+    let mut seen = vec![false; d_sae];
+    if let Some(&dup) = features.iter().find(|&&i| std::mem::replace(&mut seen[i], true)) {
+        bail!("feature {dup} is listed twice (each feature is scaled once)");
+    }
+    Ok(())
+}
+
 impl Steering {
     /// Prepares a steering edit with one transcoder; checks the feature indices.
     pub fn new(transcoder: Arc<Transcoder>, features: Vec<usize>, strength: f64, mode: SteerMode) -> Result<Self> {
@@ -134,13 +146,7 @@ impl Steering {
     fn build(sources: Vec<Arc<Transcoder>>, steered: usize, features: Vec<usize>, strength: f64, mode: SteerMode) -> Result<Self> {
         let t = sources[steered].clone();
         let d_sae = t.meta.d_sae;
-        if let Some(&bad) = features.iter().find(|&&i| i >= d_sae) {
-            bail!("feature {bad} is out of range: the transcoder has {d_sae} features");
-        }
-        let mut seen = vec![false; d_sae];
-        if let Some(&dup) = features.iter().find(|&&i| std::mem::replace(&mut seen[i], true)) {
-            bail!("feature {dup} is listed twice (each feature is scaled once)");
-        }
+        check_features(&features, d_sae)?;
         if !strength.is_finite() {
             bail!("strength must be a finite number, got {strength}");
         }
