@@ -610,6 +610,9 @@ fn control_pool(features: &str, reasoning: &[usize], tc: &Transcoder) -> Result<
             (alive, rest)
         }
     };
+    if let Some(&bad) = alive.iter().chain(&non_reasoning).find(|&&i| i >= tc.meta.d_sae) {
+        bail!("{features}: alive feature {bad} is out of range: the transcoder has {} features", tc.meta.d_sae);
+    }
     if non_reasoning.len() >= reasoning.len() {
         return Ok(non_reasoning);
     }

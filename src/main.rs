@@ -577,8 +577,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("neurosteer: error: {msg}");
+            eprintln!("neurosteer: error: {}", neurosteer::error_line(&e));
             ExitCode::FAILURE
         }
     }

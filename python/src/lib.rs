@@ -29,7 +29,7 @@ create_exception!(
 
 /// The CLI's one-line message for an error: its context chain on one line.
 fn py_err(e: anyhow::Error) -> PyErr {
-    NeurosteerError::new_err(format!("{e:#}").replace('\n', " "))
+    NeurosteerError::new_err(neurosteer::error_line(&e))
 }
 
 /// Runs `f` with the GIL released, turning its errors (and any panic) into [`NeurosteerError`].

@@ -176,7 +176,8 @@ def test_errors_are_exceptions_with_the_cli_message(shared, cli):
     tc = ns.Transcoder.load(shared / TC_STORIES)
     with pytest.raises(ns.NeurosteerError) as e:
         ns.Steering(tc, [600], 2.0)
-    assert str(e.value) == cli_error(cli, "generate", *args, "--prompt", "x", "--transcoder", shared / TC_STORIES, "--features", "600")
+    # The CLI names the flag the list came from.
+    assert cli_error(cli, "generate", *args, "--prompt", "x", "--transcoder", shared / TC_STORIES, "--features", "600") == f"--features 600: {e.value}"
     with pytest.raises(ns.NeurosteerError, match="mode `up`"):
         ns.Steering(tc, [1], 2.0, mode="up")
     with pytest.raises(ns.NeurosteerError, match="--layer 3, but this transcoder is for layer 2"):
