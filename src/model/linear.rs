@@ -78,16 +78,7 @@ impl Linear {
         let mut col = 0;
         for part in &self.parts {
             let n = part.dim(0)?;
-            let (ws, wl) = part.storage_and_layout();
-            let Storage::Cpu(wc) = &*ws else { bail!("linear layer: the weight is not on the CPU") };
-            let off = wl.start_offset();
-            let w = match part.dtype() {
-                DType::F32 => Weights::F32(&wc.as_slice::<f32>()?[off..]),
-                DType::BF16 => Weights::Bf16(&wc.as_slice::<half::bf16>()?[off..]),
-                DType::F16 => Weights::F16(&wc.as_slice::<half::f16>()?[off..]),
-                other => bail!("linear weights must be f32, bf16 or f16, not {other:?}"),
-            };
-            matmul_nt(xv, rows, k, w, n, &mut y[col..], self.out);
+            Weights::with(part, "linear weight", |w| matmul_nt(xv, rows, k, w, n, &mut y[col..], self.out))?;
             col += n;
         }
         Ok(Tensor::from_vec(y, (rows, self.out), &Device::Cpu)?)

@@ -30,6 +30,22 @@ pub enum Weights<'a> {
 }
 
 impl Weights<'_> {
+    /// Calls `f` with the elements of `t`, a contiguous f32, bf16 or f16 tensor on the CPU (`what`
+    /// names it in errors).
+    pub fn with<R>(t: &candle_core::Tensor, what: &str, f: impl FnOnce(Weights) -> R) -> anyhow::Result<R> {
+        use candle_core::{DType, Storage};
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else { anyhow::bail!("{what} is not on the CPU") };
+        let off = layout.start_offset();
+        let w = match t.dtype() {
+            DType::F32 => Weights::F32(&cpu.as_slice::<f32>()?[off..]),
+            DType::BF16 => Weights::Bf16(&cpu.as_slice::<bf16>()?[off..]),
+            DType::F16 => Weights::F16(&cpu.as_slice::<f16>()?[off..]),
+            other => anyhow::bail!("{what} must be f32, bf16 or f16, not {other:?}"),
+        };
+        Ok(f(w))
+    }
+
     fn len(&self) -> usize {
         match self {
             Weights::F32(w) => w.len(),

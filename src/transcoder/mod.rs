@@ -23,7 +23,7 @@ pub mod train;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::hooks::HookPoint;
@@ -360,18 +360,8 @@ fn cpu_matmul_nn(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let n = w.dim(1)?;
     let x = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let w = w.contiguous()?;
-    let (storage, layout) = w.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { bail!("transcoder weight is not on the CPU") };
-    let off = layout.start_offset();
-    let weights = match w.dtype() {
-        DType::F32 => Weights::F32(&cpu.as_slice::<f32>()?[off..]),
-        DType::BF16 => Weights::Bf16(&cpu.as_slice::<half::bf16>()?[off..]),
-        DType::F16 => Weights::F16(&cpu.as_slice::<half::f16>()?[off..]),
-        other => bail!("transcoder weights must be f32, bf16 or f16, not {other:?}"),
-    };
     let mut y = vec![0f32; m * n];
-    matmul_nn(&x, m, k, weights, n, &mut y);
+    Weights::with(&w.contiguous()?, "transcoder weight", |w| matmul_nn(&x, m, k, w, n, &mut y))?;
     Ok(Tensor::from_vec(y, (m, n), &Device::Cpu)?)
 }
 
