@@ -14,6 +14,7 @@ use candle_nn::VarBuilder;
 use super::attention::{attend, normalize, rotary_tables, KvCache, Scores, Step};
 use super::config::Llama3RopeScaling;
 use super::linear::Linear;
+use super::pointwise;
 use crate::hooks::{HookPoint, Hooks};
 
 /// Rotary `cos` / `sin` tables `[max_positions, head_dim / 2]`.
@@ -145,9 +146,8 @@ impl GatedMlp {
         let gate_up = self.gate_up.forward(x)?;
         let pre = hooks.visit(HookPoint::MlpPre(layer), gate_up.narrow(2, 0, f)?)?;
         let act = match self.act {
-            Activation::Silu => candle_nn::ops::silu(&pre)?,
-            // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
-            Activation::GeluTanh => pre.gelu()?,
+            Activation::Silu => pointwise::silu(&pre)?,
+            Activation::GeluTanh => pointwise::gelu_tanh(&pre)?,
         };
         let post = hooks.visit(HookPoint::MlpPost(layer), (act * gate_up.narrow(2, f, f)?)?)?;
         self.down.forward(&post)

@@ -13,6 +13,7 @@ use candle_nn::VarBuilder;
 
 use super::attention::{attend, hooked_norm, select_positions, KvCache, Scores, Step};
 use super::linear::Linear;
+use super::pointwise::gelu_tanh;
 use super::config::Gpt2Config;
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
@@ -159,7 +160,7 @@ impl Gpt2 {
             let normed = hooked_norm(hooks, &x, eps, true, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l))?;
             let h = hooks.visit(HookPoint::MlpIn(l), blk.ln_2.affine(&normed)?)?;
             let pre = hooks.visit(HookPoint::MlpPre(l), blk.c_fc.forward(&h)?)?;
-            let post = hooks.visit(HookPoint::MlpPost(l), pre.gelu()?)?;
+            let post = hooks.visit(HookPoint::MlpPost(l), gelu_tanh(&pre)?)?;
             // The output projection was centred at load, so `mlp.hook_out` is centred like
             // `hook_mlp_out` (the mean over d_model reaches no later LayerNorm).
             let mlp_out = hooks.visit(HookPoint::MlpHookOut(l), blk.mlp_proj.forward(&post)?)?;

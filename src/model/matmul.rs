@@ -5,9 +5,10 @@
 //! weights. For `m <= SMALL_M` a register-tiled kernel reads each weight row once per tile of rows of
 //! `x`, converts half-precision weights to f32 in registers (never a widened copy of the matrix),
 //! accumulates in f32, and splits the output rows across threads. It uses AVX-512 or AVX2+FMA(+F16C)
-//! where the processor has them (detected at run time) and portable code elsewhere. Every output
-//! element is one dot product summed in the same order whatever `m`, the tile or the thread count,
-//! so a batch row gets exactly what the same row alone gets.
+//! where the processor has them (detected at run time) and portable code elsewhere. With several
+//! tiles of rows it runs blocks of k against groups of weight rows while they are in L1. Every
+//! output element is the in-order sum of its dot products over fixed blocks of k, whatever `m`, the
+//! tile or the thread count, so a batch row gets exactly what the same row alone gets.
 //!
 //! Prefill (larger `m`) is compute-bound and goes to the `gemm` crate (what candle uses); a
 //! half-precision weight is widened there one block of rows at a time into a reused buffer.
@@ -161,32 +162,52 @@ impl SendPtr {
 /// Weight rows per tile.
 const R: usize = 4;
 
+/// k per block: every output of the small kernel is the sum, in order, of its dot products over
+/// blocks of this many k (a multiple of every vector width), whatever `m`, so the blocks can be
+/// scheduled for the cache without changing a bit of the result.
+const KB: usize = 256;
+
+/// Weight rows run against each block of `x` while it is in L1, when `x` has more than one tile
+/// of rows (`x` is then read from L2 once per group of rows instead of once per tile).
+const GROUP: usize = 16;
+
 #[allow(clippy::too_many_arguments)]
 fn small<T: Elem>(isa: Isa, x: &[f32], m: usize, k: usize, w: &[T], n: usize, y: &mut [f32], ldy: usize) {
     let threads = rayon::current_num_threads().max(1);
-    // About eight tasks per thread, at least 16 rows each, a multiple of the tile height.
-    let chunk = (n.div_ceil(threads * 8)).max(16).div_ceil(R) * R;
+    let max_mt = max_tile_rows(isa);
+    let group = if m > max_mt { GROUP } else { R };
+    // About eight tasks per thread, at least 16 rows each, a multiple of the group.
+    let chunk = (n.div_ceil(threads * 8)).max(16).div_ceil(group) * group;
     let out = SendPtr(y.as_mut_ptr());
     let task = |c: usize| {
         let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
-        let mut j = n0;
-        while j < n1 {
-            let r = R.min(n1 - j);
-            let wrows = &w[j * k..(j + r) * k];
-            let mut i = 0;
-            while i < m {
-                let mt = max_tile_rows(isa).min(m - i);
-                let mut acc = [[0f32; MAX_MT]; R];
-                tile(isa, &x[i * k..(i + mt) * k], mt, k, wrows, r, &mut acc);
-                for (a, row) in acc.iter().enumerate().take(r) {
-                    for (b, v) in row.iter().enumerate().take(mt) {
-                        // SAFETY: (i + b, j + a) is inside y, and only this task writes rows j..j+r.
-                        unsafe { *out.get().add((i + b) * ldy + j + a) = *v };
+        for g0 in (n0..n1).step_by(group) {
+            let g1 = (g0 + group).min(n1);
+            for p0 in (0..k).step_by(KB) {
+                let kb = KB.min(k - p0);
+                let mut i = 0;
+                while i < m {
+                    let mt = max_mt.min(m - i);
+                    let mut j = g0;
+                    while j < g1 {
+                        let r = R.min(g1 - j);
+                        let mut acc = [[0f32; MAX_MT]; R];
+                        tile(isa, &x[i * k + p0..], &w[j * k + p0..], k, kb, mt, r, &mut acc);
+                        for (a, row) in acc.iter().enumerate().take(r) {
+                            for (b, v) in row.iter().enumerate().take(mt) {
+                                // SAFETY: (i + b, j + a) is inside y, and only this task writes
+                                // rows j..j+r.
+                                unsafe {
+                                    let dst = out.get().add((i + b) * ldy + j + a);
+                                    *dst = if p0 == 0 { *v } else { *dst + *v };
+                                }
+                            }
+                        }
+                        j += r;
                     }
+                    i += mt;
                 }
-                i += mt;
             }
-            j += r;
         }
     };
     let tasks = n.div_ceil(chunk);
@@ -207,30 +228,32 @@ fn max_tile_rows(isa: Isa) -> usize {
     }
 }
 
-/// Dot products of `r` weight rows with `mt` rows of `x` into `acc[0..r][0..mt]`.
-fn tile<T: Elem>(isa: Isa, x: &[f32], mt: usize, k: usize, w: &[T], r: usize, acc: &mut [[f32; MAX_MT]; R]) {
+/// Dot products of `r` rows of `w` with `mt` rows of `x` over their first `kb` elements, into
+/// `acc[0..r][0..mt]` (rows `ld` elements apart in both).
+#[allow(clippy::too_many_arguments)]
+fn tile<T: Elem>(isa: Isa, x: &[f32], w: &[T], ld: usize, kb: usize, mt: usize, r: usize, acc: &mut [[f32; MAX_MT]; R]) {
     macro_rules! dispatch {
         ($f:ident) => {
-            // SAFETY: the instruction set was checked against the processor; slices hold
-            // `mt * k` and `r * k` elements.
+            // SAFETY: the instruction set was checked against the processor; the slices hold
+            // `(mt - 1) * ld + kb` and `(r - 1) * ld + kb` elements.
             unsafe {
                 match (r, mt) {
-                    (4, 4) => $f::<T, 4, 4>(x, k, w, acc),
-                    (4, 3) => $f::<T, 4, 3>(x, k, w, acc),
-                    (4, 2) => $f::<T, 4, 2>(x, k, w, acc),
-                    (4, 1) => $f::<T, 4, 1>(x, k, w, acc),
-                    (3, 4) => $f::<T, 3, 4>(x, k, w, acc),
-                    (3, 3) => $f::<T, 3, 3>(x, k, w, acc),
-                    (3, 2) => $f::<T, 3, 2>(x, k, w, acc),
-                    (3, 1) => $f::<T, 3, 1>(x, k, w, acc),
-                    (2, 4) => $f::<T, 2, 4>(x, k, w, acc),
-                    (2, 3) => $f::<T, 2, 3>(x, k, w, acc),
-                    (2, 2) => $f::<T, 2, 2>(x, k, w, acc),
-                    (2, 1) => $f::<T, 2, 1>(x, k, w, acc),
-                    (1, 4) => $f::<T, 1, 4>(x, k, w, acc),
-                    (1, 3) => $f::<T, 1, 3>(x, k, w, acc),
-                    (1, 2) => $f::<T, 1, 2>(x, k, w, acc),
-                    (1, 1) => $f::<T, 1, 1>(x, k, w, acc),
+                    (4, 4) => $f::<T, 4, 4>(x, w, ld, kb, acc),
+                    (4, 3) => $f::<T, 4, 3>(x, w, ld, kb, acc),
+                    (4, 2) => $f::<T, 4, 2>(x, w, ld, kb, acc),
+                    (4, 1) => $f::<T, 4, 1>(x, w, ld, kb, acc),
+                    (3, 4) => $f::<T, 3, 4>(x, w, ld, kb, acc),
+                    (3, 3) => $f::<T, 3, 3>(x, w, ld, kb, acc),
+                    (3, 2) => $f::<T, 3, 2>(x, w, ld, kb, acc),
+                    (3, 1) => $f::<T, 3, 1>(x, w, ld, kb, acc),
+                    (2, 4) => $f::<T, 2, 4>(x, w, ld, kb, acc),
+                    (2, 3) => $f::<T, 2, 3>(x, w, ld, kb, acc),
+                    (2, 2) => $f::<T, 2, 2>(x, w, ld, kb, acc),
+                    (2, 1) => $f::<T, 2, 1>(x, w, ld, kb, acc),
+                    (1, 4) => $f::<T, 1, 4>(x, w, ld, kb, acc),
+                    (1, 3) => $f::<T, 1, 3>(x, w, ld, kb, acc),
+                    (1, 2) => $f::<T, 1, 2>(x, w, ld, kb, acc),
+                    (1, 1) => $f::<T, 1, 1>(x, w, ld, kb, acc),
                     _ => unreachable!("tile sizes are at most {R} x {MAX_MT}"),
                 }
             }
@@ -361,36 +384,36 @@ half_elem!(f16, f16x16, f16x16_masked, f16x8);
 /// AVX-512: 16 lanes per step, the last partial step with masked loads.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn tile_avx512<T: Elem, const RR: usize, const MT: usize>(x: &[f32], k: usize, w: &[T], out: &mut [[f32; MAX_MT]; R]) {
+unsafe fn tile_avx512<T: Elem, const RR: usize, const MT: usize>(x: &[f32], w: &[T], ld: usize, kb: usize, out: &mut [[f32; MAX_MT]; R]) {
     use x86::*;
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
     let mut acc = [[_mm512_setzero_ps(); MT]; RR];
-    let full = k / 16 * 16;
+    let full = kb / 16 * 16;
     let mut p = 0;
     while p < full {
         let mut xv = [_mm512_setzero_ps(); MT];
         for (i, v) in xv.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(xp.add(i * k + p));
+            *v = _mm512_loadu_ps(xp.add(i * ld + p));
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            let wv = T::load16(wp.add(r * k + p));
-            // Ask for the same place in the next group of rows (the memory after this tile's
-            // rows; a prefetch past the matrix is dropped by the processor).
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((r + RR) * k + p) as *const i8);
+            let wv = T::load16(wp.add(r * ld + p));
+            // Ask for the same place in the next tile's rows (a prefetch past the matrix is
+            // dropped by the processor).
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((r + RR) * ld + p) as *const i8);
             for (a, v) in row.iter_mut().zip(&xv) {
                 *a = _mm512_fmadd_ps(wv, *v, *a);
             }
         }
         p += 16;
     }
-    if p < k {
-        let mask = ((1u32 << (k - p)) - 1) as u16;
+    if p < kb {
+        let mask = ((1u32 << (kb - p)) - 1) as u16;
         let mut xv = [_mm512_setzero_ps(); MT];
         for (i, v) in xv.iter_mut().enumerate() {
-            *v = _mm512_maskz_loadu_ps(mask, xp.add(i * k + p));
+            *v = _mm512_maskz_loadu_ps(mask, xp.add(i * ld + p));
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            let wv = T::load16_masked(wp.add(r * k + p), mask);
+            let wv = T::load16_masked(wp.add(r * ld + p), mask);
             for (a, v) in row.iter_mut().zip(&xv) {
                 *a = _mm512_fmadd_ps(wv, *v, *a);
             }
@@ -444,19 +467,19 @@ unsafe fn hsum16(v: &[x86::__m512; 16]) -> [f32; 16] {
 /// AVX2: 8 lanes per step, the remainder one element at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<T: Elem, const RR: usize, const MT: usize>(x: &[f32], k: usize, w: &[T], out: &mut [[f32; MAX_MT]; R]) {
+unsafe fn tile_avx2<T: Elem, const RR: usize, const MT: usize>(x: &[f32], w: &[T], ld: usize, kb: usize, out: &mut [[f32; MAX_MT]; R]) {
     use x86::*;
     let (xp, wp) = (x.as_ptr(), w.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); MT]; RR];
-    let full = k / 8 * 8;
+    let full = kb / 8 * 8;
     let mut p = 0;
     while p < full {
         let mut xv = [_mm256_setzero_ps(); MT];
         for (i, v) in xv.iter_mut().enumerate() {
-            *v = _mm256_loadu_ps(xp.add(i * k + p));
+            *v = _mm256_loadu_ps(xp.add(i * ld + p));
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            let wv = T::load8(wp.add(r * k + p));
+            let wv = T::load8(wp.add(r * ld + p));
             for (a, v) in row.iter_mut().zip(&xv) {
                 *a = _mm256_fmadd_ps(wv, *v, *a);
             }
@@ -470,8 +493,8 @@ unsafe fn tile_avx2<T: Elem, const RR: usize, const MT: usize>(x: &[f32], k: usi
             let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
             let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0x55>(s2, s2));
             let mut s = _mm_cvtss_f32(s1);
-            for q in full..k {
-                s += x[i * k + q] * w[r * k + q].f32();
+            for q in full..kb {
+                s += x[i * ld + q] * w[r * ld + q].f32();
             }
             *o = s;
         }
@@ -479,15 +502,15 @@ unsafe fn tile_avx2<T: Elem, const RR: usize, const MT: usize>(x: &[f32], k: usi
 }
 
 /// Portable: eight independent lanes per dot product (vectorised by the compiler where it can).
-unsafe fn tile_portable<T: Elem, const RR: usize, const MT: usize>(x: &[f32], k: usize, w: &[T], out: &mut [[f32; MAX_MT]; R]) {
+unsafe fn tile_portable<T: Elem, const RR: usize, const MT: usize>(x: &[f32], w: &[T], ld: usize, kb: usize, out: &mut [[f32; MAX_MT]; R]) {
     let mut acc = [[[0f32; 8]; MT]; RR];
-    let full = k / 8 * 8;
+    let full = kb / 8 * 8;
     let mut p = 0;
     while p < full {
         for (r, row) in acc.iter_mut().enumerate() {
-            let wr = &w[r * k + p..r * k + p + 8];
+            let wr = &w[r * ld + p..r * ld + p + 8];
             for (i, lanes) in row.iter_mut().enumerate() {
-                let xr = &x[i * k + p..i * k + p + 8];
+                let xr = &x[i * ld + p..i * ld + p + 8];
                 for l in 0..8 {
                     lanes[l] += wr[l].f32() * xr[l];
                 }
@@ -498,8 +521,8 @@ unsafe fn tile_portable<T: Elem, const RR: usize, const MT: usize>(x: &[f32], k:
     for (r, (o, row)) in out.iter_mut().zip(&acc).enumerate() {
         for (i, (o, lanes)) in o.iter_mut().zip(row).enumerate() {
             let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-            for q in full..k {
-                s += x[i * k + q] * w[r * k + q].f32();
+            for q in full..kb {
+                s += x[i * ld + q] * w[r * ld + q].f32();
             }
             *o = s;
         }

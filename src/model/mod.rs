@@ -11,6 +11,7 @@ pub mod llama;
 pub mod llama2c;
 pub mod matmul;
 pub mod matmul_nn;
+pub mod pointwise;
 pub mod tokenizer;
 pub mod weights;
 
