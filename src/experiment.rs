@@ -108,14 +108,19 @@ pub fn place_for(model: &Model, tc: Arc<Transcoder>) -> Result<Arc<Transcoder>> 
 /// What steering in `mode` splices from `path`: the transcoder of `layer`, and for `replace` with
 /// a cross-layer transcoder every source layer, each checked against `model` and on its device.
 pub fn load_splice_for(model: &Model, path: &Path, layer: Option<usize>, mode: SteerMode) -> Result<Splice> {
-    let tc = load_transcoder_for(model, path, layer)?;
+    splice_for(model, load_transcoder_for(model, path, layer)?, path, mode)
+}
+
+/// [`load_splice_for`] around `tc`, already read from `path` and placed for `model`: the other
+/// source layers are read only for `replace` with a cross-layer transcoder.
+pub fn splice_for(model: &Model, tc: Arc<Transcoder>, path: &Path, mode: SteerMode) -> Result<Splice> {
     if mode != SteerMode::Replace || !tc.is_cross_layer() {
         return Ok(Splice::new(tc));
     }
     let mut all = Vec::new();
-    for t in Transcoder::load_all(path, layer)? {
+    for t in Transcoder::load_all(path, tc.clone())? {
         check_fit(model, &t, path)?;
-        all.push(place_for(model, Arc::new(t))?);
+        all.push(place_for(model, t)?);
     }
     Splice::cross_layer(all, tc.meta.layer)
 }

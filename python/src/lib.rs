@@ -155,26 +155,37 @@ fn features_spec(obj: &Bound<'_, PyAny>) -> PyResult<String> {
     }
 }
 
-/// A transcoder ready to run with `model`: checked against it (hooks, widths) and on its device.
-fn transcoder_for(model: &Model, tc: &Arc<Transcoder>, path: &Path) -> anyhow::Result<Arc<Transcoder>> {
-    experiment::check_fit(model, tc, path)?;
-    experiment::place_for(model, tc.clone())
-}
 
 /// An activation's name, as the transcoder meta serialises it (`relu`, `jump_relu`, ...).
 fn activation_name(a: &Activation) -> String {
     serde_json::to_value(a).ok().and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string)).unwrap_or_default()
 }
 
+/// A transcoder argument: a `Transcoder` object, or one read from a path for this call.
+enum TranscoderArg<'py> {
+    Object(Bound<'py, PyTranscoder>),
+    Read(PyTranscoder),
+}
+
+impl std::ops::Deref for TranscoderArg<'_> {
+    type Target = PyTranscoder;
+
+    fn deref(&self) -> &PyTranscoder {
+        match self {
+            TranscoderArg::Object(t) => t.get(),
+            TranscoderArg::Read(t) => t,
+        }
+    }
+}
+
 /// A `Transcoder` object or a path to load one from.
-fn transcoder_arg(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<(Arc<Transcoder>, PathBuf)> {
+fn transcoder_arg<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<TranscoderArg<'py>> {
     if let Ok(t) = obj.cast::<PyTranscoder>() {
-        let t = t.get();
-        return Ok((t.tc.clone(), t.path.clone()));
+        return Ok(TranscoderArg::Object(t.clone()));
     }
     let path: PathBuf = obj.extract()?;
     let tc = compute(py, || Transcoder::load(&path, None))?;
-    Ok((Arc::new(tc), path))
+    Ok(TranscoderArg::Read(PyTranscoder::new(tc, path)))
 }
 
 /// A model's shapes: `model.cfg`.
@@ -334,13 +345,14 @@ impl PyModel {
             let mut hooks = Hooks::none();
             for s in &edits {
                 let t = s.transcoder.get();
-                let fitted = transcoder_for(model, &t.tc, &t.path)?;
-                // On the CPU the edit built with the Steering is used as is; elsewhere it is built
-                // again around the transcoder moved to the model's device.
+                let fitted = t.for_model(model)?;
+                // The edit built with the Steering is used as is when the transcoder needs no
+                // other device or dtype; else it is built again around the placed copy.
                 let edit = if Arc::ptr_eq(&fitted, &t.tc) {
                     s.edit.clone()
                 } else {
-                    Arc::new(Steering::new(fitted, s.edit.features().to_vec(), s.edit.strength(), s.edit.mode())?)
+                    let (features, strength, mode) = (s.edit.features().to_vec(), s.edit.strength(), s.edit.mode());
+                    Arc::new(experiment::splice_for(model, fitted, &t.path, mode)?.steering(features, strength, mode)?)
                 };
                 hooks.edit(edit);
             }
@@ -418,6 +430,31 @@ impl PyTranscoderConfig {
 struct PyTranscoder {
     tc: Arc<Transcoder>,
     path: PathBuf,
+    /// Copies made for models on other devices or in other precisions (`transcoder_dtype`), kept
+    /// so that each is converted once, not at every call.
+    placed: std::sync::Mutex<Vec<Arc<Transcoder>>>,
+}
+
+impl PyTranscoder {
+    fn new(tc: Transcoder, path: PathBuf) -> Self {
+        Self { tc: Arc::new(tc), path, placed: Default::default() }
+    }
+
+    /// This transcoder ready to run with `model`: checked against it (hooks, widths), on its
+    /// device and in its transcoder dtype.
+    fn for_model(&self, model: &Model) -> anyhow::Result<Arc<Transcoder>> {
+        experiment::check_fit(model, &self.tc, &self.path)?;
+        let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = |t: &Transcoder| t.w_enc.device().same_device(&model.device) && t.w_enc.dtype() == model.transcoder_dtype;
+        if let Some(t) = placed.iter().find(|t| fits(t)) {
+            return Ok(t.clone());
+        }
+        let t = experiment::place_for(model, self.tc.clone())?;
+        if !Arc::ptr_eq(&t, &self.tc) {
+            placed.push(t.clone());
+        }
+        Ok(t)
+    }
 }
 
 #[pymethods]
@@ -431,7 +468,7 @@ impl PyTranscoder {
     #[pyo3(signature = (path, layer = None))]
     fn load(py: Python<'_>, path: PathBuf, layer: Option<usize>) -> PyResult<Self> {
         let tc = compute(py, || Transcoder::load(&path, layer))?;
-        Ok(Self { tc: Arc::new(tc), path })
+        Ok(Self::new(tc, path))
     }
 
     /// The file or folder it was loaded from.
@@ -526,7 +563,7 @@ impl PySteering {
         let edit = compute(py, || {
             if mode == SteerMode::Replace && tc.is_cross_layer() {
                 // Replace with a cross-layer transcoder splices every source layer.
-                let all = Transcoder::load_all(&path, Some(tc.meta.layer))?.into_iter().map(Arc::new).collect();
+                let all = Transcoder::load_all(&path, tc.clone())?;
                 return Splice::cross_layer(all, tc.meta.layer)?.steering(features, strength, mode);
             }
             Steering::new(tc, features, strength, mode)
@@ -584,11 +621,12 @@ fn trace<'py>(
     options: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let job: TraceJob = job("trace", Some(dataset), options)?;
-    let (tc, path) = transcoder_arg(py, transcoder)?;
+    let arg = transcoder_arg(py, transcoder)?;
+    let t: &PyTranscoder = &arg;
     let model = &model.get().model;
     compute(py, || {
-        let tc = transcoder_for(model, &tc, &path)?;
-        with_progress(progress, || experiment::run_trace_job(&job, model, tc, &path, &out))
+        let tc = t.for_model(model)?;
+        with_progress(progress, || experiment::run_trace_job(&job, model, tc, &t.path, &out))
     })?;
     read_json(py, &out.join("trace.json"))
 }
@@ -607,11 +645,12 @@ fn classify<'py>(
     options: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let job: ClassifyJob = job("classify", None, options)?;
-    let tc = transcoder.map(|t| transcoder_arg(py, t)).transpose()?;
+    let arg = transcoder.map(|t| transcoder_arg(py, t)).transpose()?;
+    let t: Option<&PyTranscoder> = arg.as_deref();
     let model = model.map(|m| &m.get().model);
     compute(py, || {
-        let fitted = match (model, &tc) {
-            (Some(m), Some((tc, path))) => Some((m, transcoder_for(m, tc, path)?)),
+        let fitted = match (model, t) {
+            (Some(m), Some(t)) => Some((m, t.for_model(m)?)),
             _ => None,
         };
         experiment::run_classify_job(&job, &traces, &out, fitted.as_ref().map(|(m, t)| (*m, t.as_ref())))
@@ -636,15 +675,12 @@ fn steer<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let job: SteerJob = job("steer", Some(dataset), options)?;
     let features = features_spec(features)?;
-    let (tc, path) = transcoder_arg(py, transcoder)?;
+    let arg = transcoder_arg(py, transcoder)?;
+    let t: &PyTranscoder = &arg;
     let model = &model.get().model;
     compute(py, || {
-        let splice = if job.mode == SteerMode::Replace && tc.is_cross_layer() {
-            experiment::load_splice_for(model, &path, Some(tc.meta.layer), job.mode)?
-        } else {
-            Splice::new(transcoder_for(model, &tc, &path)?)
-        };
-        with_progress(progress, || experiment::run_steer_job(&job, model, &splice, &path, &features, &out))
+        let splice = experiment::splice_for(model, t.for_model(model)?, &t.path, job.mode)?;
+        with_progress(progress, || experiment::run_steer_job(&job, model, &splice, &t.path, &features, &out))
     })?;
     read_json(py, &out)
 }

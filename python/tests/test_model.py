@@ -110,8 +110,9 @@ def test_generate_with_steering_equals_cli(shared, cli, tmp_path, mode):
     assert [g["new_tokens"] for g in got] != [b["new_tokens"] for b in base], "steering changed nothing"
 
 
-def test_transcoder_dtype_equals_cli(shared, cli, tmp_path):
-    """A model loaded with transcoder_dtype="bf16" steers as `generate --transcoder-dtype bf16`."""
+def test_transcoder_dtype_equals_cli(shared, cli, tmp_path, capfd):
+    """A model loaded with transcoder_dtype="bf16" steers as `generate --transcoder-dtype bf16`,
+    and a Transcoder object is converted once, however often it is used."""
     spec, tok, _ = MODELS["stories260K-hf"]
     model = ns.Model.load(str(shared / spec), tokenizer=(shared / tok) if tok else None, transcoder_dtype="bf16")
     prompts = tmp_path / "prompts.jsonl"
@@ -120,8 +121,12 @@ def test_transcoder_dtype_equals_cli(shared, cli, tmp_path):
                 "--json", "--transcoder", shared / TC_STORIES, "--features", "3,17,42,100,311", "--strength", 4.0,
                 "--transcoder-dtype", "bf16")
     want = [json.loads(l) for l in p.stdout.splitlines()]
-    got = model.generate(PROMPTS, max_new_tokens=16, steer=ns.Steering(ns.Transcoder.load(shared / TC_STORIES), [3, 17, 42, 100, 311], 4.0))
+    steering = ns.Steering(ns.Transcoder.load(shared / TC_STORIES), [3, 17, 42, 100, 311], 4.0)
+    capfd.readouterr()
+    got = model.generate(PROMPTS, max_new_tokens=16, steer=steering)
     assert got == want
+    assert model.generate(PROMPTS, max_new_tokens=16, steer=steering) == want
+    assert capfd.readouterr().err.count("held in bf16") == 1
     with pytest.raises(ns.NeurosteerError, match="transcoder_dtype"):
         ns.Model.load(str(shared / spec), transcoder_dtype="f8")
 

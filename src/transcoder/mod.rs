@@ -21,6 +21,7 @@ pub mod splice;
 pub mod train;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -181,18 +182,25 @@ impl Transcoder {
         Ok(t)
     }
 
-    /// Every source layer of a cross-layer transcoder (for `replace`, which splices them all);
-    /// a single-layer transcoder alone.
-    pub fn load_all(path: &Path, layer: Option<usize>) -> Result<Vec<Self>> {
+    /// Every source layer of the cross-layer transcoder at `path` whose layer `steered` was read
+    /// from (for `replace`, which splices them all), `steered` itself in its place rather than read
+    /// again; a single-layer transcoder alone.
+    pub fn load_all(path: &Path, steered: Arc<Self>) -> Result<Vec<Arc<Self>>> {
         match sets::SetSource::detect(path)? {
             Some(set) if set.is_cross_layer() => {
-                let all = set.load_all()?;
-                for t in &all {
-                    t.check_finite(path)?;
-                }
-                Ok(all)
+                let n = set.clt_layers()?;
+                (0..n)
+                    .map(|l| {
+                        if l == steered.meta.layer {
+                            return Ok(steered.clone());
+                        }
+                        let t = set.load_clt_layer(l, n)?;
+                        t.check_finite(path)?;
+                        Ok(Arc::new(t))
+                    })
+                    .collect()
             }
-            _ => Ok(vec![Self::load(path, layer)?]),
+            _ => Ok(vec![steered]),
         }
     }
 

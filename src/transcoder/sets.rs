@@ -260,12 +260,6 @@ impl SetSource {
         }
     }
 
-    /// Every source layer of a cross-layer transcoder.
-    pub fn load_all(&self) -> Result<Vec<Transcoder>> {
-        let n = self.clt_layers()?;
-        (0..n).map(|l| self.load_clt_layer(l, n)).collect()
-    }
-
     fn repo_id(&self) -> Option<String> {
         match &self.files {
             Files::Hub { repo, .. } => Some(repo.id.clone()),
@@ -274,7 +268,7 @@ impl SetSource {
     }
 
     /// The number of layers of a cross-layer transcoder: the `W_enc_L` files, 0..n without gaps.
-    fn clt_layers(&self) -> Result<usize> {
+    pub(crate) fn clt_layers(&self) -> Result<usize> {
         let names = self.files.list()?;
         let mut layers: Vec<usize> = names
             .iter()
@@ -287,7 +281,7 @@ impl SetSource {
         Ok(layers.len())
     }
 
-    fn load_clt_layer(&self, layer: usize, n_layers: usize) -> Result<Transcoder> {
+    pub(crate) fn load_clt_layer(&self, layer: usize, n_layers: usize) -> Result<Transcoder> {
         if layer >= n_layers {
             bail!("{}: a cross-layer transcoder of {n_layers} layers has no layer {layer}", self.files.describe());
         }
