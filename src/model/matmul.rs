@@ -271,6 +271,8 @@ fn tile<T: Elem>(isa: Isa, x: &[f32], w: &[T], ld: usize, kb: usize, mt: usize, 
 /// A weight element: how to read it as f32, one at a time or a vector at a time.
 trait Elem: Copy + Send + Sync + 'static {
     fn f32(self) -> f32;
+    /// The slice itself when the elements are f32 (to be read in place).
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> x86::__m512;
     #[cfg(target_arch = "x86_64")]
@@ -335,6 +337,9 @@ impl Elem for f32 {
     fn f32(self) -> f32 {
         self
     }
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const Self) -> x86::__m512 {
@@ -359,6 +364,9 @@ macro_rules! half_elem {
             #[inline(always)]
             fn f32(self) -> f32 {
                 self.to_f32()
+            }
+            fn as_f32(_: &[Self]) -> Option<&[f32]> {
+                None
             }
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
@@ -597,8 +605,9 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
 }
 
 /// Many rows with AVX-512: a blocked GEMM computing `yᵀ = w · xᵀ`. The rows of `x` are packed
-/// in panels of 32 (a k-block at a time, once per call); each task widens a block of 64 weight
-/// rows to f32 (kept in L2), then multiplies every panel (kept in L1) by each group of 8 rows:
+/// in panels of 32 (a k-block at a time, once per call); each task takes a block of 64 weight
+/// rows (f32 in place, half precision widened to f32 and kept in L2), then multiplies every panel
+/// (kept in L1) by each group of 8 rows:
 /// 16 accumulators, 2 panel loads and 8 broadcasts per 16 multiply-adds. Each output sums
 /// its k-blocks in order, each block sequentially, whatever the shapes or thread count.
 #[cfg(target_arch = "x86_64")]
@@ -632,11 +641,18 @@ mod gemm512 {
                 // Pack x[.., p0..p0+kc] as panels [panel][p][32] (zero rows past m).
                 xp.clear();
                 xp.resize(panels * kc * NR, 0.0);
-                for (t, row) in x.chunks_exact(k).take(m).enumerate() {
-                    let (panel, lane) = (t / NR, t % NR);
-                    let base = panel * kc * NR + lane;
-                    for (p, &v) in row[p0..p0 + kc].iter().enumerate() {
-                        xp[base + p * NR] = v;
+                // Written in order, read a row segment at a time (each line of x serves 16 steps).
+                for (panel, dst) in xp.chunks_exact_mut(kc * NR).enumerate() {
+                    let mut rows: [&[f32]; NR] = [&[]; NR];
+                    let tokens = NR.min(m - panel * NR);
+                    for (i, row) in rows.iter_mut().enumerate().take(tokens) {
+                        let t = panel * NR + i;
+                        *row = &x[t * k + p0..t * k + p0 + kc];
+                    }
+                    for (p, step) in dst.chunks_exact_mut(NR).enumerate() {
+                        for (d, row) in step.iter_mut().zip(&rows[..tokens]) {
+                            *d = row[p];
+                        }
                     }
                 }
                 let xp: &[f32] = &xp;
@@ -650,24 +666,32 @@ mod gemm512 {
                     let rows = block.min(n - j0);
                     WIDE.with(|wide| {
                         let mut wide = wide.borrow_mut();
-                        wide.resize(block * kc, 0.0);
-                        for r in 0..rows {
-                            let src = &w[(j0 + r) * k + p0..(j0 + r) * k + p0 + kc];
-                            for (d, s) in wide[r * kc..(r + 1) * kc].iter_mut().zip(src) {
-                                *d = s.f32();
+                        // f32 rows are read in place (rows k apart); others widened (kc apart).
+                        let (wp, ldw) = match T::as_f32(w) {
+                            Some(w) => (w[j0 * k + p0..].as_ptr(), k),
+                            None => {
+                                wide.resize(block * kc, 0.0);
+                                for r in 0..rows {
+                                    let src = &w[(j0 + r) * k + p0..(j0 + r) * k + p0 + kc];
+                                    for (d, s) in wide[r * kc..(r + 1) * kc].iter_mut().zip(src) {
+                                        *d = s.f32();
+                                    }
+                                }
+                                (wide.as_ptr(), kc)
                             }
-                        }
+                        };
                         for panel in 0..panels {
                             let tokens = NR.min(m - panel * NR);
                             for g in (0..rows).step_by(MR) {
                                 // SAFETY: AVX-512 was detected; the panel holds kc * 32 floats,
-                                // the widened rows `rows * kc`, and y has room for every (token,
-                                // row) written.
+                                // the weight rows `kc` each, `ldw` apart, and y has room for every
+                                // (token, row) written.
                                 unsafe {
                                     tile(
                                         MR.min(rows - g),
                                         kc,
-                                        wide.as_ptr().add(g * kc),
+                                        wp.add(g * ldw),
+                                        ldw,
                                         xp.as_ptr().add(panel * kc * NR),
                                         out.get().add(panel * NR * ldy + j0 + g),
                                         ldy,
@@ -690,29 +714,30 @@ mod gemm512 {
     }
 
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(rows: usize, kc: usize, w: *const f32, xp: *const f32, y: *mut f32, ldy: usize, tokens: usize, first: bool) {
+    unsafe fn tile(rows: usize, kc: usize, w: *const f32, ldw: usize, xp: *const f32, y: *mut f32, ldy: usize, tokens: usize, first: bool) {
         match rows {
-            8 => micro::<8>(kc, w, xp, y, ldy, tokens, first),
-            7 => micro::<7>(kc, w, xp, y, ldy, tokens, first),
-            6 => micro::<6>(kc, w, xp, y, ldy, tokens, first),
-            5 => micro::<5>(kc, w, xp, y, ldy, tokens, first),
-            4 => micro::<4>(kc, w, xp, y, ldy, tokens, first),
-            3 => micro::<3>(kc, w, xp, y, ldy, tokens, first),
-            2 => micro::<2>(kc, w, xp, y, ldy, tokens, first),
-            _ => micro::<1>(kc, w, xp, y, ldy, tokens, first),
+            8 => micro::<8>(kc, w, ldw, xp, y, ldy, tokens, first),
+            7 => micro::<7>(kc, w, ldw, xp, y, ldy, tokens, first),
+            6 => micro::<6>(kc, w, ldw, xp, y, ldy, tokens, first),
+            5 => micro::<5>(kc, w, ldw, xp, y, ldy, tokens, first),
+            4 => micro::<4>(kc, w, ldw, xp, y, ldy, tokens, first),
+            3 => micro::<3>(kc, w, ldw, xp, y, ldy, tokens, first),
+            2 => micro::<2>(kc, w, ldw, xp, y, ldy, tokens, first),
+            _ => micro::<1>(kc, w, ldw, xp, y, ldy, tokens, first),
         }
     }
 
-    /// `R` weight rows (f32, `kc` each) times one panel of 32 rows of x; adds (or, for the first
-    /// k-block, writes) the `R x tokens` results into y, transposed.
+    /// `R` weight rows (f32, `kc` each, `ldw` apart) times one panel of 32 rows of x; adds (or,
+    /// for the first k-block, writes) the `R x tokens` results into y, transposed.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn micro<const R: usize>(kc: usize, w: *const f32, xp: *const f32, y: *mut f32, ldy: usize, tokens: usize, first: bool) {
+    unsafe fn micro<const R: usize>(kc: usize, w: *const f32, ldw: usize, xp: *const f32, y: *mut f32, ldy: usize, tokens: usize, first: bool) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for p in 0..kc {
             let x0 = _mm512_loadu_ps(xp.add(p * NR));
             let x1 = _mm512_loadu_ps(xp.add(p * NR + 16));
             for (r, a) in acc.iter_mut().enumerate() {
-                let wv = _mm512_set1_ps(*w.add(r * kc + p));
+                let wv = _mm512_set1_ps(*w.add(r * ldw + p));
                 a[0] = _mm512_fmadd_ps(wv, x0, a[0]);
                 a[1] = _mm512_fmadd_ps(wv, x1, a[1]);
             }
