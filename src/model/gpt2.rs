@@ -10,6 +10,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Storage, Tensor, D};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use super::attention::{attend, hooked_norm, select_positions, KvCache, Scores, Step};
 use super::linear::Linear;
@@ -50,19 +51,22 @@ fn conv1d(vb: &VarBuilder, d_in: usize, d_out: usize, centre: bool, dtype: DType
     // Each input row's mean over the outputs, subtracted while transposing to the [out, in]
     // layout of the kernels (in 32 x 32 blocks).
     let means: Vec<f32> = w
-        .chunks_exact(d_out)
+        .par_chunks_exact(d_out)
         .map(|row| if centre { (row.iter().map(|&v| v as f64).sum::<f64>() / d_out as f64) as f32 } else { 0.0 })
         .collect();
     let mut t = vec![0f32; w.len()];
-    for i0 in (0..d_in).step_by(32) {
-        for o0 in (0..d_out).step_by(32) {
+    // 32 output rows per task, in 32 x 32 blocks.
+    t.par_chunks_mut(32 * d_in).enumerate().for_each(|(b, rows)| {
+        let o0 = b * 32;
+        let outs = rows.len() / d_in;
+        for i0 in (0..d_in).step_by(32) {
             for i in i0..(i0 + 32).min(d_in) {
-                for o in o0..(o0 + 32).min(d_out) {
-                    t[o * d_in + i] = w[i * d_out + o] - means[i];
+                for o in 0..outs {
+                    rows[o * d_in + i] = w[i * d_out + o0 + o] - means[i];
                 }
             }
         }
-    }
+    });
     let weight = Tensor::from_vec(t, (d_out, d_in), bias.device())?.to_dtype(dtype)?;
     Linear::new(weight, Some(bias))
 }
