@@ -451,6 +451,10 @@ impl PyTranscoder {
         }
         let t = experiment::place_for(model, self.tc.clone())?;
         if !Arc::ptr_eq(&t, &self.tc) {
+            // One copy per place and dtype: a copy for an earlier device handle there (a CUDA
+            // device opened again) is dropped.
+            let place = (model.device.location(), model.transcoder_dtype);
+            placed.retain(|p| (p.w_enc.device().location(), p.w_enc.dtype()) != place);
             placed.push(t.clone());
         }
         Ok(t)

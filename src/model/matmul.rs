@@ -10,8 +10,9 @@
 //! output element is the in-order sum of its dot products over fixed blocks of k, whatever `m`, the
 //! tile or the thread count, so a batch row gets exactly what the same row alone gets.
 //!
-//! Prefill (larger `m`) is compute-bound and goes to the `gemm` crate (what candle uses); a
-//! half-precision weight is widened there one block of rows at a time into a reused buffer.
+//! Prefill (larger `m`) is compute-bound. With AVX-512 it runs in a blocked GEMM of ours
+//! ([`gemm512`]); elsewhere in the `gemm` crate (what candle uses), with a half-precision weight
+//! widened one block of rows at a time into a reused buffer.
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -272,6 +273,7 @@ fn tile<T: Elem>(isa: Isa, x: &[f32], w: &[T], ld: usize, kb: usize, mt: usize, 
 trait Elem: Copy + Send + Sync + 'static {
     fn f32(self) -> f32;
     /// The slice itself when the elements are f32 (to be read in place).
+    #[cfg(target_arch = "x86_64")]
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> x86::__m512;
@@ -337,6 +339,7 @@ impl Elem for f32 {
     fn f32(self) -> f32 {
         self
     }
+    #[cfg(target_arch = "x86_64")]
     fn as_f32(s: &[Self]) -> Option<&[f32]> {
         Some(s)
     }
@@ -365,6 +368,7 @@ macro_rules! half_elem {
             fn f32(self) -> f32 {
                 self.to_f32()
             }
+            #[cfg(target_arch = "x86_64")]
             fn as_f32(_: &[Self]) -> Option<&[f32]> {
                 None
             }
@@ -405,8 +409,8 @@ unsafe fn tile_avx512<T: Elem, const RR: usize, const MT: usize>(x: &[f32], w: &
         }
         for (r, row) in acc.iter_mut().enumerate() {
             let wv = T::load16(wp.add(r * ld + p));
-            // Ask for the same place in the next tile's rows (a prefetch past the matrix is
-            // dropped by the processor).
+            // Ask for the same place in the next tile's rows (the next group's, after a group's
+            // last tile; a prefetch past the matrix is dropped by the processor).
             _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((r + RR) * ld + p) as *const i8);
             for (a, v) in row.iter_mut().zip(&xv) {
                 *a = _mm512_fmadd_ps(wv, *v, *a);
@@ -940,7 +944,7 @@ mod tests {
     /// the thread count.
     #[test]
     fn batch_rows_equal_single_rows() {
-        let (k, n) = (70, 45);
+        let (k, n) = (600, 45);
         let w = data(n * k, 3);
         let m = 13;
         let x = data(m * k, 4);
