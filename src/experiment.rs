@@ -96,13 +96,18 @@ pub fn load_transcoder_for(model: &Model, path: &Path, layer: Option<usize>) -> 
 /// (`--transcoder-dtype`; as it is when already there).
 pub fn place_for(model: &Model, tc: Arc<Transcoder>) -> Result<Arc<Transcoder>> {
     let dtype = model.transcoder_dtype;
-    if tc.w_enc.device().same_device(&model.device) && tc.w_enc.dtype() == dtype {
+    if is_placed_for(model, &tc) {
         return Ok(tc);
     }
     if dtype != candle_core::DType::F32 {
         eprintln!("neurosteer: transcoder weight matrices held in {} (--transcoder-dtype)", dtype.as_str());
     }
     Ok(Arc::new(tc.to(&model.device, dtype)?))
+}
+
+/// Whether `tc` is on `model`'s device with its matrices in the model's transcoder dtype.
+pub fn is_placed_for(model: &Model, tc: &Transcoder) -> bool {
+    tc.w_enc.device().same_device(&model.device) && tc.w_enc.dtype() == model.transcoder_dtype
 }
 
 /// What steering in `mode` splices from `path`: the transcoder of `layer`, and for `replace` with

@@ -155,7 +155,6 @@ fn features_spec(obj: &Bound<'_, PyAny>) -> PyResult<String> {
     }
 }
 
-
 /// An activation's name, as the transcoder meta serialises it (`relu`, `jump_relu`, ...).
 fn activation_name(a: &Activation) -> String {
     serde_json::to_value(a).ok().and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string)).unwrap_or_default()
@@ -445,8 +444,7 @@ impl PyTranscoder {
     fn for_model(&self, model: &Model) -> anyhow::Result<Arc<Transcoder>> {
         experiment::check_fit(model, &self.tc, &self.path)?;
         let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
-        let fits = |t: &Transcoder| t.w_enc.device().same_device(&model.device) && t.w_enc.dtype() == model.transcoder_dtype;
-        if let Some(t) = placed.iter().find(|t| fits(t)) {
+        if let Some(t) = placed.iter().find(|t| experiment::is_placed_for(model, t)) {
             return Ok(t.clone());
         }
         let t = experiment::place_for(model, self.tc.clone())?;
