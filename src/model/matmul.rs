@@ -272,9 +272,6 @@ fn tile<T: Elem>(isa: Isa, x: &[f32], w: &[T], ld: usize, kb: usize, mt: usize, 
 /// A weight element: how to read it as f32, one at a time or a vector at a time.
 trait Elem: Copy + Send + Sync + 'static {
     fn f32(self) -> f32;
-    /// The slice itself when the elements are f32 (to be read in place).
-    #[cfg(target_arch = "x86_64")]
-    fn as_f32(s: &[Self]) -> Option<&[f32]>;
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> x86::__m512;
     #[cfg(target_arch = "x86_64")]
@@ -340,10 +337,6 @@ impl Elem for f32 {
         self
     }
     #[cfg(target_arch = "x86_64")]
-    fn as_f32(s: &[Self]) -> Option<&[f32]> {
-        Some(s)
-    }
-    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const Self) -> x86::__m512 {
         x86::f32x16(p)
@@ -367,10 +360,6 @@ macro_rules! half_elem {
             #[inline(always)]
             fn f32(self) -> f32 {
                 self.to_f32()
-            }
-            #[cfg(target_arch = "x86_64")]
-            fn as_f32(_: &[Self]) -> Option<&[f32]> {
-                None
             }
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
@@ -608,107 +597,88 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
     (iters * 8 * 2) as f64
 }
 
-/// Many rows with AVX-512: a blocked GEMM computing `yᵀ = w · xᵀ`. The rows of `x` are packed
-/// in panels of 32 (a k-block at a time, once per call); each task takes a block of 64 weight
-/// rows (f32 in place, half precision widened to f32 and kept in L2), then multiplies every panel
-/// (kept in L1) by each group of 8 rows:
-/// 16 accumulators, 2 panel loads and 8 broadcasts per 16 multiply-adds. Each output sums
-/// its k-blocks in order, each block sequentially, whatever the shapes or thread count.
+/// Many rows with AVX-512: a blocked GEMM, a k-block of 256 at a time. The rows of `x` are packed
+/// in groups of 14 (once per k-block, shared by every task); each task packs a few panels of 32
+/// weight rows transposed to `[k][32]` (half precision widened to f32 on the way), then runs each
+/// panel (kept in L1) against every group of x: 28 accumulators, 2 panel loads and 14 broadcasts
+/// per 28 multiply-adds, and whole-vector stores into y. Each output sums its k-blocks in order,
+/// each block sequentially, whatever the shapes or thread count.
 #[cfg(target_arch = "x86_64")]
 mod gemm512 {
     use super::x86::*;
-    use super::{Elem, SendPtr, WIDE};
+    use super::{Elem, SendPtr};
     use rayon::prelude::*;
     use std::cell::RefCell;
 
-    /// Rows of x per panel.
-    const NR: usize = 32;
-    /// Weight rows per micro-tile.
-    const MR: usize = 8;
+    /// Rows of x per group (broadcast).
+    const MT: usize = 14;
+    /// Weight rows per panel (two vectors of outputs).
+    const NP: usize = 32;
     /// k per block.
     const KC: usize = 256;
-    /// Groups of weight rows a task widens and keeps in L2.
-    const GB: usize = 8;
+    /// Panels per task.
+    const GP: usize = 4;
 
     thread_local! {
-        static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        /// The packed groups of x (on the calling thread).
+        static XPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        /// A packed weight panel (on each worker).
+        static WPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
     pub fn gemm<T: Elem>(x: &[f32], m: usize, k: usize, w: &[T], n: usize, y: &mut [f32], ldy: usize) {
-        let panels = m.div_ceil(NR);
+        let groups = m.div_ceil(MT);
+        let panels = n.div_ceil(NP);
+        let tasks = panels.div_ceil(GP);
         let out = SendPtr(y.as_mut_ptr());
-        PANELS.with(|buf| {
+        XPACK.with(|buf| {
             let mut xp = buf.borrow_mut();
             let mut p0 = 0;
             while p0 < k {
                 let kc = KC.min(k - p0);
-                // Pack x[.., p0..p0+kc] as panels [panel][p][32] (zero rows past m).
+                // x[.., p0..p0+kc] as groups [group][p][14] (zero rows past m).
                 xp.clear();
-                xp.resize(panels * kc * NR, 0.0);
-                // Written in order, read a row segment at a time (each line of x serves 16 steps).
-                for (panel, dst) in xp.chunks_exact_mut(kc * NR).enumerate() {
-                    let mut rows: [&[f32]; NR] = [&[]; NR];
-                    let tokens = NR.min(m - panel * NR);
-                    for (i, row) in rows.iter_mut().enumerate().take(tokens) {
-                        let t = panel * NR + i;
-                        *row = &x[t * k + p0..t * k + p0 + kc];
-                    }
-                    for (p, step) in dst.chunks_exact_mut(NR).enumerate() {
-                        for (d, row) in step.iter_mut().zip(&rows[..tokens]) {
-                            *d = row[p];
+                xp.resize(groups * kc * MT, 0.0);
+                xp.par_chunks_mut(kc * MT).enumerate().for_each(|(g, dst)| {
+                    for i in 0..MT.min(m - g * MT) {
+                        let row = &x[(g * MT + i) * k + p0..][..kc];
+                        for (p, &v) in row.iter().enumerate() {
+                            dst[p * MT + i] = v;
                         }
                     }
-                }
+                });
                 let xp: &[f32] = &xp;
                 let first = p0 == 0;
-                // Each task widens a block of up to GB groups of rows (it stays in L2), then runs
-                // every panel (in L1) against each group of the block.
-                let block = GB * MR;
-                let blocks = n.div_ceil(block);
-                let task = |bi: usize| {
-                    let j0 = bi * block;
-                    let rows = block.min(n - j0);
-                    WIDE.with(|wide| {
-                        let mut wide = wide.borrow_mut();
-                        // f32 rows are read in place (rows k apart); others widened (kc apart).
-                        let (wp, ldw) = match T::as_f32(w) {
-                            Some(w) => (w[j0 * k + p0..].as_ptr(), k),
-                            None => {
-                                wide.resize(block * kc, 0.0);
-                                for r in 0..rows {
-                                    let src = &w[(j0 + r) * k + p0..(j0 + r) * k + p0 + kc];
-                                    for (d, s) in wide[r * kc..(r + 1) * kc].iter_mut().zip(src) {
-                                        *d = s.f32();
-                                    }
-                                }
-                                (wide.as_ptr(), kc)
-                            }
-                        };
-                        for panel in 0..panels {
-                            let tokens = NR.min(m - panel * NR);
-                            for g in (0..rows).step_by(MR) {
-                                // SAFETY: AVX-512 was detected; the panel holds kc * 32 floats,
-                                // the weight rows `kc` each, `ldw` apart, and y has room for every
-                                // (token, row) written.
-                                unsafe {
-                                    tile(
-                                        MR.min(rows - g),
+                let task = |ti: usize| {
+                    WPACK.with(|wbuf| {
+                        let mut panel = wbuf.borrow_mut();
+                        panel.resize(KC * NP, 0.0);
+                        for pi in ti * GP..(ti * GP + GP).min(panels) {
+                            let j0 = pi * NP;
+                            let cols = NP.min(n - j0);
+                            // SAFETY: AVX-512 was detected; the rows j0..j0+cols of w hold
+                            // p0..p0+kc, the panel kc * 32 floats, each group kc * 14, and y has
+                            // room for every (token, column) written.
+                            unsafe {
+                                pack_panel(w.as_ptr().add(j0 * k + p0), k, cols, kc, panel.as_mut_ptr());
+                                for g in 0..groups {
+                                    micro(
                                         kc,
-                                        wp.add(g * ldw),
-                                        ldw,
-                                        xp.as_ptr().add(panel * kc * NR),
-                                        out.get().add(panel * NR * ldy + j0 + g),
+                                        panel.as_ptr(),
+                                        xp.as_ptr().add(g * kc * MT),
+                                        out.get().add(g * MT * ldy + j0),
                                         ldy,
-                                        tokens,
+                                        MT.min(m - g * MT),
+                                        cols,
                                         first,
-                                    )
-                                };
+                                    );
+                                }
                             }
                         }
                     });
                 };
-                if blocks > 1 {
-                    (0..blocks).into_par_iter().for_each(task);
+                if tasks > 1 {
+                    (0..tasks).into_par_iter().for_each(task);
                 } else {
                     task(0);
                 }
@@ -717,45 +687,88 @@ mod gemm512 {
         });
     }
 
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(rows: usize, kc: usize, w: *const f32, ldw: usize, xp: *const f32, y: *mut f32, ldy: usize, tokens: usize, first: bool) {
-        match rows {
-            8 => micro::<8>(kc, w, ldw, xp, y, ldy, tokens, first),
-            7 => micro::<7>(kc, w, ldw, xp, y, ldy, tokens, first),
-            6 => micro::<6>(kc, w, ldw, xp, y, ldy, tokens, first),
-            5 => micro::<5>(kc, w, ldw, xp, y, ldy, tokens, first),
-            4 => micro::<4>(kc, w, ldw, xp, y, ldy, tokens, first),
-            3 => micro::<3>(kc, w, ldw, xp, y, ldy, tokens, first),
-            2 => micro::<2>(kc, w, ldw, xp, y, ldy, tokens, first),
-            _ => micro::<1>(kc, w, ldw, xp, y, ldy, tokens, first),
+    /// Weight rows `[rows, kc]` (`rows <= 32`, `ld` apart) as the panel `[kc][32]` in f32, zero
+    /// past `rows`: 16 x 16 blocks transposed in registers.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pack_panel<T: Elem>(w: *const T, ld: usize, rows: usize, kc: usize, panel: *mut f32) {
+        let mut v = [_mm512_setzero_ps(); 16];
+        for half in 0..2 {
+            let r0 = half * 16;
+            for p in (0..kc).step_by(16) {
+                let mask = ((1u32 << (kc - p).min(16)) - 1) as u16;
+                for (i, v) in v.iter_mut().enumerate() {
+                    *v = if r0 + i < rows { T::load16_masked(w.add((r0 + i) * ld + p), mask) } else { _mm512_setzero_ps() };
+                }
+                transpose16(&mut v);
+                for (i, v) in v.iter().enumerate().take(kc - p) {
+                    _mm512_storeu_ps(panel.add((p + i) * NP + r0), *v);
+                }
+            }
         }
     }
 
-    /// `R` weight rows (f32, `kc` each, `ldw` apart) times one panel of 32 rows of x; adds (or,
-    /// for the first k-block, writes) the `R x tokens` results into y, transposed.
-    #[allow(clippy::too_many_arguments)]
+    /// Transposes 16 rows of 16 floats in place (row i, lane j becomes row j, lane i).
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn micro<const R: usize>(kc: usize, w: *const f32, ldw: usize, xp: *const f32, y: *mut f32, ldy: usize, tokens: usize, first: bool) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for p in 0..kc {
-            let x0 = _mm512_loadu_ps(xp.add(p * NR));
-            let x1 = _mm512_loadu_ps(xp.add(p * NR + 16));
-            for (r, a) in acc.iter_mut().enumerate() {
-                let wv = _mm512_set1_ps(*w.add(r * ldw + p));
-                a[0] = _mm512_fmadd_ps(wv, x0, a[0]);
-                a[1] = _mm512_fmadd_ps(wv, x1, a[1]);
+    unsafe fn transpose16(r: &mut [__m512; 16]) {
+        let (pd, ps) = (_mm512_castps_pd, _mm512_castpd_ps);
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for i in 0..4 {
+            r[4 * i] = ps(_mm512_unpacklo_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+            r[4 * i + 1] = ps(_mm512_unpackhi_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+            r[4 * i + 2] = ps(_mm512_unpacklo_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+            r[4 * i + 3] = ps(_mm512_unpackhi_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+        }
+        for b in [0, 8] {
+            for i in b..b + 4 {
+                t[i] = _mm512_shuffle_f32x4::<0x88>(r[i], r[i + 4]);
+                t[i + 4] = _mm512_shuffle_f32x4::<0xdd>(r[i], r[i + 4]);
             }
         }
-        let mut tmp = [[0f32; NR]; R];
-        for (t, a) in tmp.iter_mut().zip(&acc) {
-            _mm512_storeu_ps(t.as_mut_ptr(), a[0]);
-            _mm512_storeu_ps(t.as_mut_ptr().add(16), a[1]);
+        for i in 0..8 {
+            r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
+            r[i + 8] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[i + 8]);
         }
-        for tok in 0..tokens {
-            let row = y.add(tok * ldy);
-            for (r, t) in tmp.iter().enumerate() {
-                let dst = row.add(r);
-                *dst = if first { t[tok] } else { *dst + t[tok] };
+    }
+
+    /// One panel of 32 weight columns (`[kc][32]`) times one group of 14 rows of x (`[kc][14]`);
+    /// writes (for the first k-block) or adds the `tokens x cols` results into y.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro(kc: usize, wp: *const f32, xp: *const f32, y: *mut f32, ldy: usize, tokens: usize, cols: usize, first: bool) {
+        // The y rows written at the end are fetched meanwhile (they are ldy apart, out of the
+        // prefetchers' sight).
+        for t in 0..tokens {
+            let d = y.add(t * ldy) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(d);
+            _mm_prefetch::<_MM_HINT_T0>(d.wrapping_add(4 * NP - 1));
+        }
+        let mut acc = [[_mm512_setzero_ps(); 2]; MT];
+        for p in 0..kc {
+            let w0 = _mm512_loadu_ps(wp.add(p * NP));
+            let w1 = _mm512_loadu_ps(wp.add(p * NP + 16));
+            for (t, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*xp.add(p * MT + t));
+                a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+            }
+        }
+        let m0 = ((1u32 << cols.min(16)) - 1) as u16;
+        let m1 = ((1u32 << cols.saturating_sub(16)) - 1) as u16;
+        for (t, a) in acc.iter().enumerate().take(tokens) {
+            // Masked: lanes past `cols` are neither read nor written (the second half may lie
+            // past the end of y).
+            let (d0, d1) = (y.add(t * ldy), y.add(t * ldy).wrapping_add(16));
+            if first {
+                _mm512_mask_storeu_ps(d0, m0, a[0]);
+                _mm512_mask_storeu_ps(d1, m1, a[1]);
+            } else {
+                _mm512_mask_storeu_ps(d0, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, d0), a[0]));
+                _mm512_mask_storeu_ps(d1, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, d1), a[1]));
             }
         }
     }
@@ -855,7 +868,7 @@ mod tests {
     /// paths), widths that are not multiples of any vector width.
     #[test]
     fn kernels_match_reference_on_odd_shapes() {
-        for &(k, n) in &[(1usize, 1usize), (7, 5), (17, 9), (33, 13), (100, 31), (257, 67)] {
+        for &(k, n) in &[(1usize, 1usize), (7, 5), (17, 9), (33, 13), (100, 31), (257, 67), (300, 161)] {
             let w32 = data(n * k, k as u64);
             let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
             let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
