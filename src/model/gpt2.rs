@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use super::attention::{attend, hooked_norm, select_positions, KvCache, Scores, Step};
 use super::linear::Linear;
+use super::matmul::transpose_sub;
 use super::pointwise::gelu_tanh;
 use super::config::Gpt2Config;
 use super::LogitsAt;
@@ -49,24 +50,12 @@ fn conv1d(vb: &VarBuilder, d_in: usize, d_out: usize, centre: bool, dtype: DType
     let Storage::Cpu(cpu) = &*storage else { anyhow::bail!("GPT-2 weights must be read on the CPU") };
     let w = &cpu.as_slice::<f32>()?[layout.start_offset()..][..d_in * d_out];
     // Each input row's mean over the outputs, subtracted while transposing to the [out, in]
-    // layout of the kernels (in 32 x 32 blocks).
+    // layout of the kernels.
     let means: Vec<f32> = w
         .par_chunks_exact(d_out)
         .map(|row| if centre { (row.iter().map(|&v| v as f64).sum::<f64>() / d_out as f64) as f32 } else { 0.0 })
         .collect();
-    let mut t = vec![0f32; w.len()];
-    // 32 output rows per task, in 32 x 32 blocks.
-    t.par_chunks_mut(32 * d_in).enumerate().for_each(|(b, rows)| {
-        let o0 = b * 32;
-        let outs = rows.len() / d_in;
-        for i0 in (0..d_in).step_by(32) {
-            for i in i0..(i0 + 32).min(d_in) {
-                for o in 0..outs {
-                    rows[o * d_in + i] = w[i * d_out + o0 + o] - means[i];
-                }
-            }
-        }
-    });
+    let t = transpose_sub(w, d_in, d_out, &means);
     let weight = Tensor::from_vec(t, (d_out, d_in), bias.device())?.to_dtype(dtype)?;
     Linear::new(weight, Some(bias))
 }

@@ -160,6 +160,65 @@ impl SendPtr {
     }
 }
 
+/// `src [rows, cols]` transposed to `[cols, rows]`, with `sub[i]` subtracted from source row `i`
+/// (exact: the same floats as the plain loop), in parallel over blocks of 16 output rows.
+pub fn transpose_sub(src: &[f32], rows: usize, cols: usize, sub: &[f32]) -> Vec<f32> {
+    transpose_sub_with(Isa::detected(), src, rows, cols, sub)
+}
+
+/// [`transpose_sub`] with a chosen instruction set (AVX-512 or the plain loop).
+fn transpose_sub_with(isa: Isa, src: &[f32], rows: usize, cols: usize, sub: &[f32]) -> Vec<f32> {
+    assert!(src.len() >= rows * cols && sub.len() >= rows, "transpose_sub: buffers too small");
+    let mut dst = vec![0f32; rows * cols];
+    if rows == 0 {
+        return dst;
+    }
+    let avx512 = isa == Isa::Avx512;
+    dst.par_chunks_mut(16 * rows).enumerate().for_each(|(b, out)| {
+        let j0 = b * 16;
+        let width = out.len() / rows;
+        #[cfg(target_arch = "x86_64")]
+        if avx512 {
+            // SAFETY: AVX-512 was detected; the reads stay in rows x [j0, j0 + width) of src and
+            // the writes in `out` (width rows of `rows`).
+            unsafe { transpose_block_avx512(src, rows, cols, sub, j0, width, out) };
+            return;
+        }
+        let _ = avx512;
+        for i in 0..rows {
+            for (o, &v) in src[i * cols + j0..][..width].iter().enumerate() {
+                out[o * rows + i] = v - sub[i];
+            }
+        }
+    });
+    dst
+}
+
+/// Output rows `j0..j0 + width` (`width <= 16`) of [`transpose_sub`]: 16 x 16 blocks in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_block_avx512(src: &[f32], rows: usize, cols: usize, sub: &[f32], j0: usize, width: usize, out: &mut [f32]) {
+    use x86::*;
+    let mask = ((1u32 << width) - 1) as u16;
+    let mut v = [_mm512_setzero_ps(); 16];
+    for i0 in (0..rows).step_by(16) {
+        let n = 16.min(rows - i0);
+        for (r, v) in v.iter_mut().enumerate() {
+            *v = if r < n {
+                let row = src.as_ptr().add((i0 + r) * cols + j0);
+                _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row), _mm512_set1_ps(sub[i0 + r]))
+            } else {
+                _mm512_setzero_ps()
+            };
+        }
+        transpose16(&mut v);
+        let rmask = ((1u32 << n) - 1) as u16;
+        for (o, v) in v.iter().enumerate().take(width) {
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(o * rows + i0), rmask, *v);
+        }
+    }
+}
+
 /// Weight rows per tile.
 const R: usize = 4;
 
@@ -328,6 +387,33 @@ mod x86 {
     #[target_feature(enable = "avx")]
     pub unsafe fn f32x8(p: *const f32) -> __m256 {
         _mm256_loadu_ps(p)
+    }
+    /// Transposes 16 rows of 16 floats in place (row i, lane j becomes row j, lane i).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn transpose16(r: &mut [__m512; 16]) {
+        let (pd, ps) = (_mm512_castps_pd, _mm512_castpd_ps);
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for i in 0..4 {
+            r[4 * i] = ps(_mm512_unpacklo_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+            r[4 * i + 1] = ps(_mm512_unpackhi_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+            r[4 * i + 2] = ps(_mm512_unpacklo_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+            r[4 * i + 3] = ps(_mm512_unpackhi_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+        }
+        for b in [0, 8] {
+            for i in b..b + 4 {
+                t[i] = _mm512_shuffle_f32x4::<0x88>(r[i], r[i + 4]);
+                t[i + 4] = _mm512_shuffle_f32x4::<0xdd>(r[i], r[i + 4]);
+            }
+        }
+        for i in 0..8 {
+            r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
+            r[i + 8] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[i + 8]);
+        }
     }
 }
 
@@ -707,34 +793,6 @@ mod gemm512 {
         }
     }
 
-    /// Transposes 16 rows of 16 floats in place (row i, lane j becomes row j, lane i).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn transpose16(r: &mut [__m512; 16]) {
-        let (pd, ps) = (_mm512_castps_pd, _mm512_castpd_ps);
-        let mut t = [_mm512_setzero_ps(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-        }
-        for i in 0..4 {
-            r[4 * i] = ps(_mm512_unpacklo_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
-            r[4 * i + 1] = ps(_mm512_unpackhi_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
-            r[4 * i + 2] = ps(_mm512_unpacklo_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
-            r[4 * i + 3] = ps(_mm512_unpackhi_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
-        }
-        for b in [0, 8] {
-            for i in b..b + 4 {
-                t[i] = _mm512_shuffle_f32x4::<0x88>(r[i], r[i + 4]);
-                t[i + 4] = _mm512_shuffle_f32x4::<0xdd>(r[i], r[i + 4]);
-            }
-        }
-        for i in 0..8 {
-            r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
-            r[i + 8] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[i + 8]);
-        }
-    }
-
     /// One panel of 32 weight columns (`[kc][32]`) times one group of 14 rows of x (`[kc][14]`);
     /// writes (for the first k-block) or adds the `tokens x cols` results into y.
     #[allow(clippy::too_many_arguments)]
@@ -890,6 +948,23 @@ mod tests {
                                 "{isa:?} m={m} k={k} n={n}: got {got}, want {want}"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The transposition equals the plain loop exactly, on odd shapes.
+    #[test]
+    fn transpose_sub_equals_the_plain_loop() {
+        for &(rows, cols) in &[(1usize, 1usize), (5, 17), (16, 16), (33, 20), (40, 47)] {
+            let src = data(rows * cols, (rows * 100 + cols) as u64);
+            let sub = data(rows, 9);
+            for &isa in Isa::available() {
+                let got = transpose_sub_with(isa, &src, rows, cols, &sub);
+                for i in 0..rows {
+                    for j in 0..cols {
+                        assert_eq!(got[j * rows + i], src[i * cols + j] - sub[i], "{isa:?} {rows}x{cols} at ({i}, {j})");
                     }
                 }
             }
