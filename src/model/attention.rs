@@ -336,6 +336,28 @@ mod cpu {
         s
     }
 
+    /// Rows ahead of the one being read that are fetched meanwhile (the rows of a head are
+    /// contiguous, but cross a page every 16 rows of 64, where the hardware prefetcher stops).
+    const AHEAD: usize = 8;
+
+    /// Asks for the cache lines of `data[at..at + len]` (nothing past the slice's end).
+    #[inline(always)]
+    fn prefetch_row(data: &[f32], at: usize, len: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if at + len <= data.len() {
+            // SAFETY: a prefetch reads nothing architecturally; the addresses lie in `data`.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                let p = data.as_ptr().add(at) as *const i8;
+                for line in (0..len * 4).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(line));
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (data, at, len);
+    }
+
     /// One sequence and query head, every query of the step.
     #[inline(always)]
     unsafe fn head(bh: usize, d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: *mut f32) {
@@ -348,6 +370,7 @@ mod cpu {
             let mrow = &mask[(bi * d.t + i) * d.total..][..d.total];
             let mut max = f32::NEG_INFINITY;
             for (j, (pj, &m)) in p.iter_mut().zip(mrow).enumerate() {
+                prefetch_row(k, kbase + (j + AHEAD) * d.hd, d.hd);
                 *pj = if m == f32::NEG_INFINITY {
                     f32::NEG_INFINITY
                 } else {
@@ -364,6 +387,7 @@ mod cpu {
             o.fill(0.0);
             let inv = 1.0 / sum;
             for (j, &pj) in p.iter().enumerate() {
+                prefetch_row(v, vbase + (j + AHEAD) * d.hd, d.hd);
                 if pj != 0.0 {
                     let w = pj * inv;
                     for (ov, &vv) in o.iter_mut().zip(&v[vbase + j * d.hd..][..d.hd]) {

@@ -7,6 +7,7 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Storage, Tensor};
+use rayon::prelude::*;
 
 use super::matmul::{matmul_nt, Weights};
 
@@ -58,12 +59,12 @@ impl Linear {
             _ => {
                 let x = x.reshape((rows, k))?.to_dtype(self.parts[0].dtype())?;
                 let ys = self.parts.iter().map(|w| x.matmul(&w.t()?)).collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::cat(&ys, 1)?.to_dtype(DType::F32)?
+                let y = Tensor::cat(&ys, 1)?.to_dtype(DType::F32)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
             }
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
         };
         let mut shape = dims;
         *shape.last_mut().unwrap() = self.out;
@@ -80,6 +81,17 @@ impl Linear {
             let n = part.dim(0)?;
             Weights::with(part, "linear weight", |w| matmul_nt(xv, rows, k, w, n, &mut y[col..], self.out))?;
             col += n;
+        }
+        // The bias, added in place (the same sums as a broadcast add, without its buffer).
+        if let (Some(b), true) = (&self.bias, self.out > 0) {
+            let b = b.to_vec1::<f32>()?;
+            y.par_chunks_mut(self.out * 64).for_each(|rows| {
+                for row in rows.chunks_exact_mut(self.out) {
+                    for (v, b) in row.iter_mut().zip(&b) {
+                        *v += b;
+                    }
+                }
+            });
         }
         Ok(Tensor::from_vec(y, (rows, self.out), &Device::Cpu)?)
     }
