@@ -18,7 +18,7 @@ use super::matmul::{Isa, SendPtr, Weights};
 /// Output columns per task.
 const COLS: usize = 256;
 /// Rows of `x` per tile.
-const ROWS: usize = 4;
+const ROWS: usize = 8;
 
 /// `y[i, j] = Σ_q x[i, q] · w[q, j]` for `x [m, k]`, `w [k, n]`, `y [m, n]` (all row-major).
 pub fn matmul_nn(x: &[f32], m: usize, k: usize, w: Weights, n: usize, y: &mut [f32]) {
