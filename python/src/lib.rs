@@ -343,17 +343,7 @@ impl PyModel {
         let outputs = compute(py, || {
             let mut hooks = Hooks::none();
             for s in &edits {
-                let t = s.transcoder.get();
-                let fitted = t.for_model(model)?;
-                // The edit built with the Steering is used as is when the transcoder needs no
-                // other device or dtype; else it is built again around the placed copy.
-                let edit = if Arc::ptr_eq(&fitted, &t.tc) {
-                    s.edit.clone()
-                } else {
-                    let (features, strength, mode) = (s.edit.features().to_vec(), s.edit.strength(), s.edit.mode());
-                    Arc::new(experiment::splice_for(model, fitted, &t.path, mode)?.steering(features, strength, mode)?)
-                };
-                hooks.edit(edit);
+                hooks.edit(s.edit_for(model)?);
             }
             for &l in &ablate_mlp {
                 if l >= model.info.n_layers {
@@ -451,12 +441,17 @@ impl PyTranscoder {
         if !Arc::ptr_eq(&t, &self.tc) {
             // One copy per place and dtype: a copy for an earlier device handle there (a CUDA
             // device opened again) is dropped.
-            let place = (model.device.location(), model.transcoder_dtype);
-            placed.retain(|p| (p.w_enc.device().location(), p.w_enc.dtype()) != place);
+            placed.retain(|p| place(p) != place(&t));
             placed.push(t.clone());
         }
         Ok(t)
     }
+}
+
+/// Where a transcoder's weights are and in which dtype: one placed copy (and one edit around it)
+/// is kept per place.
+fn place(t: &Transcoder) -> (candle_core::DeviceLocation, candle_core::DType) {
+    (t.w_enc.device().location(), t.w_enc.dtype())
 }
 
 #[pymethods]
@@ -550,6 +545,30 @@ impl PyTranscoder {
 struct PySteering {
     transcoder: Py<PyTranscoder>,
     edit: Arc<Steering>,
+    /// The edit built again around each placed copy of the transcoder (another device or
+    /// `transcoder_dtype`), kept so that it is built once, not at every call.
+    placed: std::sync::Mutex<Vec<(Arc<Transcoder>, Arc<Steering>)>>,
+}
+
+impl PySteering {
+    /// The edit for `model`: the one built with the Steering when the transcoder needs no other
+    /// device or dtype, else the one around the placed copy (built at its first use).
+    fn edit_for(&self, model: &Model) -> anyhow::Result<Arc<Steering>> {
+        let t = self.transcoder.get();
+        let fitted = t.for_model(model)?;
+        if Arc::ptr_eq(&fitted, &t.tc) {
+            return Ok(self.edit.clone());
+        }
+        let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, edit)) = placed.iter().find(|(tc, _)| Arc::ptr_eq(tc, &fitted)) {
+            return Ok(edit.clone());
+        }
+        let (features, strength, mode) = (self.edit.features().to_vec(), self.edit.strength(), self.edit.mode());
+        let edit = Arc::new(experiment::splice_for(model, fitted.clone(), &t.path, mode)?.steering(features, strength, mode)?);
+        placed.retain(|(tc, _)| place(tc) != place(&fitted));
+        placed.push((fitted, edit.clone()));
+        Ok(edit)
+    }
 }
 
 #[pymethods]
@@ -570,7 +589,7 @@ impl PySteering {
             }
             Steering::new(tc, features, strength, mode)
         })?;
-        Ok(Self { transcoder: transcoder.unbind(), edit: Arc::new(edit) })
+        Ok(Self { transcoder: transcoder.unbind(), edit: Arc::new(edit), placed: Default::default() })
     }
 
     #[getter]

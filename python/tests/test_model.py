@@ -1,6 +1,7 @@
 """Model, Transcoder and Steering against the command line and the fixtures' references."""
 
 import json
+import shutil
 import threading
 import time
 
@@ -129,6 +130,25 @@ def test_transcoder_dtype_equals_cli(shared, cli, tmp_path, capfd):
     assert capfd.readouterr().err.count("held in bf16") == 1
     with pytest.raises(ns.NeurosteerError, match="transcoder_dtype"):
         ns.Model.load(str(shared / spec), transcoder_dtype="f8")
+
+
+def test_placed_replace_steering_is_built_once(shared, cli, tmp_path):
+    """Replace steering with a cross-layer transcoder held in bf16 equals the command line, and
+    its edit (which reads every source layer from disk) is built once: a second generate still
+    works once the files are gone."""
+    folder = tmp_path / "clt"
+    shutil.copytree(shared / "fixtures/transcoders/circuit-tracer-clt", folder)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    p = run_cli(cli, "generate", "--model", shared / "fixtures/tiny-llama3", "--prompts", prompts, "--max-new-tokens", 8,
+                "--json", "--transcoder", folder, "--layer", 1, "--features", "1,2,3,5,8", "--strength", 3.0,
+                "--mode", "replace", "--transcoder-dtype", "bf16")
+    want = [json.loads(l) for l in p.stdout.splitlines()]
+    model = ns.Model.load(str(shared / "fixtures/tiny-llama3"), transcoder_dtype="bf16")
+    steering = ns.Steering(ns.Transcoder.load(folder, layer=1), [1, 2, 3, 5, 8], 3.0, mode="replace")
+    assert model.generate(PROMPTS, max_new_tokens=8, steer=steering) == want
+    shutil.rmtree(folder)
+    assert model.generate(PROMPTS, max_new_tokens=8, steer=steering) == want
 
 
 def test_generate_two_layers_and_single_prompt(shared, cli):
