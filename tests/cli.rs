@@ -107,6 +107,12 @@ fn bad_inputs_fail_with_one_clear_line() {
     let cfg = std::fs::read_to_string(shape.join("config.json")).unwrap().replace("\"n_embd\": 64", "\"n_embd\": 128");
     std::fs::write(shape.join("config.json"), cfg).unwrap();
     assert_clean_error(&run(&["generate", "--model", shape.to_str().unwrap(), "--prompt", "x"]), &["shape"]);
+    // Fewer layers in the config than in the weights.
+    let shallow = d.join("shallow");
+    copy_dir(&gpt2, &shallow);
+    let cfg = std::fs::read_to_string(shallow.join("config.json")).unwrap().replace("\"n_layer\": 2", "\"n_layer\": 1");
+    std::fs::write(shallow.join("config.json"), cfg).unwrap();
+    assert_clean_error(&run(&["generate", "--model", shallow.to_str().unwrap(), "--prompt", "x"]), &["h.1.", "of layer 1", "declares 1 layers"]);
 
     // Missing folder, bad hook names.
     assert_clean_error(&run(&["generate", "--model", d.join("nothing/here").to_str().unwrap(), "--prompt", "x"]), &["nothing/here"]);
@@ -186,6 +192,8 @@ fn invalid_inputs_are_refused() {
         ("theta", Box::new(|c: &mut serde_json::Value| c["rope_theta"] = (-1.0).into()), "rope_theta"),
         ("eps", Box::new(|c: &mut serde_json::Value| c["rms_norm_eps"] = (-1e-5).into()), "epsilon"),
         ("eos", Box::new(|c: &mut serde_json::Value| c["eos_token_id"] = 99_999_999.into()), "outside the vocabulary"),
+        // A shallower config than the checkpoint would run, silently dropping layers.
+        ("shallower", Box::new(|c: &mut serde_json::Value| c["num_hidden_layers"] = (c["num_hidden_layers"].as_u64().unwrap() - 1).into()), "declares"),
         // The fixture's tokenizer has ids up to 50,257: a vocabulary of 1,000 cannot embed them.
     ] {
         let d = edit(name, &*change);

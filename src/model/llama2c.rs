@@ -207,7 +207,11 @@ impl Llama2cTokenizer {
         let mut pieces = Vec::with_capacity(vocab_size);
         let mut scores = Vec::with_capacity(vocab_size);
         for _ in 0..vocab_size {
-            scores.push(r.f32s(1)?[0]);
+            let score = r.f32s(1)?[0];
+            if score.is_nan() {
+                bail!("{}: piece {} has a NaN merge score", path.display(), scores.len());
+            }
+            scores.push(score);
             let len = r.i32()?;
             if !(0..=1024).contains(&len) {
                 bail!("{}: not a llama2.c tokenizer (piece length {len})", path.display());
@@ -304,5 +308,21 @@ mod tests {
         let t = Llama2cTokenizer { pieces, scores, lookup };
         assert_eq!(t.encode("aé b"), vec![6, 0, 0, 3, 5]);
         assert_eq!(t.decode(&[6, 0, 5]), "ab");
+    }
+
+    /// A NaN merge score (which would make the merge order arbitrary) is refused, naming the piece.
+    #[test]
+    fn nan_score_is_refused() {
+        let path = std::env::temp_dir().join(format!("neurosteer-tok-{}.bin", std::process::id()));
+        let mut bytes = 8i32.to_le_bytes().to_vec();
+        for (i, score) in [0.0f32, 0.5, f32::NAN].into_iter().enumerate() {
+            bytes.extend(score.to_le_bytes());
+            bytes.extend(1i32.to_le_bytes());
+            bytes.push(b'a' + i as u8);
+        }
+        std::fs::write(&path, bytes).unwrap();
+        let e = format!("{:#}", Llama2cTokenizer::load(&path, 3).err().unwrap());
+        std::fs::remove_file(&path).unwrap();
+        assert!(e.contains("neurosteer-tok") && e.contains("piece 2 has a NaN merge score"), "{e}");
     }
 }

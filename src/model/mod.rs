@@ -486,10 +486,26 @@ fn load_hf_folder(spec: &str, files: &HfFiles, options: &LoadOptions) -> Result<
         .with_context(|| format!("{spec}: no tokenizer.json; pass --tokenizer"))?;
     let tokenizer = Tokenizer::from_hf_file(&tok_path)?;
     let weights = SafetensorsFiles::open(&files.weights)?;
+    let n_layers = match &config {
+        ModelConfig::Llama(c) => c.num_hidden_layers,
+        ModelConfig::Gemma2(c) => c.num_hidden_layers,
+        ModelConfig::Gpt2(c) => c.n_layer,
+    };
+    // Tensors of layers the config lacks: the config of a shallower model, which would run.
+    if let Some((name, layer)) = weights.names().into_iter().find_map(|n| layer_of(n).filter(|&l| l >= n_layers).map(|l| (n, l))) {
+        bail!("{spec}: the checkpoint has tensor {name} of layer {layer}, but config.json declares {n_layers} layers (the config of another model?)");
+    }
     let dtype = options.dtype.resolve(weights.stored_dtype(), weights.param_count(), &options.device);
     let vb = VarBuilder::from_backend(Box::new(weights), DType::F32, options.device.clone());
     let model = Model::build(spec, config, vb, dtype, tokenizer)?;
     Ok(model.with_bos(!options.no_bos))
+}
+
+/// The layer a checkpoint tensor belongs to: the number after `layers.` (Llama, Qwen3, Gemma-2)
+/// or `h.` (GPT-2) in its name.
+fn layer_of(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).find(|w| w[0] == "layers" || w[0] == "h").and_then(|w| w[1].parse().ok())
 }
 
 fn device_name(device: &Device) -> String {

@@ -196,6 +196,14 @@ fn read_header(path: &Path, file: &File, index: usize) -> Result<Vec<(String, En
         }
         out.push((name, Entry { file: index, dtype, shape: r.shape, start: data_start + s, end: data_start + e }));
     }
+    // Tensors sharing bytes would read each other's values.
+    out.sort_by_key(|(_, e)| (e.start, e.end));
+    for pair in out.windows(2) {
+        let ((a, ea), (b, eb)) = (&pair[0], &pair[1]);
+        if eb.start < ea.end {
+            return Err(bad(&format!("tensors {a} and {b} share bytes")));
+        }
+    }
     Ok(out)
 }
 
@@ -256,6 +264,22 @@ mod tests {
             let e = format!("{:#}", files.read("poisoned").unwrap_err());
             assert!(e.contains("w.safetensors") && e.contains("tensor poisoned holds NaN or infinite"), "{e}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two tensors whose byte ranges overlap are refused when the file is opened.
+    #[test]
+    fn overlapping_tensors_are_refused() {
+        let dir = std::env::temp_dir().join(format!("neurosteer-overlap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("o.safetensors");
+        let header = br#"{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header);
+        bytes.extend([0u8; 16]);
+        std::fs::write(&path, bytes).unwrap();
+        let e = format!("{:#}", SafetensorsFiles::open(std::slice::from_ref(&path)).err().unwrap());
+        assert!(e.contains("o.safetensors") && e.contains("tensors a and b share bytes"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
