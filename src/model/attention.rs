@@ -344,7 +344,7 @@ mod cpu {
     #[inline(always)]
     fn prefetch_row(data: &[f32], at: usize, len: usize) {
         #[cfg(target_arch = "x86_64")]
-        if at + len <= data.len() {
+        if len > 0 && at + len <= data.len() {
             // SAFETY: a prefetch reads nothing architecturally; the addresses lie in `data`.
             unsafe {
                 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -352,6 +352,8 @@ mod cpu {
                 for line in (0..len * 4).step_by(64) {
                     _mm_prefetch::<_MM_HINT_T0>(p.add(line));
                 }
+                // The row's last line, when the row does not start on a line.
+                _mm_prefetch::<_MM_HINT_T0>(p.add(len * 4 - 1));
             }
         }
         #[cfg(not(target_arch = "x86_64"))]

@@ -24,6 +24,9 @@ impl Linear {
     /// `weight [out, in]` in f32, bf16 or f16; `bias [out]` (kept in f32).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let mut l = Self::stacked(vec![weight])?;
+        if let Some(b) = bias.as_ref().filter(|b| b.dims() != [l.out]) {
+            bail!("linear bias has shape {:?}, expected [{}]", b.dims(), l.out);
+        }
         l.bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         Ok(l)
     }

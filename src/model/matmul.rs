@@ -686,7 +686,7 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
 /// Many rows with AVX-512: a blocked GEMM, a k-block of 256 at a time. The rows of `x` are packed
 /// in groups of 14 (once per k-block, shared by every task); each task packs a few panels of 32
 /// weight rows transposed to `[k][32]` (half precision widened to f32 on the way), then runs each
-/// panel (kept in L1) against every group of x: 28 accumulators, 2 panel loads and 14 broadcasts
+/// panel (meant to stay in L1) against every group of x: 28 accumulators, 2 panel loads and 14 broadcasts
 /// per 28 multiply-adds, and whole-vector stores into y. Each output sums its k-blocks in order,
 /// each block sequentially, whatever the shapes or thread count.
 #[cfg(target_arch = "x86_64")]
@@ -702,7 +702,7 @@ mod gemm512 {
     const NP: usize = 32;
     /// k per block.
     const KC: usize = 256;
-    /// Panels per task.
+    /// Panels per task, at most (fewer when that leaves a thread without two tasks).
     const GP: usize = 4;
 
     thread_local! {
@@ -715,7 +715,8 @@ mod gemm512 {
     pub fn gemm<T: Elem>(x: &[f32], m: usize, k: usize, w: &[T], n: usize, y: &mut [f32], ldy: usize) {
         let groups = m.div_ceil(MT);
         let panels = n.div_ceil(NP);
-        let tasks = panels.div_ceil(GP);
+        let gp = GP.min(panels.div_ceil(2 * rayon::current_num_threads().max(1))).max(1);
+        let tasks = panels.div_ceil(gp);
         let out = SendPtr(y.as_mut_ptr());
         XPACK.with(|buf| {
             let mut xp = buf.borrow_mut();
@@ -739,7 +740,7 @@ mod gemm512 {
                     WPACK.with(|wbuf| {
                         let mut panel = wbuf.borrow_mut();
                         panel.resize(KC * NP, 0.0);
-                        for pi in ti * GP..(ti * GP + GP).min(panels) {
+                        for pi in ti * gp..(ti * gp + gp).min(panels) {
                             let j0 = pi * NP;
                             let cols = NP.min(n - j0);
                             // SAFETY: AVX-512 was detected; the rows j0..j0+cols of w hold
@@ -773,12 +774,13 @@ mod gemm512 {
         });
     }
 
-    /// Weight rows `[rows, kc]` (`rows <= 32`, `ld` apart) as the panel `[kc][32]` in f32, zero
-    /// past `rows`: 16 x 16 blocks transposed in registers.
+    /// Weight rows `[rows, kc]` (`rows <= 32`, `ld` apart) as the panel `[kc][32]` in f32: 16 x 16
+    /// blocks transposed in registers, zero past `rows` in the last half written.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn pack_panel<T: Elem>(w: *const T, ld: usize, rows: usize, kc: usize, panel: *mut f32) {
         let mut v = [_mm512_setzero_ps(); 16];
-        for half in 0..2 {
+        // Lanes of a missing second half are left as they are: no store reads them.
+        for half in 0..rows.div_ceil(16) {
             let r0 = half * 16;
             for p in (0..kc).step_by(16) {
                 let mask = ((1u32 << (kc - p).min(16)) - 1) as u16;
@@ -949,6 +951,64 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 GEMM sums each output exactly as documented: k-blocks of 256 in order, each a
+    /// sequence of fused multiply-adds from zero, added to the previous blocks' sum. Bit for bit,
+    /// on odd shapes (several tasks, k-blocks and groups, tails everywhere), every dtype.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn gemm512_sums_in_documented_order() {
+        if Isa::detected() != Isa::Avx512 {
+            eprintln!("SKIPPED gemm512_sums_in_documented_order: no AVX-512 here");
+            return;
+        }
+        let (k, n) = (600, 161);
+        let w32 = data(n * k, 11);
+        let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+        for m in [33, 40, 65] {
+            let x = data(m * k, m as u64);
+            for (w, exact) in [
+                (Weights::F32(&w32), w32.clone()),
+                (Weights::Bf16(&wb), wb.iter().map(|v| v.to_f32()).collect()),
+                (Weights::F16(&wh), wh.iter().map(|v| v.to_f32()).collect::<Vec<f32>>()),
+            ] {
+                let mut y = vec![f32::NAN; m * n];
+                matmul_nt_with(Isa::Avx512, &x, m, k, w, n, &mut y, n);
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut want = 0f32;
+                        for (b, p0) in (0..k).step_by(256).enumerate() {
+                            let block = (p0..(p0 + 256).min(k)).fold(0f32, |acc, p| x[i * k + p].mul_add(exact[j * k + p], acc));
+                            want = if b == 0 { block } else { want + block };
+                        }
+                        assert_eq!(y[i * n + j].to_bits(), want.to_bits(), "m={m} ({i}, {j})");
+                    }
+                }
+            }
+        }
+    }
+
+    /// With `ldy > n` (a product filling some columns of a wider matrix), the other columns are
+    /// left untouched and the written ones equal the `ldy = n` product, on every path.
+    #[test]
+    fn wider_output_rows_keep_their_other_columns() {
+        let (k, n, ldy) = (300, 45, 52);
+        let w = data(n * k, 12);
+        for m in [5, 40] {
+            let x = data(m * k, 13);
+            for &isa in Isa::available() {
+                let mut dense = vec![0f32; m * n];
+                matmul_nt_with(isa, &x, m, k, Weights::F32(&w), n, &mut dense, n);
+                let mut wide = vec![-7.5f32; m * ldy];
+                matmul_nt_with(isa, &x, m, k, Weights::F32(&w), n, &mut wide, ldy);
+                for i in 0..m {
+                    assert_eq!(wide[i * ldy..i * ldy + n], dense[i * n..(i + 1) * n], "{isa:?} m={m} row {i}");
+                    assert!(wide[i * ldy + n..(i + 1) * ldy].iter().all(|&v| v == -7.5), "{isa:?} m={m} row {i} spilled");
                 }
             }
         }

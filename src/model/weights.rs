@@ -196,9 +196,10 @@ fn read_header(path: &Path, file: &File, index: usize) -> Result<Vec<(String, En
         }
         out.push((name, Entry { file: index, dtype, shape: r.shape, start: data_start + s, end: data_start + e }));
     }
-    // Tensors sharing bytes would read each other's values.
+    // Tensors sharing bytes would read each other's values (an empty tensor has none to share).
     out.sort_by_key(|(_, e)| (e.start, e.end));
-    for pair in out.windows(2) {
+    let stored: Vec<&(String, Entry)> = out.iter().filter(|(_, e)| e.end > e.start).collect();
+    for pair in stored.windows(2) {
         let ((a, ea), (b, eb)) = (&pair[0], &pair[1]);
         if eb.start < ea.end {
             return Err(bad(&format!("tensors {a} and {b} share bytes")));

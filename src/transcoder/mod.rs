@@ -332,7 +332,8 @@ impl Transcoder {
 
 /// `x [.., k] @ w [k, n]` in f32, for a transcoder weight matrix in f32, bf16 or f16. On the CPU
 /// by [`matmul_nn`] (half precision widened in registers, f32 sums), except f32 weights times
-/// more than [`SMALL_M`] rows (prefill), which go to candle's matrix product; on a GPU by one
+/// more than [`SMALL_M`] rows (prefill) or given as a view (the skip matrix's transpose), which
+/// go to candle's matrix product; on a GPU by one
 /// matrix product with `x` cast to the weight's dtype (cuBLAS sums in f32) and the result cast back.
 pub fn linear_in(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
@@ -341,7 +342,7 @@ pub fn linear_in(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let rows = x.elem_count() / k.max(1);
     let x2 = x.reshape((rows, k))?;
     let y = match (w.dtype(), w.device()) {
-        (DType::F32, Device::Cpu) if rows <= SMALL_M => cpu_matmul_nn(&x2, w)?,
+        (DType::F32, Device::Cpu) if rows <= SMALL_M && w.is_contiguous() => cpu_matmul_nn(&x2, w)?,
         (DType::F32, _) => x2.to_dtype(DType::F32)?.matmul(w)?,
         (_, Device::Cpu) => cpu_matmul_nn(&x2, w)?,
         _ => x2.to_dtype(w.dtype())?.matmul(w)?.to_dtype(DType::F32)?,
