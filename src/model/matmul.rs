@@ -184,6 +184,7 @@ fn transpose_sub_with(isa: Isa, src: &[f32], rows: usize, cols: usize, sub: &[f3
             unsafe { transpose_block_avx512(src, rows, cols, sub, j0, width, out) };
             return;
         }
+        #[cfg(not(target_arch = "x86_64"))]
         let _ = avx512;
         for i in 0..rows {
             for (o, &v) in src[i * cols + j0..][..width].iter().enumerate() {
@@ -196,27 +197,36 @@ fn transpose_sub_with(isa: Isa, src: &[f32], rows: usize, cols: usize, sub: &[f3
 
 /// Output rows `j0..j0 + width` (`width <= 16`) of [`transpose_sub`]: 16 x 16 blocks in registers.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn transpose_block_avx512(src: &[f32], rows: usize, cols: usize, sub: &[f32], j0: usize, width: usize, out: &mut [f32]) {
-    use x86::*;
     let mask = ((1u32 << width) - 1) as u16;
-    let mut v = [_mm512_setzero_ps(); 16];
     for i0 in (0..rows).step_by(16) {
         let n = 16.min(rows - i0);
-        for (r, v) in v.iter_mut().enumerate() {
-            *v = if r < n {
-                let row = src.as_ptr().add((i0 + r) * cols + j0);
-                _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row), _mm512_set1_ps(sub[i0 + r]))
-            } else {
-                _mm512_setzero_ps()
-            };
-        }
-        transpose16(&mut v);
+        let v = load_transposed(src.as_ptr().add(i0 * cols + j0), cols, n, mask, Some(&sub[i0..]));
         let rmask = ((1u32 << n) - 1) as u16;
         for (o, v) in v.iter().enumerate().take(width) {
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(o * rows + i0), rmask, *v);
+            x86::_mm512_mask_storeu_ps(out.as_mut_ptr().add(o * rows + i0), rmask, *v);
         }
     }
+}
+
+/// Rows `0..n` (`n <= 16`, `ld` apart) of `src`, the 16 elements of each that `mask` keeps,
+/// widened to f32, less `sub[i]` from row `i` when given, then transposed: vector `j` holds
+/// element `j` of every row, zero for rows past `n` and for elements `mask` drops.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn load_transposed<T: Elem>(src: *const T, ld: usize, n: usize, mask: u16, sub: Option<&[f32]>) -> [x86::__m512; 16] {
+    use x86::*;
+    let mut v = [_mm512_setzero_ps(); 16];
+    for (i, v) in v.iter_mut().enumerate().take(n) {
+        *v = T::load16_masked(src.add(i * ld), mask);
+        if let Some(sub) = sub {
+            *v = _mm512_maskz_sub_ps(mask, *v, _mm512_set1_ps(sub[i]));
+        }
+    }
+    transpose16(&mut v);
+    v
 }
 
 /// Weight rows per tile.
@@ -692,7 +702,7 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
 #[cfg(target_arch = "x86_64")]
 mod gemm512 {
     use super::x86::*;
-    use super::{Elem, SendPtr};
+    use super::{load_transposed, Elem, SendPtr};
     use rayon::prelude::*;
     use std::cell::RefCell;
 
@@ -778,16 +788,12 @@ mod gemm512 {
     /// blocks transposed in registers, zero past `rows` in the last half written.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn pack_panel<T: Elem>(w: *const T, ld: usize, rows: usize, kc: usize, panel: *mut f32) {
-        let mut v = [_mm512_setzero_ps(); 16];
         // Lanes of a missing second half are left as they are: no store reads them.
         for half in 0..rows.div_ceil(16) {
             let r0 = half * 16;
             for p in (0..kc).step_by(16) {
                 let mask = ((1u32 << (kc - p).min(16)) - 1) as u16;
-                for (i, v) in v.iter_mut().enumerate() {
-                    *v = if r0 + i < rows { T::load16_masked(w.add((r0 + i) * ld + p), mask) } else { _mm512_setzero_ps() };
-                }
-                transpose16(&mut v);
+                let v = load_transposed(w.add(r0 * ld + p), ld, (rows - r0).min(16), mask, None);
                 for (i, v) in v.iter().enumerate().take(kc - p) {
                     _mm512_storeu_ps(panel.add((p + i) * NP + r0), *v);
                 }

@@ -145,26 +145,10 @@ impl SafetensorsFiles {
 /// Bytes per positioned read of a tensor.
 const CHUNK: usize = 4 << 20;
 
-/// A float that says whether it is finite.
-trait Finite: Copy + Send + Sync {
-    fn finite(self) -> bool;
-}
-
-macro_rules! finite {
-    ($($t:ty),*) => {$(
-        impl Finite for $t {
-            #[inline(always)]
-            fn finite(self) -> bool {
-                self.is_finite()
-            }
-        }
-    )*};
-}
-finite!(f32, f64, half::bf16, half::f16);
-
-/// Whether every value is finite: branch-free within blocks (so it vectorizes), blocks in parallel.
-fn all_finite<T: Finite>(v: &[T]) -> bool {
-    v.par_chunks(1 << 16).all(|c| c.iter().fold(true, |ok, x| ok & x.finite()))
+/// Whether every value is finite (widening to f64 keeps NaN and infinities): branch-free within
+/// blocks (so it vectorizes), blocks in parallel.
+fn all_finite<T: candle_core::WithDType>(v: &[T]) -> bool {
+    v.par_chunks(1 << 16).all(|c| c.iter().fold(true, |ok, x| ok & x.to_f64().is_finite()))
 }
 
 fn read_header(path: &Path, file: &File, index: usize) -> Result<Vec<(String, Entry)>> {
