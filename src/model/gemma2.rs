@@ -21,7 +21,7 @@ use candle_nn::VarBuilder;
 use super::attention::{hooked_norm, select_positions, KvCache, Scores, Step};
 use super::config::Gemma2Config;
 use super::decoder::{Activation, AttentionShape, GatedMlp, Rotary, SelfAttention};
-use super::linear::Linear;
+use super::linear::{Embedding, Linear};
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
 
@@ -40,7 +40,7 @@ struct Block {
 pub struct Gemma2 {
     pub config: Gemma2Config,
     /// Token embeddings in the weight dtype (unscaled: they are also the unembedding).
-    embed: Tensor,
+    embed: Embedding,
     blocks: Vec<Block>,
     final_norm: Tensor,
     lm_head: Linear,
@@ -75,14 +75,11 @@ impl Gemma2 {
             });
         }
         let final_norm = gain(&vb, "model.norm.weight")?;
-        let lm_head = if w.contains_tensor("lm_head.weight") {
-            w.get((c.vocab_size, d), "lm_head.weight")?
-        } else {
-            embed.clone()
-        };
+        let lm_head = if w.contains_tensor("lm_head.weight") { Some(w.get((c.vocab_size, d), "lm_head.weight")?) } else { None };
         let rotary =
             Rotary::new(c.head_dim, c.rope_theta, c.max_position_embeddings, None, vb.device()).context("building rotary tables")?;
-        Ok(Self { config, embed, blocks, final_norm, lm_head: Linear::new(lm_head, None)?, rotary })
+        let (embed, lm_head) = Embedding::with_unembed(embed, lm_head)?;
+        Ok(Self { config, embed, blocks, final_norm, lm_head, rotary })
     }
 
     /// The window of the sliding layers, if any layer slides.
@@ -106,7 +103,7 @@ impl Gemma2 {
         let rope = self.rotary.at(step)?;
 
         // transformers multiplies by sqrt(hidden_size) cast to the activations' dtype (f32 here).
-        let x = self.embed.index_select(&tokens.flatten_all()?, 0)?.to_dtype(DType::F32)?.reshape((b, t, d))?;
+        let x = self.embed.lookup(&self.lm_head, tokens)?.reshape((b, t, d))?;
         let x = (x * (d as f32).sqrt() as f64)?;
         let mut x = hooks.visit(HookPoint::Embed, x)?;
         for (l, blk) in self.blocks.iter().enumerate() {

@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::attention::{attend, hooked_norm, select_positions, KvCache, Scores, Step};
-use super::linear::Linear;
+use super::linear::{Embedding, Linear};
 use super::matmul::transpose_sub;
 use super::pointwise::gelu_tanh;
 use super::config::Gpt2Config;
@@ -72,9 +72,8 @@ struct Block {
 /// A GPT-2 model with hook points.
 pub struct Gpt2 {
     pub config: Gpt2Config,
-    /// Token embeddings in the weight dtype (centred when looked up).
-    wte: Tensor,
-    /// The same embeddings: the tied unembedding.
+    /// Token embeddings in the weight dtype (centred when looked up), tied to the unembedding.
+    wte: Embedding,
     unembed: Linear,
     wpe: Tensor,
     blocks: Vec<Block>,
@@ -104,14 +103,8 @@ impl Gpt2 {
             });
         }
         let ln_f = LayerNorm::load(&vb.pp("ln_f"), d)?;
-        Ok(Self {
-            config: config.clone(),
-            unembed: Linear::new(wte.clone(), None)?,
-            wte,
-            wpe,
-            blocks,
-            ln_f,
-        })
+        let (wte, unembed) = Embedding::with_unembed(wte, None)?;
+        Ok(Self { config: config.clone(), wte, unembed, wpe, blocks, ln_f })
     }
 
     /// Runs `tokens [batch, seq]` (u32) through the model, appending to `cache`.
@@ -131,7 +124,7 @@ impl Gpt2 {
             let rows = rows.to_dtype(DType::F32)?.reshape((b, t, d))?;
             Ok(rows.broadcast_sub(&rows.mean_keepdim(D::Minus1)?)?)
         };
-        let embed = centred(self.wte.index_select(&tokens.flatten_all()?, 0)?)?;
+        let embed = centred(self.wte.lookup(&self.unembed, tokens)?)?;
         let embed = hooks.visit(HookPoint::Embed, embed)?;
         let pos = centred(self.wpe.index_select(&step.positions, 0)?)?;
         let pos = hooks.visit(HookPoint::PosEmbed, pos)?;

@@ -1,23 +1,40 @@
 //! A linear layer whose weights stay in their storage dtype on their device.
 //!
 //! On the CPU the product runs in [`super::matmul`]'s kernels: activations in f32, the weight read
-//! in f32, bf16 or f16 and converted in registers, f32 accumulation. On a GPU it is one matrix
-//! product in the weight's dtype (cuBLAS), with the activations cast to it and the result cast
-//! back to f32, as transformers computes a bf16 model.
+//! in f32, bf16 or f16 and converted in registers, f32 accumulation; with AVX-512 the weight is
+//! packed once, here, for its kernel. On a GPU it is one matrix product in the weight's dtype
+//! (cuBLAS), with the activations cast to it and the result cast back to f32, as transformers
+//! computes a bf16 model.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::matmul::{matmul_nt, Weights};
+use super::matmul::{matmul_nt, Packed, Weights};
 
 /// `y = x · Wᵀ (+ b)` for `W [out, in]` (the `nn.Linear` layout). `W` may be several matrices
 /// stacked along `out` (q, k and v projections, say) that are kept apart in memory: their
 /// outputs are written side by side, with no copy of the weights.
 pub struct Linear {
-    parts: Vec<Tensor>,
+    parts: Vec<Part>,
     bias: Option<Tensor>,
     out: usize,
+    k: usize,
+}
+
+/// One stacked matrix `[n, in]`: packed for the AVX-512 kernel, or as loaded.
+enum Part {
+    Packed(Packed),
+    Tensor(Tensor),
+}
+
+impl Part {
+    fn n(&self) -> usize {
+        match self {
+            Part::Packed(p) => p.dims().0,
+            Part::Tensor(t) => t.dim(0).unwrap_or(0),
+        }
+    }
 }
 
 impl Linear {
@@ -45,29 +62,67 @@ impl Linear {
             }
             out += n;
         }
-        let parts = parts.into_iter().map(|p| p.contiguous()).collect::<candle_core::Result<_>>()?;
-        Ok(Self { parts, bias: None, out })
+        let parts = parts
+            .into_iter()
+            .map(|p| {
+                let p = p.contiguous()?;
+                if p.device().is_cpu() && Packed::supported() {
+                    let (n, k) = p.dims2()?;
+                    Ok(Part::Packed(Weights::with(&p, "linear weight", |w| Packed::new(w, n, k))?))
+                } else {
+                    Ok(Part::Tensor(p))
+                }
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { parts, bias: None, out, k: k.unwrap_or(0) })
+    }
+
+    /// Rows `ids` of W (of a single matrix) in f32, `[len, in]`: the lookup of a table that is
+    /// also this layer's weight (tied embeddings).
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let [part] = &self.parts[..] else { bail!("linear layer: rows of a stacked weight") };
+        match part {
+            Part::Tensor(t) => Ok(t.index_select(ids, 0)?.to_dtype(DType::F32)?),
+            Part::Packed(p) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let mut out = vec![0f32; ids.len() * self.k];
+                for (&j, row) in ids.iter().zip(out.chunks_exact_mut(self.k.max(1))) {
+                    if j as usize >= self.out {
+                        bail!("row {j} of a table of {}", self.out);
+                    }
+                    p.row(j as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), self.k), &Device::Cpu)?)
+            }
+        }
     }
 
     /// `[.., in] -> [.., out]`, in f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let k = self.parts[0].dim(1)?;
+        let k = self.k;
         let dims = x.dims().to_vec();
         if dims.last() != Some(&k) {
             bail!("linear layer expects [.., {k}], got {dims:?}");
         }
         let rows = x.elem_count() / k.max(1);
-        let y = match self.parts[0].device() {
-            Device::Cpu => self.cpu_forward(&x.to_dtype(DType::F32)?.contiguous()?, rows, k)?,
-            _ => {
-                let x = x.reshape((rows, k))?.to_dtype(self.parts[0].dtype())?;
-                let ys = self.parts.iter().map(|w| x.matmul(&w.t()?)).collect::<candle_core::Result<Vec<_>>>()?;
+        let y = match &self.parts[0] {
+            Part::Tensor(w) if !w.device().is_cpu() => {
+                let x = x.reshape((rows, k))?.to_dtype(w.dtype())?;
+                let ys = self
+                    .parts
+                    .iter()
+                    .map(|p| match p {
+                        Part::Tensor(w) => Ok(x.matmul(&w.t()?)?),
+                        Part::Packed(_) => bail!("linear layer: parts on different devices"),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 let y = Tensor::cat(&ys, 1)?.to_dtype(DType::F32)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
                 }
             }
+            _ => self.cpu_forward(&x.to_dtype(DType::F32)?.contiguous()?, rows, k)?,
         };
         let mut shape = dims;
         *shape.last_mut().unwrap() = self.out;
@@ -81,8 +136,11 @@ impl Linear {
         let mut y = vec![0f32; rows * self.out];
         let mut col = 0;
         for part in &self.parts {
-            let n = part.dim(0)?;
-            Weights::with(part, "linear weight", |w| matmul_nt(xv, rows, k, w, n, &mut y[col..], self.out))?;
+            let n = part.n();
+            match part {
+                Part::Packed(p) => p.matmul(xv, rows, &mut y[col..], self.out),
+                Part::Tensor(w) => Weights::with(w, "linear weight", |w| matmul_nt(xv, rows, k, w, n, &mut y[col..], self.out))?,
+            }
             col += n;
         }
         // The bias, added in place (the same sums as a broadcast add, without its buffer).
@@ -97,5 +155,32 @@ impl Linear {
             });
         }
         Ok(Tensor::from_vec(y, (rows, self.out), &Device::Cpu)?)
+    }
+}
+
+/// A token-embedding table: its own, or the rows of the unembedding it is tied to (one copy of
+/// the weights, in the unembedding's layout).
+pub enum Embedding {
+    Own(Tensor),
+    Tied,
+}
+
+impl Embedding {
+    /// The embedding and the unembedding from `table [vocab, d]` and, when the checkpoint has a
+    /// separate one, `lm_head [vocab, d]`.
+    pub fn with_unembed(table: Tensor, lm_head: Option<Tensor>) -> Result<(Embedding, Linear)> {
+        Ok(match lm_head {
+            Some(w) => (Embedding::Own(table), Linear::new(w, None)?),
+            None => (Embedding::Tied, Linear::new(table, None)?),
+        })
+    }
+
+    /// The f32 rows of `ids` (u32, any shape), `[len, d]`.
+    pub fn lookup(&self, unembed: &Linear, ids: &Tensor) -> Result<Tensor> {
+        let ids = ids.flatten_all()?;
+        match self {
+            Embedding::Own(t) => Ok(t.index_select(&ids, 0)?.to_dtype(DType::F32)?),
+            Embedding::Tied => unembed.rows(&ids),
+        }
     }
 }

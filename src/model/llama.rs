@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use super::attention::{hooked_norm, select_positions, KvCache, Scores, Step};
 use super::config::{LlamaConfig, LlamaFamily};
 use super::decoder::{Activation, AttentionShape, GatedMlp, Rotary, SelfAttention};
-use super::linear::Linear;
+use super::linear::{Embedding, Linear};
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
 
@@ -27,7 +27,7 @@ struct Block {
 pub struct Llama {
     pub config: LlamaConfig,
     /// Token embeddings in the weight dtype.
-    embed: Tensor,
+    embed: Embedding,
     blocks: Vec<Block>,
     final_norm: Tensor,
     lm_head: Linear,
@@ -57,15 +57,16 @@ impl Llama {
         }
         let final_norm = vb.get(d, "model.norm.weight")?;
         let lm_head = if w.contains_tensor("lm_head.weight") {
-            w.get((c.vocab_size, d), "lm_head.weight")?
+            Some(w.get((c.vocab_size, d), "lm_head.weight")?)
         } else if c.tie_word_embeddings {
-            embed.clone()
+            None
         } else {
             anyhow::bail!("config.json has tie_word_embeddings false (or unset), but the weights hold no lm_head.weight");
         };
         let rotary = Rotary::new(c.head_dim, c.rope_theta, c.max_position_embeddings, c.rope_scaling.as_ref(), vb.device())
             .context("building rotary tables")?;
-        Ok(Self { config, embed, blocks, final_norm, lm_head: Linear::new(lm_head, None)?, rotary })
+        let (embed, lm_head) = Embedding::with_unembed(embed, lm_head)?;
+        Ok(Self { config, embed, blocks, final_norm, lm_head, rotary })
     }
 
     /// Runs `tokens [batch, seq]` (u32) through the model, appending to `cache`.
@@ -82,7 +83,7 @@ impl Llama {
         let eps = c.rms_norm_eps;
         let rope = self.rotary.at(step)?;
 
-        let x = self.embed.index_select(&tokens.flatten_all()?, 0)?.to_dtype(DType::F32)?.reshape((b, t, c.hidden_size))?;
+        let x = self.embed.lookup(&self.lm_head, tokens)?.reshape((b, t, c.hidden_size))?;
         let mut x = hooks.visit(HookPoint::Embed, x)?;
         for (l, blk) in self.blocks.iter().enumerate() {
             x = hooks.visit(HookPoint::ResidPre(l), x)?;

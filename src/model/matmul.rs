@@ -1,18 +1,19 @@
 //! CPU matrix products of linear layers: `y = x · Wᵀ` for activations `x [m, k]` in f32 and a weight
-//! `W [n, k]` (the `nn.Linear` layout) stored in f32, bf16 or f16.
+//! `W [n, k]` (the `nn.Linear` layout) stored in f32, bf16 or f16, accumulated in f32, with
+//! half-precision weights converted to f32 in registers (never a widened copy of the matrix).
 //!
-//! Decode multiplies a few rows by every weight matrix, so its speed is the speed of reading the
-//! weights. For `m <= SMALL_M` a register-tiled kernel reads each weight row once per tile of rows of
-//! `x`, converts half-precision weights to f32 in registers (never a widened copy of the matrix),
-//! accumulates in f32, and splits the output rows across threads. It uses AVX-512 or AVX2+FMA(+F16C)
-//! where the processor has them (detected at run time) and portable code elsewhere. With several
-//! tiles of rows it runs blocks of k against groups of weight rows while they are in L1. Every
-//! output element is the in-order sum of its dot products over fixed blocks of k, whatever `m`, the
-//! tile or the thread count, so a batch row gets exactly what the same row alone gets.
+//! With AVX-512 (detected at run time) the weights are re-laid out once, at load, as panels of 32
+//! rows ([`Packed`]), and one blocked kernel ([`gemm512`]) runs every product: decode (a few rows,
+//! bound by reading the weights once, output columns split across threads) and prefill (many
+//! rows, bound by arithmetic). Every output element is summed in the same order whatever `m`, so
+//! a batch row gets exactly what the same row alone gets.
 //!
-//! Prefill (larger `m`) is compute-bound. With AVX-512 it runs in a blocked GEMM of ours
-//! ([`gemm512`]); elsewhere in the `gemm` crate (what candle uses), with a half-precision weight
-//! widened one block of rows at a time into a reused buffer.
+//! Without AVX-512 the weights stay `[n, k]`. For `m <= SMALL_M` a register-tiled kernel (AVX2+FMA
+//! with F16C, or portable code) reads each weight row once per tile of rows of `x`, running blocks
+//! of k against groups of weight rows while they are in L1; every output element is the in-order
+//! sum of its dot products over fixed blocks of k, whatever `m`, the tile or the thread count.
+//! Larger `m` runs in the `gemm` crate (what candle uses), with a half-precision weight widened
+//! one block of rows at a time into a reused buffer.
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -20,7 +21,7 @@ use std::sync::OnceLock;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// Rows of `x` up to which the weight-streaming kernel is used; above it, `gemm`.
+/// Rows of `x` up to which the weight-streaming kernel is used without AVX-512; above it, `gemm`.
 pub const SMALL_M: usize = 32;
 
 /// A weight matrix `[n, k]`, row-major, in its storage dtype.
@@ -53,6 +54,101 @@ impl Weights<'_> {
             Weights::F32(w) => w.len(),
             Weights::Bf16(w) => w.len(),
             Weights::F16(w) => w.len(),
+        }
+    }
+}
+
+/// Weight rows per panel of [`Packed`] (two AVX-512 vectors of outputs).
+const NP: usize = 32;
+
+/// A weight matrix `[n, k]` re-laid out once for the AVX-512 kernel, in its storage dtype: panels
+/// of 32 rows, each `[k][32]` (row `j` of W is lane `j % 32` of panel `j / 32`; lanes past `n` are
+/// zero), so that every product, whatever its number of rows, streams each panel in order.
+pub struct Packed {
+    data: PackedData,
+    n: usize,
+    k: usize,
+}
+
+enum PackedData {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl Packed {
+    /// Whether this processor runs products on packed weights (AVX-512); elsewhere the kernels
+    /// read `[n, k]` as it is.
+    pub fn supported() -> bool {
+        Isa::detected() == Isa::Avx512
+    }
+
+    /// Packs `w [n, k]`.
+    pub fn new(w: Weights, n: usize, k: usize) -> Packed {
+        assert!(w.len() >= n * k, "Packed::new: weights too small");
+        fn pack<T: Copy + Default + Send + Sync>(w: &[T], n: usize, k: usize) -> Vec<T> {
+            let mut out = vec![T::default(); n.div_ceil(NP) * k * NP];
+            if k == 0 {
+                return out;
+            }
+            out.par_chunks_mut(k * NP).enumerate().for_each(|(pi, dst)| {
+                let rows = NP.min(n - pi * NP);
+                // 64 k at a time, so the 32 rows' lines are reused while in L1.
+                for p0 in (0..k).step_by(64) {
+                    let p1 = (p0 + 64).min(k);
+                    for r in 0..rows {
+                        for (p, &v) in w[(pi * NP + r) * k..][p0..p1].iter().enumerate() {
+                            dst[(p0 + p) * NP + r] = v;
+                        }
+                    }
+                }
+            });
+            out
+        }
+        let data = match w {
+            Weights::F32(w) => PackedData::F32(pack(w, n, k)),
+            Weights::Bf16(w) => PackedData::Bf16(pack(w, n, k)),
+            Weights::F16(w) => PackedData::F16(pack(w, n, k)),
+        };
+        Packed { data, n, k }
+    }
+
+    /// `(n, k)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Row `j` of W in f32, into `out [k]` (an embedding lookup in a tied table).
+    pub fn row(&self, j: usize, out: &mut [f32]) {
+        assert!(j < self.n && out.len() == self.k, "Packed::row: row {j} of {}, or a buffer of the wrong size", self.n);
+        let base = (j / NP) * self.k * NP + j % NP;
+        match &self.data {
+            PackedData::F32(d) => out.iter_mut().enumerate().for_each(|(p, o)| *o = d[base + p * NP]),
+            PackedData::Bf16(d) => out.iter_mut().enumerate().for_each(|(p, o)| *o = d[base + p * NP].to_f32()),
+            PackedData::F16(d) => out.iter_mut().enumerate().for_each(|(p, o)| *o = d[base + p * NP].to_f32()),
+        }
+    }
+
+    /// `y[i, j] = Σ_q x[i, q] · w[j, q]` for `x [m, k]`, rows of y `ldy` apart (`ldy >= n`).
+    /// Needs AVX-512 ([`Packed::supported`]).
+    pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32], ldy: usize) {
+        let (n, k) = (self.n, self.k);
+        if m == 0 || n == 0 {
+            return;
+        }
+        assert!(ldy >= n && x.len() >= m * k && y.len() >= (m - 1) * ldy + n, "Packed::matmul: buffers too small");
+        assert!(Packed::supported(), "Packed::matmul: this processor lacks AVX-512");
+        if k == 0 {
+            for i in 0..m {
+                y[i * ldy..i * ldy + n].fill(0.0);
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        match &self.data {
+            PackedData::F32(w) => gemm512::gemm(x, m, k, w, n, y, ldy),
+            PackedData::Bf16(w) => gemm512::gemm(x, m, k, w, n, y, ldy),
+            PackedData::F16(w) => gemm512::gemm(x, m, k, w, n, y, ldy),
         }
     }
 }
@@ -107,7 +203,8 @@ impl Isa {
 
 /// `y[i, j] = Σ_q x[i, q] · w[j, q]` for `x [m, k]`, `w [n, k]`, with the detected instruction
 /// set. Row `i` of the output starts at `y[i * ldy]` (`ldy >= n`, so the product can fill some
-/// columns of a wider matrix).
+/// columns of a wider matrix). With AVX-512 this packs `w` first; a weight used more than once
+/// should be [`Packed`] once instead.
 pub fn matmul_nt(x: &[f32], m: usize, k: usize, w: Weights, n: usize, y: &mut [f32], ldy: usize) {
     matmul_nt_with(Isa::detected(), x, m, k, w, n, y, ldy)
 }
@@ -126,16 +223,11 @@ pub fn matmul_nt_with(isa: Isa, x: &[f32], m: usize, k: usize, w: Weights, n: us
         }
         return;
     }
+    if isa == Isa::Avx512 {
+        Packed::new(w, n, k).matmul(x, m, y, ldy);
+        return;
+    }
     if m > SMALL_M {
-        #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512 {
-            match w {
-                Weights::F32(w) => gemm512::gemm(x, m, k, w, n, y, ldy),
-                Weights::Bf16(w) => gemm512::gemm(x, m, k, w, n, y, ldy),
-                Weights::F16(w) => gemm512::gemm(x, m, k, w, n, y, ldy),
-            }
-            return;
-        }
         large(x, m, k, w, n, y, ldy);
         return;
     }
@@ -331,8 +423,6 @@ fn tile<T: Elem>(isa: Isa, x: &[f32], w: &[T], ld: usize, kb: usize, mt: usize, 
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => dispatch!(tile_avx512),
-        #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => dispatch!(tile_avx2),
         _ => dispatch!(tile_portable),
     }
@@ -478,89 +568,6 @@ macro_rules! half_elem {
 half_elem!(bf16, bf16x16, bf16x16_masked, bf16x8);
 half_elem!(f16, f16x16, f16x16_masked, f16x8);
 
-/// AVX-512: 16 lanes per step, the last partial step with masked loads.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn tile_avx512<T: Elem, const RR: usize, const MT: usize>(x: &[f32], w: &[T], ld: usize, kb: usize, out: &mut [[f32; MAX_MT]; R]) {
-    use x86::*;
-    let (xp, wp) = (x.as_ptr(), w.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); MT]; RR];
-    let full = kb / 16 * 16;
-    let mut p = 0;
-    while p < full {
-        let mut xv = [_mm512_setzero_ps(); MT];
-        for (i, v) in xv.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(xp.add(i * ld + p));
-        }
-        for (r, row) in acc.iter_mut().enumerate() {
-            let wv = T::load16(wp.add(r * ld + p));
-            // Ask for the same place in the next tile's rows (the next group's, after a group's
-            // last tile; a prefetch past the matrix is dropped by the processor).
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((r + RR) * ld + p) as *const i8);
-            for (a, v) in row.iter_mut().zip(&xv) {
-                *a = _mm512_fmadd_ps(wv, *v, *a);
-            }
-        }
-        p += 16;
-    }
-    if p < kb {
-        let mask = ((1u32 << (kb - p)) - 1) as u16;
-        let mut xv = [_mm512_setzero_ps(); MT];
-        for (i, v) in xv.iter_mut().enumerate() {
-            *v = _mm512_maskz_loadu_ps(mask, xp.add(i * ld + p));
-        }
-        for (r, row) in acc.iter_mut().enumerate() {
-            let wv = T::load16_masked(wp.add(r * ld + p), mask);
-            for (a, v) in row.iter_mut().zip(&xv) {
-                *a = _mm512_fmadd_ps(wv, *v, *a);
-            }
-        }
-    }
-    // Every accumulator summed by one shuffle tree (the same order for each, whatever the tile).
-    let mut v = [_mm512_setzero_ps(); 16];
-    for (r, row) in acc.iter().enumerate() {
-        v[r * MT..(r + 1) * MT].copy_from_slice(row);
-    }
-    let sums = hsum16(&v);
-    for (r, o) in out.iter_mut().enumerate().take(RR) {
-        o[..MT].copy_from_slice(&sums[r * MT..(r + 1) * MT]);
-    }
-}
-
-/// The lane sums of 16 vectors: `out[i] = Σ lanes of v[i]`, in about 30 shuffles and adds instead
-/// of 16 separate reductions.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn hsum16(v: &[x86::__m512; 16]) -> [f32; 16] {
-    use x86::*;
-    // 16 -> 8: s[i] holds partial sums of v[i] (quarters 0, 1) and v[i + 8] (quarters 2, 3).
-    let mut s = [_mm512_setzero_ps(); 8];
-    for (i, si) in s.iter_mut().enumerate() {
-        let (a, b) = (v[i], v[i + 8]);
-        *si = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b));
-    }
-    // 8 -> 4: quarter q of t[i] is a partial sum of v[i + [0, 8, 4, 12][q]].
-    let mut t = [_mm512_setzero_ps(); 4];
-    for (i, ti) in t.iter_mut().enumerate() {
-        let (c, d) = (s[i], s[i + 4]);
-        *ti = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(c, d), _mm512_shuffle_f32x4::<0xDD>(c, d));
-    }
-    // 4 -> 2 -> 1 inside each quarter: lane j of quarter q sums t[[0, 2, 1, 3][j]]'s quarter q.
-    let u0 = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(t[0], t[2]), _mm512_shuffle_ps::<0xEE>(t[0], t[2]));
-    let u1 = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(t[1], t[3]), _mm512_shuffle_ps::<0xEE>(t[1], t[3]));
-    let w = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(u0, u1), _mm512_shuffle_ps::<0xDD>(u0, u1));
-    let mut lanes = [0f32; 16];
-    _mm512_storeu_ps(lanes.as_mut_ptr(), w);
-    let mut out = [0f32; 16];
-    for q in 0..4 {
-        for j in 0..4 {
-            out[[0, 2, 1, 3][j] + [0, 8, 4, 12][q]] = lanes[4 * q + j];
-        }
-    }
-    out
-}
-
 /// AVX2: 8 lanes per step, the remainder one element at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -693,153 +700,205 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
     (iters * 8 * 2) as f64
 }
 
-/// Many rows with AVX-512: a blocked GEMM, a k-block of 256 at a time. The rows of `x` are packed
-/// in groups of 14 (once per k-block, shared by every task); each task packs a few panels of 32
-/// weight rows transposed to `[k][32]` (half precision widened to f32 on the way), then runs each
-/// panel (meant to stay in L1) against every group of x: 28 accumulators, 2 panel loads and 14 broadcasts
-/// per 28 multiply-adds, and whole-vector stores into y. Each output sums its k-blocks in order,
-/// each block sequentially, whatever the shapes or thread count.
+/// The AVX-512 product on [`Packed`] weights, for any number of rows. The rows of `x` are packed
+/// in groups of 14 (`[p][14]`, per k-block of 256, for as many k-blocks at a time as keep them
+/// within L2); each task runs a few panels of 32 weight columns, one k-block at a time (meant to
+/// stay in L1), against every group: up to 28 accumulators, 2 panel loads (half precision
+/// widened to f32 in registers) and one broadcast per row of x per 2 multiply-adds per row, and
+/// whole-vector stores into y. Each output sums its k-blocks in order, each block a sequence of
+/// fused multiply-adds from zero, whatever `m`, the shapes or the thread count, so a batch row
+/// gets exactly what the same row alone gets.
 #[cfg(target_arch = "x86_64")]
 mod gemm512 {
     use super::x86::*;
-    use super::{load_transposed, Elem, SendPtr};
+    use super::{Elem, SendPtr, NP};
     use rayon::prelude::*;
     use std::cell::RefCell;
 
     /// Rows of x per group (broadcast).
     const MT: usize = 14;
-    /// Weight rows per panel (two vectors of outputs).
-    const NP: usize = 32;
     /// k per block.
     const KC: usize = 256;
     /// Panels per task, at most (fewer when that leaves a thread without two tasks).
     const GP: usize = 4;
+    /// How far ahead of the multiply-adds the weights are fetched into L2, in k (a panel is one
+    /// stream, and the hardware prefetchers stop at every 4 KiB page).
+    const PREFETCH: usize = 128;
+    /// Floats of packed x per pass over the weights (1 MiB, within L2).
+    const XBUDGET: usize = 1 << 18;
 
     thread_local! {
         /// The packed groups of x (on the calling thread).
         static XPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-        /// A packed weight panel (on each worker).
-        static WPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
+    /// `y = x · Wᵀ` for `x [m, k]` and `W [n, k]` packed as panels `[n / 32][k][32]`.
     pub fn gemm<T: Elem>(x: &[f32], m: usize, k: usize, w: &[T], n: usize, y: &mut [f32], ldy: usize) {
         let groups = m.div_ceil(MT);
         let panels = n.div_ceil(NP);
         let gp = GP.min(panels.div_ceil(2 * rayon::current_num_threads().max(1))).max(1);
         let tasks = panels.div_ceil(gp);
+        // k per pass over the weights: whole k-blocks, as many as keep packed x within budget
+        // (decode takes all of k in one pass).
+        let span = (XBUDGET / (groups * MT * KC)).max(1) * KC;
         let out = SendPtr(y.as_mut_ptr());
         XPACK.with(|buf| {
             let mut xp = buf.borrow_mut();
-            let mut p0 = 0;
-            while p0 < k {
-                let kc = KC.min(k - p0);
-                // x[.., p0..p0+kc] as groups [group][p][14] (zero rows past m).
+            for s0 in (0..k).step_by(span) {
+                let ks = span.min(k - s0);
+                // Per k-block b, x[.., p0..p0+kc] as groups [group][p][14] (zero rows past m).
                 xp.clear();
-                xp.resize(groups * kc * MT, 0.0);
-                xp.par_chunks_mut(kc * MT).enumerate().for_each(|(g, dst)| {
-                    for i in 0..MT.min(m - g * MT) {
-                        let row = &x[(g * MT + i) * k + p0..][..kc];
-                        for (p, &v) in row.iter().enumerate() {
-                            dst[p * MT + i] = v;
+                xp.resize(groups * MT * ks, 0.0);
+                let block = groups * MT * KC;
+                let parallel = groups * MT * ks >= 1 << 16;
+                let pack = |(b, dst): (usize, &mut [f32])| {
+                    let p0 = s0 + b * KC;
+                    let kc = KC.min(k - p0);
+                    let group = |(g, dst): (usize, &mut [f32])| {
+                        for i in 0..MT.min(m - g * MT) {
+                            let row = &x[(g * MT + i) * k + p0..][..kc];
+                            for (p, &v) in row.iter().enumerate() {
+                                dst[p * MT + i] = v;
+                            }
                         }
+                    };
+                    if parallel {
+                        dst.par_chunks_mut(kc * MT).enumerate().for_each(group);
+                    } else {
+                        dst.chunks_mut(kc * MT).enumerate().for_each(group);
                     }
-                });
+                };
+                // A few rows (decode) are packed on this thread.
+                if parallel {
+                    xp.par_chunks_mut(block).enumerate().for_each(pack);
+                } else {
+                    xp.chunks_mut(block).enumerate().for_each(pack);
+                }
                 let xp: &[f32] = &xp;
-                let first = p0 == 0;
                 let task = |ti: usize| {
-                    WPACK.with(|wbuf| {
-                        let mut panel = wbuf.borrow_mut();
-                        panel.resize(KC * NP, 0.0);
-                        for pi in ti * gp..(ti * gp + gp).min(panels) {
-                            let j0 = pi * NP;
-                            let cols = NP.min(n - j0);
-                            // SAFETY: AVX-512 was detected; the rows j0..j0+cols of w hold
-                            // p0..p0+kc, the panel kc * 32 floats, each group kc * 14, and y has
-                            // room for every (token, column) written.
-                            unsafe {
-                                pack_panel(w.as_ptr().add(j0 * k + p0), k, cols, kc, panel.as_mut_ptr());
-                                for g in 0..groups {
-                                    micro(
+                    let (mut pi, end) = (ti * gp, (ti * gp + gp).min(panels));
+                    while pi < end {
+                        // A single row of x runs four panels at once: four streams of weights
+                        // and eight independent sums.
+                        let np = if m == 1 && end - pi >= 4 { 4 } else { 1 };
+                        let j0 = pi * NP;
+                        for (b, p0) in (s0..s0 + ks).step_by(KC).enumerate() {
+                            let kc = KC.min(k - p0);
+                            for g in 0..groups {
+                                // SAFETY: AVX-512 was detected; panels pi..pi + np hold k rows
+                                // of 32, the packed block b holds groups * kc * 14 floats, and
+                                // y has room for every (token, column < n) written.
+                                unsafe {
+                                    micro_rows(
                                         kc,
-                                        panel.as_ptr(),
-                                        xp.as_ptr().add(g * kc * MT),
+                                        w.as_ptr().add((pi * k + p0) * NP),
+                                        k * NP,
+                                        np,
+                                        xp.as_ptr().add(b * block + g * kc * MT),
                                         out.get().add(g * MT * ldy + j0),
                                         ldy,
                                         MT.min(m - g * MT),
-                                        cols,
-                                        first,
+                                        n - j0,
+                                        p0 == 0,
                                     );
                                 }
                             }
                         }
-                    });
+                        pi += np;
+                    }
                 };
                 if tasks > 1 {
                     (0..tasks).into_par_iter().for_each(task);
                 } else {
                     task(0);
                 }
-                p0 += kc;
             }
         });
     }
 
-    /// Weight rows `[rows, kc]` (`rows <= 32`, `ld` apart) as the panel `[kc][32]` in f32: 16 x 16
-    /// blocks transposed in registers, zero past `rows` in the last half written.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn pack_panel<T: Elem>(w: *const T, ld: usize, rows: usize, kc: usize, panel: *mut f32) {
-        // Lanes of a missing second half are left as they are: no store reads them.
-        for half in 0..rows.div_ceil(16) {
-            let r0 = half * 16;
-            for p in (0..kc).step_by(16) {
-                let mask = ((1u32 << (kc - p).min(16)) - 1) as u16;
-                let v = load_transposed(w.add(r0 * ld + p), ld, (rows - r0).min(16), mask, None);
-                for (i, v) in v.iter().enumerate().take(kc - p) {
-                    _mm512_storeu_ps(panel.add((p + i) * NP + r0), *v);
-                }
-            }
+    /// [`micro`] over `np` panels (1, or 4 for a single row of x) with room for the `tokens` rows
+    /// (1, 2, 4, 8 or 14; missing rows of x are zero).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn micro_rows<T: Elem>(kc: usize, wp: *const T, ps: usize, np: usize, xp: *const f32, y: *mut f32, ldy: usize, tokens: usize, cols: usize, first: bool) {
+        match (tokens, np) {
+            (1, 4) => micro::<T, 1, 4>(kc, wp, ps, xp, y, ldy, tokens, cols, first),
+            (1, _) => micro::<T, 1, 1>(kc, wp, ps, xp, y, ldy, tokens, cols, first),
+            (2, _) => micro::<T, 2, 1>(kc, wp, ps, xp, y, ldy, tokens, cols, first),
+            (3 | 4, _) => micro::<T, 4, 1>(kc, wp, ps, xp, y, ldy, tokens, cols, first),
+            (5..=8, _) => micro::<T, 8, 1>(kc, wp, ps, xp, y, ldy, tokens, cols, first),
+            _ => micro::<T, MT, 1>(kc, wp, ps, xp, y, ldy, tokens, cols, first),
         }
     }
 
-    /// One panel of 32 weight columns (`[kc][32]`) times one group of 14 rows of x (`[kc][14]`);
-    /// writes (for the first k-block) or adds the `tokens x cols` results into y.
+    /// `NPAN` panel blocks of 32 weight columns (`[kc][32]` each, `ps` elements apart) times the
+    /// first `TK` rows of one group of x (`[kc][14]`); writes (for the first k-block) or adds
+    /// the results for `tokens` rows and the first `cols` columns into y.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn micro(kc: usize, wp: *const f32, xp: *const f32, y: *mut f32, ldy: usize, tokens: usize, cols: usize, first: bool) {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn micro<T: Elem, const TK: usize, const NPAN: usize>(
+        kc: usize,
+        wp: *const T,
+        ps: usize,
+        xp: *const f32,
+        y: *mut f32,
+        ldy: usize,
+        tokens: usize,
+        cols: usize,
+        first: bool,
+    ) {
         // The y rows written at the end are fetched meanwhile (they are ldy apart, out of the
         // prefetchers' sight).
         for t in 0..tokens {
             let d = y.add(t * ldy) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(d);
-            _mm_prefetch::<_MM_HINT_T0>(d.wrapping_add(4 * NP - 1));
+            _mm_prefetch::<_MM_HINT_T0>(d.wrapping_add(4 * NP * NPAN - 1));
         }
-        let mut acc = [[_mm512_setzero_ps(); 2]; MT];
+        let mut acc = [[[_mm512_setzero_ps(); 2]; NPAN]; TK];
         for p in 0..kc {
-            let w0 = _mm512_loadu_ps(wp.add(p * NP));
-            let w1 = _mm512_loadu_ps(wp.add(p * NP + 16));
+            let mut w = [[_mm512_setzero_ps(); 2]; NPAN];
+            for (q, w) in w.iter_mut().enumerate() {
+                let at = wp.add(q * ps + p * NP);
+                // A panel is read in order: ask for what comes PREFETCH k later (in the next
+                // block or panel at the end; a prefetch past the matrix is dropped by the
+                // processor).
+                let ahead = at.wrapping_add(PREFETCH * NP) as *const i8;
+                _mm_prefetch::<_MM_HINT_T1>(ahead);
+                if std::mem::size_of::<T>() == 4 {
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64));
+                }
+                *w = [T::load16(at), T::load16(at.add(16))];
+            }
             for (t, a) in acc.iter_mut().enumerate() {
                 let xv = _mm512_set1_ps(*xp.add(p * MT + t));
-                a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
-                a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                for (a, w) in a.iter_mut().zip(&w) {
+                    a[0] = _mm512_fmadd_ps(xv, w[0], a[0]);
+                    a[1] = _mm512_fmadd_ps(xv, w[1], a[1]);
+                }
             }
         }
-        let m0 = ((1u32 << cols.min(16)) - 1) as u16;
-        let m1 = ((1u32 << cols.saturating_sub(16)) - 1) as u16;
         for (t, a) in acc.iter().enumerate().take(tokens) {
-            // Masked: lanes past `cols` are neither read nor written (the second half may lie
-            // past the end of y).
-            let (d0, d1) = (y.add(t * ldy), y.add(t * ldy).wrapping_add(16));
-            if first {
-                _mm512_mask_storeu_ps(d0, m0, a[0]);
-                _mm512_mask_storeu_ps(d1, m1, a[1]);
-            } else {
-                _mm512_mask_storeu_ps(d0, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, d0), a[0]));
-                _mm512_mask_storeu_ps(d1, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, d1), a[1]));
+            for (q, a) in a.iter().enumerate() {
+                let c = cols.saturating_sub(q * NP).min(NP);
+                let m0 = ((1u32 << c.min(16)) - 1) as u16;
+                let m1 = ((1u32 << c.saturating_sub(16)) - 1) as u16;
+                // Masked: lanes past `cols` are neither read nor written (they may lie past the
+                // end of y).
+                let d0 = y.wrapping_add(t * ldy + q * NP);
+                let d1 = d0.wrapping_add(16);
+                if first {
+                    _mm512_mask_storeu_ps(d0, m0, a[0]);
+                    _mm512_mask_storeu_ps(d1, m1, a[1]);
+                } else {
+                    _mm512_mask_storeu_ps(d0, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, d0), a[0]));
+                    _mm512_mask_storeu_ps(d1, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, d1), a[1]));
+                }
             }
         }
     }
 }
-
 thread_local! {
     /// A block of weight rows widened to f32 for the many-rows paths, reused across calls.
     static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -934,7 +993,7 @@ mod tests {
     /// paths), widths that are not multiples of any vector width.
     #[test]
     fn kernels_match_reference_on_odd_shapes() {
-        for &(k, n) in &[(1usize, 1usize), (7, 5), (17, 9), (33, 13), (100, 31), (257, 67), (300, 161)] {
+        for &(k, n) in &[(1usize, 1usize), (7, 5), (17, 9), (33, 13), (100, 31), (257, 67), (300, 161), (70, 1000)] {
             let w32 = data(n * k, k as u64);
             let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
             let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
@@ -972,11 +1031,12 @@ mod tests {
             eprintln!("SKIPPED gemm512_sums_in_documented_order: no AVX-512 here");
             return;
         }
-        let (k, n) = (600, 161);
-        let w32 = data(n * k, 11);
-        let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
-        let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
-        for m in [33, 40, 65] {
+        let k = 600;
+        // A single row over many panels runs four panels at a time.
+        for (m, n) in [(1, 1000), (8, 161), (33, 161), (40, 161), (65, 161)] {
+            let w32 = data(n * k, 11);
+            let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
             let x = data(m * k, m as u64);
             for (w, exact) in [
                 (Weights::F32(&w32), w32.clone()),
@@ -1020,6 +1080,23 @@ mod tests {
         }
     }
 
+    /// A packed matrix gives back each row exactly (the lookup of a tied embedding), every dtype.
+    #[test]
+    fn packed_rows_are_the_weight_rows() {
+        let (n, k) = (45, 37);
+        let w32 = data(n * k, 14);
+        let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+        for (w, exact) in [(Weights::F32(&w32), w32.clone()), (Weights::Bf16(&wb), wb.iter().map(|v| v.to_f32()).collect())] {
+            let p = Packed::new(w, n, k);
+            assert_eq!(p.dims(), (n, k));
+            let mut row = vec![0f32; k];
+            for j in [0, 31, 32, 44] {
+                p.row(j, &mut row);
+                assert_eq!(row, exact[j * k..(j + 1) * k], "row {j}");
+            }
+        }
+    }
+
     /// The transposition equals the plain loop exactly, on odd shapes.
     #[test]
     fn transpose_sub_equals_the_plain_loop() {
@@ -1050,11 +1127,17 @@ mod tests {
                 let x = data(m * k, 2);
                 let mut y = vec![0f32; m * n];
                 for (name, w) in [("f32", Weights::F32(&w32)), ("bf16", Weights::Bf16(&wb))] {
-                    matmul_nt(&x, m, k, w, n, &mut y, n);
+                    // As a layer runs it: packed once where the kernel wants it.
+                    let packed = Packed::supported().then(|| Packed::new(w, n, k));
+                    let mut run = |y: &mut [f32]| match &packed {
+                        Some(p) => p.matmul(&x, m, y, n),
+                        None => matmul_nt(&x, m, k, w, n, y, n),
+                    };
+                    run(&mut y);
                     let reps = 5;
                     let t = std::time::Instant::now();
                     for _ in 0..reps {
-                        matmul_nt(&x, m, k, w, n, &mut y, n);
+                        run(&mut y);
                     }
                     let s = t.elapsed().as_secs_f64() / reps as f64;
                     println!("n={n} k={k} m={m:3} {name:4}: {:8.3} ms {:6.1} GFLOP/s", s * 1e3, 2.0 * (m * n * k) as f64 / s / 1e9);
@@ -1072,8 +1155,8 @@ mod tests {
     }
 
     /// Rows give bit for bit the same outputs whatever the number of rows of the product, in the
-    /// weight-streaming kernel and in the AVX-512 GEMM (the `gemm` crate, used for many rows
-    /// without AVX-512, blocks by the row count and does not promise it).
+    /// weight-streaming kernel and in the AVX-512 GEMM at any `m` (the `gemm` crate, used for many
+    /// rows without AVX-512, blocks by the row count and does not promise it).
     #[test]
     fn rows_do_not_depend_on_the_batch() {
         let (k, n) = (600, 45);
@@ -1082,7 +1165,8 @@ mod tests {
         for &isa in Isa::available() {
             let mut pairs = vec![(3, 7)];
             if isa == Isa::Avx512 {
-                pairs.push((33, 70));
+                // One kernel for every m: decode and prefill rows agree too.
+                pairs.extend([(1, 70), (8, 33), (33, 70)]);
             }
             for (m1, m2) in pairs {
                 let mut a = vec![0f32; m1 * n];
@@ -1098,7 +1182,8 @@ mod tests {
     /// the thread count.
     #[test]
     fn batch_rows_equal_single_rows() {
-        let (k, n) = (600, 45);
+        // Enough panels that a single row runs four at a time (on up to 16 threads).
+        let (k, n) = (64, 4100);
         let w = data(n * k, 3);
         let m = 13;
         let x = data(m * k, 4);
