@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::attention::{attend, hooked_norm, select_positions, KvCache, Scores, Step};
 use super::linear::{Embedding, Linear};
-use super::matmul::transpose_sub;
+use super::matmul::{transpose_sub, Packed};
 use super::pointwise::gelu_tanh;
 use super::config::Gpt2Config;
 use super::LogitsAt;
@@ -50,11 +50,14 @@ fn conv1d(vb: &VarBuilder, d_in: usize, d_out: usize, centre: bool, dtype: DType
     let Storage::Cpu(cpu) = &*storage else { anyhow::bail!("GPT-2 weights must be read on the CPU") };
     let w = &cpu.as_slice::<f32>()?[layout.start_offset()..][..d_in * d_out];
     // Each input row's mean over the outputs, subtracted while transposing to the [out, in]
-    // layout of the kernels.
+    // layout of the kernels (or packing for the AVX-512 kernel, which reads [in, out] slices).
     let means: Vec<f32> = w
         .par_chunks_exact(d_out)
         .map(|row| if centre { (row.iter().map(|&v| v as f64).sum::<f64>() / d_out as f64) as f32 } else { 0.0 })
         .collect();
+    if bias.device().is_cpu() && Packed::supported() {
+        return Linear::from_packed(Packed::from_kn(w, d_in, d_out, &means, dtype)?, Some(bias));
+    }
     let t = transpose_sub(w, d_in, d_out, &means);
     let weight = Tensor::from_vec(t, (d_out, d_in), bias.device())?.to_dtype(dtype)?;
     Linear::new(weight, Some(bias))

@@ -40,12 +40,22 @@ impl Part {
 impl Linear {
     /// `weight [out, in]` in f32, bf16 or f16; `bias [out]` (kept in f32).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let mut l = Self::stacked(vec![weight])?;
-        if let Some(b) = bias.as_ref().filter(|b| b.dims() != [l.out]) {
-            bail!("linear bias has shape {:?}, expected [{}]", b.dims(), l.out);
+        Self::stacked(vec![weight])?.with_bias(bias)
+    }
+
+    /// A weight already packed for the CPU kernel (which must be [`Packed::supported`]); `bias
+    /// [out]` on the CPU.
+    pub fn from_packed(weight: Packed, bias: Option<Tensor>) -> Result<Self> {
+        let (out, k) = weight.dims();
+        Self { parts: vec![Part::Packed(weight)], bias: None, out, k }.with_bias(bias)
+    }
+
+    fn with_bias(mut self, bias: Option<Tensor>) -> Result<Self> {
+        if let Some(b) = bias.as_ref().filter(|b| b.dims() != [self.out]) {
+            bail!("linear bias has shape {:?}, expected [{}]", b.dims(), self.out);
         }
-        l.bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-        Ok(l)
+        self.bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        Ok(self)
     }
 
     /// Matrices `[out_i, in]` with one input, their outputs concatenated.

@@ -113,6 +113,35 @@ impl Packed {
         Packed { data, n, k }
     }
 
+    /// Packs the transpose of `w [k, n]` (a `[in, out]` layout, as GPT-2's Conv1D stores it)
+    /// with `sub[p]` subtracted from its row `p`, converted to `dtype` (f32, bf16 or f16, rounded
+    /// to nearest as candle converts): the panels are copies of 32-wide slices of its rows.
+    pub fn from_kn(w: &[f32], k: usize, n: usize, sub: &[f32], dtype: candle_core::DType) -> anyhow::Result<Packed> {
+        assert!(w.len() >= k * n && sub.len() >= k, "Packed::from_kn: buffers too small");
+        fn pack<T: Copy + Default + Send + Sync>(w: &[f32], k: usize, n: usize, sub: &[f32], cvt: fn(f32) -> T) -> Vec<T> {
+            let mut out = vec![T::default(); n.div_ceil(NP) * k * NP];
+            if k > 0 {
+                out.par_chunks_mut(k * NP).enumerate().for_each(|(pi, dst)| {
+                    let j0 = pi * NP;
+                    let cols = NP.min(n - j0);
+                    for (p, d) in dst.chunks_exact_mut(NP).enumerate() {
+                        for (d, &v) in d.iter_mut().zip(&w[p * n + j0..][..cols]) {
+                            *d = cvt(v - sub[p]);
+                        }
+                    }
+                });
+            }
+            out
+        }
+        let data = match dtype {
+            candle_core::DType::F32 => PackedData::F32(pack(w, k, n, sub, |v| v)),
+            candle_core::DType::BF16 => PackedData::Bf16(pack(w, k, n, sub, bf16::from_f32)),
+            candle_core::DType::F16 => PackedData::F16(pack(w, k, n, sub, f16::from_f32)),
+            other => anyhow::bail!("weights must be f32, bf16 or f16, not {other:?}"),
+        };
+        Ok(Packed { data, n, k })
+    }
+
     /// `(n, k)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
@@ -1093,6 +1122,37 @@ mod tests {
             for j in [0, 31, 32, 44] {
                 p.row(j, &mut row);
                 assert_eq!(row, exact[j * k..(j + 1) * k], "row {j}");
+            }
+        }
+    }
+
+    /// Packing a `[k, n]` matrix with rows centred equals packing its centred transpose, exactly,
+    /// in every dtype.
+    #[test]
+    fn packing_the_transpose_equals_packing_it_transposed() {
+        let (k, n) = (37, 70);
+        let src = data(k * n, 15);
+        let sub = data(k, 16);
+        let t = transpose_sub_with(Isa::Portable, &src, k, n, &sub);
+        let x = data(3 * k, 17);
+        for dtype in [candle_core::DType::F32, candle_core::DType::BF16, candle_core::DType::F16] {
+            let a = Packed::from_kn(&src, k, n, &sub, dtype).unwrap();
+            let b = match dtype {
+                candle_core::DType::F32 => Packed::new(Weights::F32(&t), n, k),
+                candle_core::DType::BF16 => Packed::new(Weights::Bf16(&t.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()), n, k),
+                _ => Packed::new(Weights::F16(&t.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()), n, k),
+            };
+            let (mut ra, mut rb) = (vec![0f32; k], vec![0f32; k]);
+            for j in 0..n {
+                a.row(j, &mut ra);
+                b.row(j, &mut rb);
+                assert_eq!(ra, rb, "{dtype:?} row {j}");
+            }
+            if Packed::supported() {
+                let (mut ya, mut yb) = (vec![0f32; 3 * n], vec![0f32; 3 * n]);
+                a.matmul(&x, 3, &mut ya, n);
+                b.matmul(&x, 3, &mut yb, n);
+                assert_eq!(ya, yb, "{dtype:?} product");
             }
         }
     }
