@@ -290,16 +290,42 @@ fn random_tensor(shape: &[usize], std: f32, dtype: DType, seed: u64) -> Result<T
     })
 }
 
+/// Random weights made when the model asks for them (as a checkpoint is read tensor by tensor),
+/// so that building holds one copy: `name -> (shape, seed)`, matrices in `dtype`, the rest f32.
+struct RandomWeights {
+    shapes: HashMap<String, (Vec<usize>, u64)>,
+    dtype: DType,
+}
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::Msg(format!("tensor {name} has shape {:?}, expected {:?}", t.dims(), s.dims())));
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some((shape, seed)) = self.shapes.get(name) else {
+            return Err(candle_core::Error::Msg(format!("no tensor {name} in the preset")));
+        };
+        let stored = if shape.len() == 2 { self.dtype } else { DType::F32 };
+        let t = random_tensor(shape, 0.02, stored, *seed).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.shapes.contains_key(name)
+    }
+}
+
 /// Builds a model of `preset`'s shape with random weights (std 0.02) in memory: matrices in
 /// `dtype`, norms and biases in f32, on `device`.
 pub fn random_model(preset: Preset, dtype: DType, device: &Device) -> Result<Model> {
     let (config, name) = preset_config(preset);
-    let mut tensors = HashMap::new();
-    for (i, (name, shape)) in weight_shapes(&config).into_iter().enumerate() {
-        let dt = if shape.len() == 2 { dtype } else { DType::F32 };
-        tensors.insert(name, random_tensor(&shape, 0.02, dt, i as u64 + 1)?);
-    }
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    let shapes = weight_shapes(&config).into_iter().enumerate().map(|(i, (name, shape))| (name, (shape, i as u64 + 1))).collect();
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights { shapes, dtype }), DType::F32, device.clone());
     Model::build(name, config, vb, dtype, Tokenizer::None)
 }
 

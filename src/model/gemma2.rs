@@ -39,7 +39,7 @@ struct Block {
 /// A Gemma-2 model with hook points.
 pub struct Gemma2 {
     pub config: Gemma2Config,
-    /// Token embeddings in the weight dtype (unscaled: they are also the unembedding).
+    /// Token embeddings in the weight dtype, unscaled (the rows of the unembedding when tied).
     embed: Embedding,
     blocks: Vec<Block>,
     final_norm: Tensor,

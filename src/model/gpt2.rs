@@ -40,7 +40,7 @@ impl LayerNorm {
 /// Loads GPT-2's `Conv1D` (weight `[in, out]`, `y = x @ W + b`) as a [`Linear`] in `dtype`,
 /// optionally centring its output over the columns (TransformerLens's `center_writing_weights`).
 fn conv1d(vb: &VarBuilder, d_in: usize, d_out: usize, centre: bool, dtype: DType) -> Result<Linear> {
-    // Read on the CPU, where it is centred and transposed, whatever the model's device.
+    // Read on the CPU, where it is centred and transposed (or packed), whatever the model's device.
     let weight = vb.clone().set_device(Device::Cpu).get((d_in, d_out), "weight")?;
     let mut bias = vb.get(d_out, "bias")?;
     if centre {

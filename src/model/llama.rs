@@ -26,7 +26,7 @@ struct Block {
 /// A Llama (or Qwen3) model with hook points.
 pub struct Llama {
     pub config: LlamaConfig,
-    /// Token embeddings in the weight dtype.
+    /// Token embeddings in the weight dtype (or the rows of a tied unembedding).
     embed: Embedding,
     blocks: Vec<Block>,
     final_norm: Tensor,

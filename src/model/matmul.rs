@@ -323,7 +323,13 @@ unsafe fn transpose_block_avx512(src: &[f32], rows: usize, cols: usize, sub: &[f
     let mask = ((1u32 << width) - 1) as u16;
     for i0 in (0..rows).step_by(16) {
         let n = 16.min(rows - i0);
-        let v = load_transposed(src.as_ptr().add(i0 * cols + j0), cols, n, mask, Some(&sub[i0..]));
+        // Rows i0..i0 + n, their elements j0..j0 + width less the row's `sub`, transposed.
+        let mut v = [x86::_mm512_setzero_ps(); 16];
+        for (i, v) in v.iter_mut().enumerate().take(n) {
+            let row = x86::f32x16_masked(src.as_ptr().add((i0 + i) * cols + j0), mask);
+            *v = x86::_mm512_maskz_sub_ps(mask, row, x86::_mm512_set1_ps(sub[i0 + i]));
+        }
+        x86::transpose16(&mut v);
         let rmask = ((1u32 << n) - 1) as u16;
         for (o, v) in v.iter().enumerate().take(width) {
             x86::_mm512_mask_storeu_ps(out.as_mut_ptr().add(o * rows + i0), rmask, *v);
@@ -331,24 +337,6 @@ unsafe fn transpose_block_avx512(src: &[f32], rows: usize, cols: usize, sub: &[f
     }
 }
 
-/// Rows `0..n` (`n <= 16`, `ld` apart) of `src`, the 16 elements of each that `mask` keeps,
-/// widened to f32, less `sub[i]` from row `i` when given, then transposed: vector `j` holds
-/// element `j` of every row, zero for rows past `n` and for elements `mask` drops.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn load_transposed<T: Elem>(src: *const T, ld: usize, n: usize, mask: u16, sub: Option<&[f32]>) -> [x86::__m512; 16] {
-    use x86::*;
-    let mut v = [_mm512_setzero_ps(); 16];
-    for (i, v) in v.iter_mut().enumerate().take(n) {
-        *v = T::load16_masked(src.add(i * ld), mask);
-        if let Some(sub) = sub {
-            *v = _mm512_maskz_sub_ps(mask, *v, _mm512_set1_ps(sub[i]));
-        }
-    }
-    transpose16(&mut v);
-    v
-}
 
 /// Weight rows per tile.
 const R: usize = 4;
@@ -463,8 +451,6 @@ trait Elem: Copy + Send + Sync + 'static {
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> x86::__m512;
     #[cfg(target_arch = "x86_64")]
-    unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512;
-    #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> x86::__m256;
 }
 
@@ -479,18 +465,8 @@ mod x86 {
     }
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn bf16x16_masked(p: *const u16, mask: u16) -> __m512 {
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p as *const i16))))
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn f16x16(p: *const u16) -> __m512 {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn f16x16_masked(p: *const u16, mask: u16) -> __m512 {
-        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
     }
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -558,11 +534,6 @@ impl Elem for f32 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512 {
-        x86::f32x16_masked(p, mask)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
     unsafe fn load8(p: *const Self) -> x86::__m256 {
         x86::f32x8(p)
     }
@@ -570,7 +541,7 @@ impl Elem for f32 {
 
 /// bf16 and f16: widened by the `x86` helpers named.
 macro_rules! half_elem {
-    ($t:ty, $x16:ident, $x16_masked:ident, $x8:ident) => {
+    ($t:ty, $x16:ident, $x8:ident) => {
         impl Elem for $t {
             #[inline(always)]
             fn f32(self) -> f32 {
@@ -583,19 +554,14 @@ macro_rules! half_elem {
             }
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
-            unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512 {
-                x86::$x16_masked(p as *const u16, mask)
-            }
-            #[cfg(target_arch = "x86_64")]
-            #[inline(always)]
             unsafe fn load8(p: *const Self) -> x86::__m256 {
                 x86::$x8(p as *const u16)
             }
         }
     };
 }
-half_elem!(bf16, bf16x16, bf16x16_masked, bf16x8);
-half_elem!(f16, f16x16, f16x16_masked, f16x8);
+half_elem!(bf16, bf16x16, bf16x8);
+half_elem!(f16, f16x16, f16x8);
 
 /// AVX2: 8 lanes per step, the remainder one element at a time.
 #[cfg(target_arch = "x86_64")]
@@ -734,7 +700,7 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
 /// within L2); each task runs a few panels of 32 weight columns, one k-block at a time (meant to
 /// stay in L1), against every group: up to 28 accumulators, 2 panel loads (half precision
 /// widened to f32 in registers) and one broadcast per row of x per 2 multiply-adds per row, and
-/// whole-vector stores into y. Each output sums its k-blocks in order, each block a sequence of
+/// vector stores into y (masked at the column tails). Each output sums its k-blocks in order, each block a sequence of
 /// fused multiply-adds from zero, whatever `m`, the shapes or the thread count, so a batch row
 /// gets exactly what the same row alone gets.
 #[cfg(target_arch = "x86_64")]
@@ -807,8 +773,8 @@ mod gemm512 {
                 let task = |ti: usize| {
                     let (mut pi, end) = (ti * gp, (ti * gp + gp).min(panels));
                     while pi < end {
-                        // A single row of x runs four panels at once: four streams of weights
-                        // and eight independent sums.
+                        // A single row of x runs four panels of its task at once (when the
+                        // task has four): four streams of weights and eight independent sums.
                         let np = if m == 1 && end - pi >= 4 { 4 } else { 1 };
                         let j0 = pi * NP;
                         for (b, p0) in (s0..s0 + ks).step_by(KC).enumerate() {
@@ -1061,7 +1027,9 @@ mod tests {
             return;
         }
         let k = 600;
-        // A single row over many panels runs four panels at a time.
+        // A single row over many panels runs four panels at a time (tasks of four panels: on one
+        // thread, whatever the machine).
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         for (m, n) in [(1, 1000), (8, 161), (33, 161), (40, 161), (65, 161)] {
             let w32 = data(n * k, 11);
             let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -1073,7 +1041,11 @@ mod tests {
                 (Weights::F16(&wh), wh.iter().map(|v| v.to_f32()).collect::<Vec<f32>>()),
             ] {
                 let mut y = vec![f32::NAN; m * n];
-                matmul_nt_with(Isa::Avx512, &x, m, k, w, n, &mut y, n);
+                if m == 1 {
+                    one_thread.install(|| matmul_nt_with(Isa::Avx512, &x, m, k, w, n, &mut y, n));
+                } else {
+                    matmul_nt_with(Isa::Avx512, &x, m, k, w, n, &mut y, n);
+                }
                 for i in 0..m {
                     for j in 0..n {
                         let mut want = 0f32;
@@ -1189,7 +1161,7 @@ mod tests {
                 for (name, w) in [("f32", Weights::F32(&w32)), ("bf16", Weights::Bf16(&wb))] {
                     // As a layer runs it: packed once where the kernel wants it.
                     let packed = Packed::supported().then(|| Packed::new(w, n, k));
-                    let mut run = |y: &mut [f32]| match &packed {
+                    let run = |y: &mut [f32]| match &packed {
                         Some(p) => p.matmul(&x, m, y, n),
                         None => matmul_nt(&x, m, k, w, n, y, n),
                     };
