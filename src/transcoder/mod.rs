@@ -230,6 +230,7 @@ impl Transcoder {
         named.extend(self.w_dec_next.iter().map(|t| ("W_dec (later layers)", t)));
         for (name, t) in named {
             // x − x is 0 for finite x and NaN otherwise.
+            #[allow(clippy::eq_op)]
             let sum = (t - t)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             if !sum.is_finite() {
                 return Err(file_err(path, format!("tensor {name} holds NaN or infinite values")));
