@@ -299,11 +299,7 @@ struct RandomWeights {
 
 impl candle_nn::var_builder::SimpleBackend for RandomWeights {
     fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            return Err(candle_core::Error::Msg(format!("tensor {name} has shape {:?}, expected {:?}", t.dims(), s.dims())));
-        }
-        Ok(t)
+        crate::model::weights::expect_shape(self.get_unchecked(name, dtype, dev)?, &s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

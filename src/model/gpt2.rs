@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::attention::{attend, hooked_norm, select_positions, KvCache, Scores, Step};
-use super::linear::{Embedding, Linear};
+use super::linear::{packs_on, Embedding, Linear};
 use super::matmul::{transpose_sub, Packed};
 use super::pointwise::gelu_tanh;
 use super::config::Gpt2Config;
@@ -55,7 +55,7 @@ fn conv1d(vb: &VarBuilder, d_in: usize, d_out: usize, centre: bool, dtype: DType
         .par_chunks_exact(d_out)
         .map(|row| if centre { (row.iter().map(|&v| v as f64).sum::<f64>() / d_out as f64) as f32 } else { 0.0 })
         .collect();
-    if bias.device().is_cpu() && Packed::supported() {
+    if packs_on(bias.device()) {
         return Linear::from_packed(Packed::from_kn(w, d_in, d_out, &means, dtype)?, Some(bias));
     }
     let t = transpose_sub(w, d_in, d_out, &means);

@@ -43,8 +43,8 @@ impl Linear {
         Self::stacked(vec![weight])?.with_bias(bias)
     }
 
-    /// A weight already packed for the CPU kernel (which must be [`Packed::supported`]); `bias
-    /// [out]` on the CPU.
+    /// A weight already packed for the CPU kernel (where [`packs_on`] the CPU); `bias [out]` on
+    /// the CPU.
     pub fn from_packed(weight: Packed, bias: Option<Tensor>) -> Result<Self> {
         let (out, k) = weight.dims();
         Self { parts: vec![Part::Packed(weight)], bias: None, out, k }.with_bias(bias)
@@ -76,7 +76,7 @@ impl Linear {
             .into_iter()
             .map(|p| {
                 let p = p.contiguous()?;
-                if p.device().is_cpu() && Packed::supported() {
+                if packs_on(p.device()) {
                     let (n, k) = p.dims2()?;
                     Ok(Part::Packed(Weights::with(&p, "linear weight", |w| Packed::new(w, n, k))?))
                 } else {
@@ -92,7 +92,7 @@ impl Linear {
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         let [part] = &self.parts[..] else { bail!("linear layer: rows of a stacked weight") };
         match part {
-            Part::Tensor(t) => Ok(t.index_select(ids, 0)?.to_dtype(DType::F32)?),
+            Part::Tensor(t) => select_rows(t, ids),
             Part::Packed(p) => {
                 let ids = ids.to_vec1::<u32>()?;
                 let mut out = vec![0f32; ids.len() * self.k];
@@ -168,6 +168,16 @@ impl Linear {
     }
 }
 
+/// Whether a weight on `device` is packed for the AVX-512 kernel (on a CPU that has it).
+pub fn packs_on(device: &Device) -> bool {
+    device.is_cpu() && Packed::supported()
+}
+
+/// Rows `ids` of a `[rows, d]` tensor, in f32.
+fn select_rows(t: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    Ok(t.index_select(ids, 0)?.to_dtype(DType::F32)?)
+}
+
 /// A token-embedding table: its own, or the rows of the unembedding it is tied to (one copy of
 /// the weights, in the unembedding's layout).
 pub enum Embedding {
@@ -189,7 +199,7 @@ impl Embedding {
     pub fn lookup(&self, unembed: &Linear, ids: &Tensor) -> Result<Tensor> {
         let ids = ids.flatten_all()?;
         match self {
-            Embedding::Own(t) => Ok(t.index_select(&ids, 0)?.to_dtype(DType::F32)?),
+            Embedding::Own(t) => select_rows(t, &ids),
             Embedding::Tied => unembed.rows(&ids),
         }
     }

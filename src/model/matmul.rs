@@ -21,7 +21,8 @@ use std::sync::OnceLock;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// Rows of `x` up to which the weight-streaming kernel is used without AVX-512; above it, `gemm`.
+/// Rows of `x` up to which a product counts as decode and runs in a weight-streaming kernel (this
+/// module's without AVX-512, and [`super::matmul_nn`]'s for transcoders); above it, `gemm`.
 pub const SMALL_M: usize = 32;
 
 /// A weight matrix `[n, k]`, row-major, in its storage dtype.
@@ -76,6 +77,16 @@ enum PackedData {
     F16(Vec<f16>),
 }
 
+/// The zeroed panels of an `[n, k]` matrix, panel `pi` (`[k][32]`) filled by `fill(pi, panel)`,
+/// panels in parallel.
+fn panels<T: Copy + Default + Send + Sync>(n: usize, k: usize, fill: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    let mut out = vec![T::default(); n.div_ceil(NP) * k * NP];
+    if k > 0 {
+        out.par_chunks_mut(k * NP).enumerate().for_each(|(pi, dst)| fill(pi, dst));
+    }
+    out
+}
+
 impl Packed {
     /// Whether this processor runs products on packed weights (AVX-512); elsewhere the kernels
     /// read `[n, k]` as it is.
@@ -87,11 +98,7 @@ impl Packed {
     pub fn new(w: Weights, n: usize, k: usize) -> Packed {
         assert!(w.len() >= n * k, "Packed::new: weights too small");
         fn pack<T: Copy + Default + Send + Sync>(w: &[T], n: usize, k: usize) -> Vec<T> {
-            let mut out = vec![T::default(); n.div_ceil(NP) * k * NP];
-            if k == 0 {
-                return out;
-            }
-            out.par_chunks_mut(k * NP).enumerate().for_each(|(pi, dst)| {
+            panels(n, k, |pi, dst| {
                 let rows = NP.min(n - pi * NP);
                 // 64 k at a time, so the 32 rows' lines are reused while in L1.
                 for p0 in (0..k).step_by(64) {
@@ -102,8 +109,7 @@ impl Packed {
                         }
                     }
                 }
-            });
-            out
+            })
         }
         let data = match w {
             Weights::F32(w) => PackedData::F32(pack(w, n, k)),
@@ -119,19 +125,15 @@ impl Packed {
     pub fn from_kn(w: &[f32], k: usize, n: usize, sub: &[f32], dtype: candle_core::DType) -> anyhow::Result<Packed> {
         assert!(w.len() >= k * n && sub.len() >= k, "Packed::from_kn: buffers too small");
         fn pack<T: Copy + Default + Send + Sync>(w: &[f32], k: usize, n: usize, sub: &[f32], cvt: fn(f32) -> T) -> Vec<T> {
-            let mut out = vec![T::default(); n.div_ceil(NP) * k * NP];
-            if k > 0 {
-                out.par_chunks_mut(k * NP).enumerate().for_each(|(pi, dst)| {
-                    let j0 = pi * NP;
-                    let cols = NP.min(n - j0);
-                    for (p, d) in dst.chunks_exact_mut(NP).enumerate() {
-                        for (d, &v) in d.iter_mut().zip(&w[p * n + j0..][..cols]) {
-                            *d = cvt(v - sub[p]);
-                        }
+            panels(n, k, |pi, dst| {
+                let j0 = pi * NP;
+                let cols = NP.min(n - j0);
+                for (p, d) in dst.chunks_exact_mut(NP).enumerate() {
+                    for (d, &v) in d.iter_mut().zip(&w[p * n + j0..][..cols]) {
+                        *d = cvt(v - sub[p]);
                     }
-                });
-            }
-            out
+                }
+            })
         }
         let data = match dtype {
             candle_core::DType::F32 => PackedData::F32(pack(w, k, n, sub, |v| v)),
@@ -336,7 +338,6 @@ unsafe fn transpose_block_avx512(src: &[f32], rows: usize, cols: usize, sub: &[f
         }
     }
 }
-
 
 /// Weight rows per tile.
 const R: usize = 4;
@@ -700,9 +701,9 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
 /// within L2); each task runs a few panels of 32 weight columns, one k-block at a time (meant to
 /// stay in L1), against every group: up to 28 accumulators, 2 panel loads (half precision
 /// widened to f32 in registers) and one broadcast per row of x per 2 multiply-adds per row, and
-/// vector stores into y (masked at the column tails). Each output sums its k-blocks in order, each block a sequence of
-/// fused multiply-adds from zero, whatever `m`, the shapes or the thread count, so a batch row
-/// gets exactly what the same row alone gets.
+/// vector stores into y (masked at the column tails). Each output sums its k-blocks in order,
+/// each block a sequence of fused multiply-adds from zero, whatever `m`, the shapes or the thread
+/// count, so a batch row gets exactly what the same row alone gets.
 #[cfg(target_arch = "x86_64")]
 mod gemm512 {
     use super::x86::*;
@@ -745,8 +746,9 @@ mod gemm512 {
                 xp.clear();
                 xp.resize(groups * MT * ks, 0.0);
                 let block = groups * MT * KC;
-                let parallel = groups * MT * ks >= 1 << 16;
-                let pack = |(b, dst): (usize, &mut [f32])| {
+                // Each k-block's groups, in parallel when there are many rows (prefill).
+                let parallel = m * ks >= 1 << 16;
+                for (b, dst) in xp.chunks_mut(block).enumerate() {
                     let p0 = s0 + b * KC;
                     let kc = KC.min(k - p0);
                     let group = |(g, dst): (usize, &mut [f32])| {
@@ -762,12 +764,6 @@ mod gemm512 {
                     } else {
                         dst.chunks_mut(kc * MT).enumerate().for_each(group);
                     }
-                };
-                // A few rows (decode) are packed on this thread.
-                if parallel {
-                    xp.par_chunks_mut(block).enumerate().for_each(pack);
-                } else {
-                    xp.chunks_mut(block).enumerate().for_each(pack);
                 }
                 let xp: &[f32] = &xp;
                 let task = |ti: usize| {
@@ -894,6 +890,7 @@ mod gemm512 {
         }
     }
 }
+
 thread_local! {
     /// A block of weight rows widened to f32 for the many-rows paths, reused across calls.
     static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };

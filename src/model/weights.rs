@@ -192,13 +192,17 @@ fn read_header(path: &Path, file: &File, index: usize) -> Result<Vec<(String, En
     Ok(out)
 }
 
+/// `t` if it has shape `s`, else an error naming tensor `name` (a backend's `get`).
+pub(crate) fn expect_shape(t: Tensor, s: &Shape, name: &str) -> candle_core::Result<Tensor> {
+    if t.shape() != s {
+        return Err(candle_core::Error::Msg(format!("tensor {name} has shape {:?}, expected {:?}", t.dims(), s.dims())));
+    }
+    Ok(t)
+}
+
 impl candle_nn::var_builder::SimpleBackend for SafetensorsFiles {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            return Err(candle_core::Error::Msg(format!("tensor {name} has shape {:?}, expected {:?}", t.dims(), s.dims())));
-        }
-        Ok(t)
+        expect_shape(self.get_unchecked(name, dtype, dev)?, &s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
