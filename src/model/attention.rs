@@ -41,6 +41,8 @@ pub struct Step {
     pub window_mask: Option<Tensor>,
     pub batch: usize,
     pub seq: usize,
+    /// The flat indices (`b * seq + i`) of the real tokens, when some of the step's are padding.
+    pub real: Option<Vec<usize>>,
 }
 
 impl KvCache {
@@ -138,12 +140,14 @@ impl KvCache {
             }
         }
         let shape = (batch, 1, seq, total);
+        let real: Vec<usize> = valid.iter().flatten().enumerate().filter(|(_, &v)| v).map(|(i, _)| i).collect();
         Ok(Step {
             positions: Tensor::from_vec(positions, batch * seq, device)?,
             mask: Tensor::from_vec(mask, shape, device)?,
             window_mask: window_mask.map(|m| Tensor::from_vec(m, shape, device)).transpose()?,
             batch,
             seq,
+            real: (real.len() < batch * seq).then_some(real),
         })
     }
 

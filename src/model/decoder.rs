@@ -80,11 +80,12 @@ impl SelfAttention {
 
     /// The attention input `h [b, t, d_model]` (normed, gain included) to the output
     /// projection's output `[b, t, d_model]`, continuing layer `layer` of `cache`; `rope` is
-    /// [`Rotary::at`] this step, `mask` the step's mask for this layer.
-    pub fn forward(&self, h: &Tensor, rope: &(Tensor, Tensor), cache: &mut KvCache, layer: usize, mask: &Tensor) -> Result<Tensor> {
+    /// [`Rotary::at`] this step, `mask` the step's mask for this layer, `real` its real rows
+    /// ([`Step::real`]).
+    pub fn forward(&self, h: &Tensor, rope: &(Tensor, Tensor), cache: &mut KvCache, layer: usize, mask: &Tensor, real: Option<&[usize]>) -> Result<Tensor> {
         let AttentionShape { heads, kv_heads, head_dim: hd, .. } = self.shape;
         let (b, t, _) = h.dims3()?;
-        let qkv = self.qkv.forward(h)?;
+        let qkv = self.qkv.forward(h, real)?;
         let split = |start: usize, n: usize, norm: Option<(&Tensor, f64)>| -> Result<Tensor> {
             let x = qkv.narrow(2, start, n * hd)?.reshape((b, t, n, hd))?;
             let x = match norm {
@@ -104,7 +105,7 @@ impl SelfAttention {
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = cache.append(layer, k, v)?;
-        self.o.forward(&attend(&q, &k, &v, mask, self.scores)?)
+        self.o.forward(&attend(&q, &k, &v, mask, self.scores)?, real)
     }
 }
 
@@ -140,16 +141,17 @@ impl GatedMlp {
     }
 
     /// The MLP input (`mlp.hook_in`) to the down projection's output (`mlp.hook_out`, which the
-    /// caller visits), visiting `mlp.hook_pre` (the gate projection) and `mlp.hook_post`.
-    pub fn forward(&self, hooks: &mut Hooks, layer: usize, x: &Tensor) -> Result<Tensor> {
+    /// caller visits), visiting `mlp.hook_pre` (the gate projection) and `mlp.hook_post`;
+    /// `real`: the real rows ([`Step::real`]).
+    pub fn forward(&self, hooks: &mut Hooks, layer: usize, x: &Tensor, real: Option<&[usize]>) -> Result<Tensor> {
         let f = self.d_mlp;
-        let gate_up = self.gate_up.forward(x)?;
+        let gate_up = self.gate_up.forward(x, real)?;
         let pre = hooks.visit(HookPoint::MlpPre(layer), gate_up.narrow(2, 0, f)?)?;
         let act = match self.act {
             Activation::Silu => pointwise::silu(&pre)?,
             Activation::GeluTanh => pointwise::gelu_tanh(&pre)?,
         };
         let post = hooks.visit(HookPoint::MlpPost(layer), (act * gate_up.narrow(2, f, f)?)?)?;
-        self.down.forward(&post)
+        self.down.forward(&post, real)
     }
 }

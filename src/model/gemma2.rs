@@ -115,14 +115,14 @@ impl Gemma2 {
                 (true, Some(m)) => m,
                 (true, None) => anyhow::bail!("Gemma-2 step begun without its sliding window"),
             };
-            let attn = blk.attn.forward(&normed.broadcast_mul(&blk.attn_norm)?, &rope, cache, l, mask)?;
+            let attn = blk.attn.forward(&normed.broadcast_mul(&blk.attn_norm)?, &rope, cache, l, mask, step.real.as_deref())?;
             let normed = hooked_norm(hooks, &attn, eps, false, HookPoint::Ln1PostScale(l), HookPoint::Ln1PostNormalized(l))?;
             let attn_out = hooks.visit(HookPoint::AttnOut(l), normed.broadcast_mul(&blk.attn_post_norm)?)?;
             x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
             // MLP, then its post-norm.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l))?;
             let h = hooks.visit(HookPoint::MlpIn(l), normed.broadcast_mul(&blk.mlp_norm)?)?;
-            let mlp = blk.mlp.forward(hooks, l, &h)?;
+            let mlp = blk.mlp.forward(hooks, l, &h, step.real.as_deref())?;
             let mlp = hooks.visit(HookPoint::MlpHookOut(l), mlp)?;
             let normed = hooked_norm(hooks, &mlp, eps, false, HookPoint::Ln2PostScale(l), HookPoint::Ln2PostNormalized(l))?;
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), normed.broadcast_mul(&blk.mlp_post_norm)?)?;
@@ -130,7 +130,7 @@ impl Gemma2 {
         }
         let x = select_positions(x, logits_at)?;
         let normed = hooked_norm(hooks, &x, eps, false, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized)?;
-        let logits = self.lm_head.forward(&normed.broadcast_mul(&self.final_norm)?)?;
+        let logits = self.lm_head.forward(&normed.broadcast_mul(&self.final_norm)?, None)?;
         Ok(match c.final_logit_softcapping {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,

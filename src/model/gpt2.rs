@@ -123,6 +123,7 @@ impl Gpt2 {
         let (b, t, d) = (step.batch, step.seq, c.n_embd);
         let (h, hd) = (c.n_head, c.n_embd / c.n_head);
         let eps = c.layer_norm_epsilon;
+        let real = step.real.as_deref();
         let centred = |rows: Tensor| -> Result<Tensor> {
             let rows = rows.to_dtype(DType::F32)?.reshape((b, t, d))?;
             Ok(rows.broadcast_sub(&rows.mean_keepdim(D::Minus1)?)?)
@@ -136,29 +137,29 @@ impl Gpt2 {
             x = hooks.visit(HookPoint::ResidPre(l), x)?;
             // Attention.
             let normed = hooked_norm(hooks, &x, eps, true, HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l))?;
-            let qkv = blk.c_attn.forward(&blk.ln_1.affine(&normed)?)?;
+            let qkv = blk.c_attn.forward(&blk.ln_1.affine(&normed)?, real)?;
             let split = |i: usize| -> Result<Tensor> {
                 Ok(qkv.narrow(2, i * d, d)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?)
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             let (k, v) = cache.append(l, k, v)?;
             let attn = attend(&q, &k, &v, &step.mask, Scores::standard(hd))?;
-            let attn_out = hooks.visit(HookPoint::AttnOut(l), blk.c_proj.forward(&attn)?)?;
+            let attn_out = hooks.visit(HookPoint::AttnOut(l), blk.c_proj.forward(&attn, real)?)?;
             x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
             // MLP.
             let normed = hooked_norm(hooks, &x, eps, true, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l))?;
             let h = hooks.visit(HookPoint::MlpIn(l), blk.ln_2.affine(&normed)?)?;
-            let pre = hooks.visit(HookPoint::MlpPre(l), blk.c_fc.forward(&h)?)?;
+            let pre = hooks.visit(HookPoint::MlpPre(l), blk.c_fc.forward(&h, real)?)?;
             let post = hooks.visit(HookPoint::MlpPost(l), gelu_tanh(&pre)?)?;
             // The output projection was centred at load, so `mlp.hook_out` is centred like
             // `hook_mlp_out` (the mean over d_model reaches no later LayerNorm).
-            let mlp_out = hooks.visit(HookPoint::MlpHookOut(l), blk.mlp_proj.forward(&post)?)?;
+            let mlp_out = hooks.visit(HookPoint::MlpHookOut(l), blk.mlp_proj.forward(&post, real)?)?;
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), mlp_out)?;
             x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
         }
         let x = select_positions(x, logits_at)?;
         let normed = hooked_norm(hooks, &x, eps, true, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized)?;
         let hidden = self.ln_f.affine(&normed)?;
-        self.unembed.forward(&hidden)
+        self.unembed.forward(&hidden, None)
     }
 }

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::matmul::{matmul_nt, Packed, Weights};
+use super::matmul::{matmul_nt, Packed, Rows, Weights};
 
 /// `y = x · Wᵀ (+ b)` for `W [out, in]` (the `nn.Linear` layout). `W` may be several matrices
 /// stacked along `out` (q, k and v projections, say) that are kept apart in memory: their
@@ -107,8 +107,10 @@ impl Linear {
         }
     }
 
-    /// `[.., in] -> [.., out]`, in f32.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `[.., in] -> [.., out]`, in f32. `real`: the rows of x (flattened to `[rows, in]`) that
+    /// matter, when the others are padding; the packed CPU kernel skips those, whose outputs
+    /// are then the bias alone (the other paths compute every row).
+    pub fn forward(&self, x: &Tensor, real: Option<&[usize]>) -> Result<Tensor> {
         let k = self.k;
         let dims = x.dims().to_vec();
         if dims.last() != Some(&k) {
@@ -132,14 +134,14 @@ impl Linear {
                     None => y,
                 }
             }
-            _ => self.cpu_forward(&x.to_dtype(DType::F32)?.contiguous()?, rows, k)?,
+            _ => self.cpu_forward(&x.to_dtype(DType::F32)?.contiguous()?, rows, k, real)?,
         };
         let mut shape = dims;
         *shape.last_mut().unwrap() = self.out;
         Ok(y.reshape(shape)?)
     }
 
-    fn cpu_forward(&self, x: &Tensor, rows: usize, k: usize) -> Result<Tensor> {
+    fn cpu_forward(&self, x: &Tensor, rows: usize, k: usize, real: Option<&[usize]>) -> Result<Tensor> {
         let (xs, xl) = x.storage_and_layout();
         let Storage::Cpu(xc) = &*xs else { bail!("linear layer: the input is not on the CPU") };
         let xv = &xc.as_slice::<f32>()?[xl.start_offset()..][..rows * k];
@@ -148,7 +150,7 @@ impl Linear {
         for part in &self.parts {
             let n = part.n();
             match part {
-                Part::Packed(p) => p.matmul(xv, rows, &mut y[col..], self.out),
+                Part::Packed(p) => p.matmul(xv, real.map_or(Rows::First(rows), Rows::Only), &mut y[col..], self.out),
                 Part::Tensor(w) => Weights::with(w, "linear weight", |w| matmul_nt(xv, rows, k, w, n, &mut y[col..], self.out))?,
             }
             col += n;

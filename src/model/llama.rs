@@ -89,13 +89,13 @@ impl Llama {
             x = hooks.visit(HookPoint::ResidPre(l), x)?;
             // Attention.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l))?;
-            let attn = blk.attn.forward(&normed.broadcast_mul(&blk.attn_norm)?, &rope, cache, l, &step.mask)?;
+            let attn = blk.attn.forward(&normed.broadcast_mul(&blk.attn_norm)?, &rope, cache, l, &step.mask, step.real.as_deref())?;
             let attn_out = hooks.visit(HookPoint::AttnOut(l), attn)?;
             x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
             // MLP.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l))?;
             let h = hooks.visit(HookPoint::MlpIn(l), normed.broadcast_mul(&blk.mlp_norm)?)?;
-            let mlp_out = blk.mlp.forward(hooks, l, &h)?;
+            let mlp_out = blk.mlp.forward(hooks, l, &h, step.real.as_deref())?;
             let mlp_out = hooks.visit(HookPoint::MlpHookOut(l), mlp_out)?;
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), mlp_out)?;
             x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
@@ -103,6 +103,6 @@ impl Llama {
         let x = select_positions(x, logits_at)?;
         let normed = hooked_norm(hooks, &x, eps, false, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized)?;
         let h = normed.broadcast_mul(&self.final_norm)?;
-        self.lm_head.forward(&h)
+        self.lm_head.forward(&h, None)
     }
 }

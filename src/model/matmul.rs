@@ -160,27 +160,68 @@ impl Packed {
         }
     }
 
-    /// `y[i, j] = Σ_q x[i, q] · w[j, q]` for `x [m, k]`, rows of y `ldy` apart (`ldy >= n`).
-    /// Needs AVX-512 ([`Packed::supported`]).
-    pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32], ldy: usize) {
+    /// `y[i, j] = Σ_q x[i, q] · w[j, q]` for the `rows` of `x [.., k]`, rows of y `ldy` apart
+    /// (`ldy >= n`); y's other rows are left as they are. Needs AVX-512 ([`Packed::supported`]).
+    pub fn matmul(&self, x: &[f32], rows: Rows, y: &mut [f32], ldy: usize) {
         let (n, k) = (self.n, self.k);
-        if m == 0 || n == 0 {
+        let Some(end) = rows.end() else { return };
+        if n == 0 {
             return;
         }
-        assert!(ldy >= n && x.len() >= m * k && y.len() >= (m - 1) * ldy + n, "Packed::matmul: buffers too small");
+        assert!(ldy >= n && x.len() >= end * k && y.len() >= (end - 1) * ldy + n, "Packed::matmul: buffers too small");
         assert!(Packed::supported(), "Packed::matmul: this processor lacks AVX-512");
         if k == 0 {
-            for i in 0..m {
-                y[i * ldy..i * ldy + n].fill(0.0);
+            for i in 0..rows.len() {
+                y[rows.at(i) * ldy..][..n].fill(0.0);
             }
             return;
         }
         #[cfg(target_arch = "x86_64")]
         match &self.data {
-            PackedData::F32(w) => gemm512::gemm(x, m, k, w, n, y, ldy),
-            PackedData::Bf16(w) => gemm512::gemm(x, m, k, w, n, y, ldy),
-            PackedData::F16(w) => gemm512::gemm(x, m, k, w, n, y, ldy),
+            PackedData::F32(w) => gemm512::gemm(x, rows, k, w, n, y, ldy),
+            PackedData::Bf16(w) => gemm512::gemm(x, rows, k, w, n, y, ldy),
+            PackedData::F16(w) => gemm512::gemm(x, rows, k, w, n, y, ldy),
         }
+    }
+}
+
+/// The rows of x and y a product covers: the first `m`, or only the listed ones, in increasing
+/// order (a batch's real tokens, its padding skipped).
+#[derive(Clone, Copy, Debug)]
+pub enum Rows<'a> {
+    First(usize),
+    Only(&'a [usize]),
+}
+
+impl Rows<'_> {
+    /// How many rows are computed.
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::First(m) => *m,
+            Rows::Only(r) => r.len(),
+        }
+    }
+
+    /// Whether no row is computed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The index in x and y of the `i`-th computed row.
+    #[inline]
+    pub fn at(&self, i: usize) -> usize {
+        match self {
+            Rows::First(_) => i,
+            Rows::Only(r) => r[i],
+        }
+    }
+
+    /// One past the last row touched (`None` when none is); panics unless listed rows increase.
+    fn end(&self) -> Option<usize> {
+        if let Rows::Only(r) = self {
+            assert!(r.windows(2).all(|w| w[0] < w[1]), "Rows::Only: rows must increase");
+        }
+        (!self.is_empty()).then(|| self.at(self.len() - 1) + 1)
     }
 }
 
@@ -255,7 +296,7 @@ pub fn matmul_nt_with(isa: Isa, x: &[f32], m: usize, k: usize, w: Weights, n: us
         return;
     }
     if isa == Isa::Avx512 {
-        Packed::new(w, n, k).matmul(x, m, y, ldy);
+        Packed::new(w, n, k).matmul(x, Rows::First(m), y, ldy);
         return;
     }
     if m > SMALL_M {
@@ -707,7 +748,7 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
 #[cfg(target_arch = "x86_64")]
 mod gemm512 {
     use super::x86::*;
-    use super::{Elem, SendPtr, NP};
+    use super::{Elem, Rows, SendPtr, NP};
     use rayon::prelude::*;
     use std::cell::RefCell;
 
@@ -728,8 +769,10 @@ mod gemm512 {
         static XPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// `y = x · Wᵀ` for `x [m, k]` and `W [n, k]` packed as panels `[n / 32][k][32]`.
-    pub fn gemm<T: Elem>(x: &[f32], m: usize, k: usize, w: &[T], n: usize, y: &mut [f32], ldy: usize) {
+    /// `y = x · Wᵀ` over `rows` of x `[.., k]` and y, for `W [n, k]` packed as panels
+    /// `[n / 32][k][32]`.
+    pub fn gemm<T: Elem>(x: &[f32], rows: Rows, k: usize, w: &[T], n: usize, y: &mut [f32], ldy: usize) {
+        let m = rows.len();
         let groups = m.div_ceil(MT);
         let panels = n.div_ceil(NP);
         let gp = GP.min(panels.div_ceil(2 * rayon::current_num_threads().max(1))).max(1);
@@ -753,7 +796,7 @@ mod gemm512 {
                     let kc = KC.min(k - p0);
                     let group = |(g, dst): (usize, &mut [f32])| {
                         for i in 0..MT.min(m - g * MT) {
-                            let row = &x[(g * MT + i) * k + p0..][..kc];
+                            let row = &x[rows.at(g * MT + i) * k + p0..][..kc];
                             for (p, &v) in row.iter().enumerate() {
                                 dst[p * MT + i] = v;
                             }
@@ -776,9 +819,15 @@ mod gemm512 {
                         for (b, p0) in (s0..s0 + ks).step_by(KC).enumerate() {
                             let kc = KC.min(k - p0);
                             for g in 0..groups {
+                                // Where the group's rows start in y.
+                                let mut at = [0usize; MT];
+                                for (i, at) in at.iter_mut().enumerate().take(MT.min(m - g * MT)) {
+                                    *at = rows.at(g * MT + i) * ldy;
+                                }
                                 // SAFETY: AVX-512 was detected; panels pi..pi + np hold k rows
                                 // of 32, the packed block b holds groups * kc * 14 floats, and
-                                // y has room for every (token, column < n) written.
+                                // y has room for every (row, column < n) written (checked by
+                                // Packed::matmul).
                                 unsafe {
                                     micro_rows(
                                         kc,
@@ -786,8 +835,8 @@ mod gemm512 {
                                         k * NP,
                                         np,
                                         xp.as_ptr().add(b * block + g * kc * MT),
-                                        out.get().add(g * MT * ldy + j0),
-                                        ldy,
+                                        out.get().add(j0),
+                                        &at,
                                         MT.min(m - g * MT),
                                         n - j0,
                                         p0 == 0,
@@ -808,24 +857,24 @@ mod gemm512 {
     }
 
     /// [`micro`] over `np` panels (1, or 4 for a single row of x) with room for the `tokens` rows
-    /// (1, 2, 4, 8 or 14; missing rows of x are zero).
+    /// (1, 2, 4, 8 or 14; missing rows of x are zero); the rows of y start at `y + at[t]`.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn micro_rows<T: Elem>(kc: usize, wp: *const T, ps: usize, np: usize, xp: *const f32, y: *mut f32, ldy: usize, tokens: usize, cols: usize, first: bool) {
+    unsafe fn micro_rows<T: Elem>(kc: usize, wp: *const T, ps: usize, np: usize, xp: *const f32, y: *mut f32, at: &[usize; MT], tokens: usize, cols: usize, first: bool) {
         match (tokens, np) {
-            (1, 4) => micro::<T, 1, 4>(kc, wp, ps, xp, y, ldy, tokens, cols, first),
-            (1, _) => micro::<T, 1, 1>(kc, wp, ps, xp, y, ldy, tokens, cols, first),
-            (2, _) => micro::<T, 2, 1>(kc, wp, ps, xp, y, ldy, tokens, cols, first),
-            (3 | 4, _) => micro::<T, 4, 1>(kc, wp, ps, xp, y, ldy, tokens, cols, first),
-            (5..=8, _) => micro::<T, 8, 1>(kc, wp, ps, xp, y, ldy, tokens, cols, first),
-            _ => micro::<T, MT, 1>(kc, wp, ps, xp, y, ldy, tokens, cols, first),
+            (1, 4) => micro::<T, 1, 4>(kc, wp, ps, xp, y, at, tokens, cols, first),
+            (1, _) => micro::<T, 1, 1>(kc, wp, ps, xp, y, at, tokens, cols, first),
+            (2, _) => micro::<T, 2, 1>(kc, wp, ps, xp, y, at, tokens, cols, first),
+            (3 | 4, _) => micro::<T, 4, 1>(kc, wp, ps, xp, y, at, tokens, cols, first),
+            (5..=8, _) => micro::<T, 8, 1>(kc, wp, ps, xp, y, at, tokens, cols, first),
+            _ => micro::<T, MT, 1>(kc, wp, ps, xp, y, at, tokens, cols, first),
         }
     }
 
     /// `NPAN` panel blocks of 32 weight columns (`[kc][32]` each, `ps` elements apart) times the
     /// first `TK` rows of one group of x (`[kc][14]`); writes (for the first k-block) or adds
-    /// the results for `tokens` rows and the first `cols` columns into y.
+    /// the results for `tokens` rows and the first `cols` columns into y, row `t` at `y + at[t]`.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
@@ -835,15 +884,15 @@ mod gemm512 {
         ps: usize,
         xp: *const f32,
         y: *mut f32,
-        ldy: usize,
+        at: &[usize; MT],
         tokens: usize,
         cols: usize,
         first: bool,
     ) {
-        // The y rows written at the end are fetched meanwhile (they are ldy apart, out of the
+        // The y rows written at the end are fetched meanwhile (they are apart, out of the
         // prefetchers' sight).
-        for t in 0..tokens {
-            let d = y.add(t * ldy) as *const i8;
+        for &at in &at[..tokens] {
+            let d = y.add(at) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(d);
             _mm_prefetch::<_MM_HINT_T0>(d.wrapping_add(4 * NP * NPAN - 1));
         }
@@ -877,7 +926,7 @@ mod gemm512 {
                 let m1 = ((1u32 << c.saturating_sub(16)) - 1) as u16;
                 // Masked: lanes past `cols` are neither read nor written (they may lie past the
                 // end of y).
-                let d0 = y.wrapping_add(t * ldy + q * NP);
+                let d0 = y.wrapping_add(at[t] + q * NP);
                 let d1 = d0.wrapping_add(16);
                 if first {
                     _mm512_mask_storeu_ps(d0, m0, a[0]);
@@ -1119,8 +1168,8 @@ mod tests {
             }
             if Packed::supported() {
                 let (mut ya, mut yb) = (vec![0f32; 3 * n], vec![0f32; 3 * n]);
-                a.matmul(&x, 3, &mut ya, n);
-                b.matmul(&x, 3, &mut yb, n);
+                a.matmul(&x, Rows::First(3), &mut ya, n);
+                b.matmul(&x, Rows::First(3), &mut yb, n);
                 assert_eq!(ya, yb, "{dtype:?} product");
             }
         }
@@ -1159,7 +1208,7 @@ mod tests {
                     // As a layer runs it: packed once where the kernel wants it.
                     let packed = Packed::supported().then(|| Packed::new(w, n, k));
                     let run = |y: &mut [f32]| match &packed {
-                        Some(p) => p.matmul(&x, m, y, n),
+                        Some(p) => p.matmul(&x, Rows::First(m), y, n),
                         None => matmul_nt(&x, m, k, w, n, y, n),
                     };
                     run(&mut y);
@@ -1203,6 +1252,40 @@ mod tests {
                 matmul_nt_with(isa, &x, m1, k, Weights::F32(&w), n, &mut a, n);
                 matmul_nt_with(isa, &x, m2, k, Weights::F32(&w), n, &mut b, n);
                 assert!(a == b[..m1 * n], "{isa:?}: rows of m={m1} and m={m2} differ");
+            }
+        }
+    }
+
+    /// A product over listed rows (a batch's real tokens) gives those rows bit for bit as the
+    /// product over all rows does, and leaves the other rows of y as they were; in every dtype,
+    /// for lists that fill several groups of 14, one group, and a single row.
+    #[test]
+    fn listed_rows_equal_all_rows_and_leave_the_others() {
+        if !Packed::supported() {
+            eprintln!("SKIPPED listed_rows_equal_all_rows_and_leave_the_others: no AVX-512 here");
+            return;
+        }
+        let (m, k, n) = (40, 300, 161);
+        let w32 = data(n * k, 8);
+        let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+        let x = data(m * k, 9);
+        let lists: [Vec<usize>; 3] = [(0..m).filter(|i| i % 3 != 1).collect(), vec![2, 5, 6, 30, 39], vec![17]];
+        for w in [Weights::F32(&w32), Weights::Bf16(&wb), Weights::F16(&wh)] {
+            let p = Packed::new(w, n, k);
+            let mut all = vec![0f32; m * n];
+            p.matmul(&x, Rows::First(m), &mut all, n);
+            for list in &lists {
+                let mut some = vec![-3.0f32; m * n];
+                p.matmul(&x, Rows::Only(list), &mut some, n);
+                for i in 0..m {
+                    let row = &some[i * n..(i + 1) * n];
+                    if list.contains(&i) {
+                        assert!(row == &all[i * n..(i + 1) * n], "{list:?}: row {i} differs");
+                    } else {
+                        assert!(row.iter().all(|&v| v == -3.0), "{list:?}: row {i} was written");
+                    }
+                }
             }
         }
     }
