@@ -364,42 +364,94 @@ mod cpu {
         let _ = (data, at, len);
     }
 
-    /// One sequence and query head, every query of the step.
+    /// Keys per block of scores in the transposed path, and outputs per block of the weighted
+    /// sum of values: four vectors of sixteen, four independent chains of multiply-adds.
+    const KB: usize = 64;
+
+    /// `acc += w · row` over the first `row.len()` outputs (a whole block stays in registers).
+    #[inline(always)]
+    fn add_scaled<'a>(acc: &mut [f32; KB], w: f32, row: impl Iterator<Item = &'a f32>) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a = w.mul_add(v, *a);
+        }
+    }
+
+    /// One sequence and query head, every query of the step. With several queries (a prefill),
+    /// the keys are first transposed to `[hd][total]`, so that each query's scores are summed 16
+    /// keys at a time without horizontal sums; a single query (a decode step) reads each key
+    /// row once, as it lies in the cache.
     #[inline(always)]
     unsafe fn head(bh: usize, d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: *mut f32) {
-        let (bi, hi) = (bh / d.h, bh % d.h);
-        let kvh = hi / (d.h / d.kv_h);
+        let (bi, head) = (bh / d.h, bh % d.h);
+        let kvh = head / (d.h / d.kv_h);
         let (kbase, vbase) = (bi * d.k_seq + kvh * d.k_head, bi * d.v_seq + kvh * d.v_head);
-        let mut p = vec![0f32; d.total];
-        for i in 0..d.t {
-            let qrow = &q[((bi * d.h + hi) * d.t + i) * d.hd..][..d.hd];
-            let mrow = &mask[(bi * d.t + i) * d.total..][..d.total];
-            let mut max = f32::NEG_INFINITY;
-            for (j, (pj, &m)) in p.iter_mut().zip(mrow).enumerate() {
-                prefetch_row(k, kbase + (j + AHEAD) * d.hd, d.hd);
-                *pj = if m == f32::NEG_INFINITY {
-                    f32::NEG_INFINITY
-                } else {
-                    d.scores.apply(dot(qrow, &k[kbase + j * d.hd..][..d.hd])) + m
-                };
-                max = max.max(*pj);
+        let ld = d.total.next_multiple_of(KB);
+        let kt = (d.t > 1).then(|| {
+            let mut kt = vec![0f32; d.hd * ld];
+            for j in 0..d.total {
+                for (c, &x) in k[kbase + j * d.hd..][..d.hd].iter().enumerate() {
+                    kt[c * ld + j] = x;
+                }
             }
+            kt
+        });
+        let mut p = vec![f32::NEG_INFINITY; ld];
+        for i in 0..d.t {
+            let qrow = &q[((bi * d.h + head) * d.t + i) * d.hd..][..d.hd];
+            let mrow = &mask[(bi * d.t + i) * d.total..][..d.total];
+            // The visible keys lie in lo..hi (a query always sees itself).
+            let lo = mrow.iter().position(|&m| m != f32::NEG_INFINITY).unwrap_or(0);
+            let hi = mrow.iter().rposition(|&m| m != f32::NEG_INFINITY).map_or(0, |j| j + 1);
+            let score = |j: usize, dot: f32| if mrow[j] == f32::NEG_INFINITY { f32::NEG_INFINITY } else { d.scores.apply(dot) + mrow[j] };
+            match &kt {
+                Some(kt) => {
+                    for j0 in (lo / KB * KB..hi).step_by(KB) {
+                        let mut acc = [0f32; KB];
+                        for (c, &qc) in qrow.iter().enumerate() {
+                            for (a, &kv) in acc.iter_mut().zip(&kt[c * ld + j0..][..KB]) {
+                                *a = qc.mul_add(kv, *a);
+                            }
+                        }
+                        for (j, &a) in (j0..(j0 + KB).min(hi)).zip(&acc) {
+                            p[j] = score(j, a);
+                        }
+                    }
+                }
+                None => {
+                    for j in lo..hi {
+                        if mrow.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY) {
+                            prefetch_row(k, kbase + (j + AHEAD) * d.hd, d.hd);
+                        }
+                        p[j] = score(j, dot(qrow, &k[kbase + j * d.hd..][..d.hd]));
+                    }
+                }
+            }
+            let max = p[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut sum = 0f32;
-            for pj in p.iter_mut() {
+            for pj in &mut p[lo..hi] {
                 *pj = if *pj == f32::NEG_INFINITY { 0.0 } else { (*pj - max).exp() };
                 sum += *pj;
             }
-            let o = std::slice::from_raw_parts_mut(out.add(((bi * d.t + i) * d.h + hi) * d.hd), d.hd);
-            o.fill(0.0);
+            let o = std::slice::from_raw_parts_mut(out.add(((bi * d.t + i) * d.h + head) * d.hd), d.hd);
             let inv = 1.0 / sum;
-            for (j, &pj) in p.iter().enumerate() {
-                prefetch_row(v, vbase + (j + AHEAD) * d.hd, d.hd);
-                if pj != 0.0 {
-                    let w = pj * inv;
-                    for (ov, &vv) in o.iter_mut().zip(&v[vbase + j * d.hd..][..d.hd]) {
-                        *ov = w.mul_add(vv, *ov);
+            // The weighted sum of values, KB outputs at a time held in registers.
+            for c0 in (0..d.hd).step_by(KB) {
+                let width = KB.min(d.hd - c0);
+                let mut acc = [0f32; KB];
+                for j in lo..hi {
+                    let pj = p[j];
+                    if c0 == 0 && mrow.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY) {
+                        prefetch_row(v, vbase + (j + AHEAD) * d.hd, d.hd);
+                    }
+                    if pj != 0.0 {
+                        let row = &v[vbase + j * d.hd + c0..][..width];
+                        match <&[f32; KB]>::try_from(row) {
+                            Ok(full) => add_scaled(&mut acc, pj * inv, full.iter()),
+                            Err(_) => add_scaled(&mut acc, pj * inv, row.iter()),
+                        }
                     }
                 }
+                o[c0..c0 + width].copy_from_slice(&acc[..width]);
             }
         }
     }
@@ -527,5 +579,52 @@ mod tests {
         let want = p.matmul(&vr).unwrap().transpose(1, 2).unwrap().reshape((1, 3, 32)).unwrap();
         let diff = (fused - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    /// Softmax attention by tensor ops, key and value heads repeated for grouped queries.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scores: Scores) -> Tensor {
+        let (b, h, t, hd) = q.dims4().unwrap();
+        let kv_h = k.dim(1).unwrap();
+        let repeat = |x: &Tensor| {
+            let heads: Vec<Tensor> = (0..h).map(|i| x.narrow(1, i / (h / kv_h), 1).unwrap()).collect();
+            Tensor::cat(&heads, 1).unwrap().contiguous().unwrap()
+        };
+        let s = (q.matmul(&repeat(k).t().unwrap()).unwrap() * scores.scale as f64).unwrap();
+        let s = match scores.softcap {
+            Some(c) => ((s / c as f64).unwrap().tanh().unwrap() * c as f64).unwrap(),
+            None => s,
+        };
+        let p = candle_nn::ops::softmax_last_dim(&s.broadcast_add(mask).unwrap()).unwrap();
+        p.matmul(&repeat(v)).unwrap().transpose(1, 2).unwrap().reshape((b, t, h * hd)).unwrap()
+    }
+
+    /// The fused CPU attention against tensor ops through a cache: a left-padded prefill, a
+    /// second multi-token step on top of it, then a decode step with one sequence finished (a
+    /// padding row); grouped queries, head widths of 24 and 64, key counts that are not
+    /// multiples of 16.
+    #[test]
+    fn fused_attention_matches_tensor_ops_through_a_cache() {
+        let dev = Device::Cpu;
+        for (hd, scores) in [(24, Scores { scale: 0.3, softcap: Some(2.0) }), (64, Scores::standard(64))] {
+            let (b, h, kv_h) = (2, 4, 2);
+            let mut cache = KvCache::new(1, b, 8);
+            let steps = [
+                vec![[vec![false; 5], vec![true; 14]].concat(), vec![true; 19]],
+                vec![vec![true; 21], vec![true; 21]],
+                vec![vec![true], vec![false]],
+            ];
+            for valid in steps {
+                let t = valid[0].len();
+                let step = cache.begin_step(&valid, None, &dev).unwrap();
+                let q = Tensor::randn(0f32, 1.0, (b, h, t, hd), &dev).unwrap();
+                let k = Tensor::randn(0f32, 1.0, (b, kv_h, t, hd), &dev).unwrap();
+                let v = Tensor::randn(0f32, 1.0, (b, kv_h, t, hd), &dev).unwrap();
+                let (k, v) = cache.append(0, k, v).unwrap();
+                let fused = attend(&q, &k, &v, &step.mask, scores).unwrap();
+                let want = reference(&q, &k, &v, &step.mask, scores);
+                let diff = (fused - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-5, "hd {hd}, step of {t}: {diff}");
+            }
+        }
     }
 }
