@@ -9,9 +9,10 @@
 //! shrinks it.
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::Llama3RopeScaling;
+use super::pointwise::normalize;
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
 
@@ -455,16 +456,6 @@ mod cpu {
             }
         }
     }
-}
-
-/// Normalizes over the last dimension without any gain or bias. Returns `(normalized, scale)`,
-/// where `scale` is `[.., 1]`: TransformerLens's `hook_normalized` and `hook_scale`.
-/// `center` subtracts the mean first (LayerNorm); otherwise it is RMSNorm.
-pub fn normalize(x: &Tensor, eps: f64, center: bool) -> Result<(Tensor, Tensor)> {
-    let x = if center { x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)? } else { x.clone() };
-    let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
-    let normalized = x.broadcast_div(&scale)?;
-    Ok((normalized, scale))
 }
 
 /// Normalizes `x` and passes the scale and the normalized value through their hook points;

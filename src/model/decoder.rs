@@ -11,7 +11,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{attend, normalize, rotary_tables, KvCache, Scores, Step};
+use super::attention::{attend, rotary_tables, KvCache, Scores, Step};
 use super::config::Llama3RopeScaling;
 use super::linear::Linear;
 use super::pointwise;
@@ -89,7 +89,7 @@ impl SelfAttention {
         let split = |start: usize, n: usize, norm: Option<(&Tensor, f64)>| -> Result<Tensor> {
             let x = qkv.narrow(2, start, n * hd)?.reshape((b, t, n, hd))?;
             let x = match norm {
-                Some((gain, eps)) => normalize(&x, eps, false)?.0.broadcast_mul(gain)?,
+                Some((gain, eps)) => pointwise::scale_rows(&pointwise::normalize(&x, eps, false)?.0, false, gain, None)?,
                 None => x,
             };
             Ok(x.transpose(1, 2)?.contiguous()?)

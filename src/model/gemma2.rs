@@ -22,6 +22,7 @@ use super::attention::{hooked_norm, select_positions, KvCache, Scores, Step};
 use super::config::Gemma2Config;
 use super::decoder::{Activation, AttentionShape, GatedMlp, Rotary, SelfAttention};
 use super::linear::{Embedding, Linear};
+use super::pointwise::scale_rows;
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
 
@@ -115,22 +116,22 @@ impl Gemma2 {
                 (true, Some(m)) => m,
                 (true, None) => anyhow::bail!("Gemma-2 step begun without its sliding window"),
             };
-            let attn = blk.attn.forward(&normed.broadcast_mul(&blk.attn_norm)?, &rope, cache, l, mask, step.real.as_deref())?;
+            let attn = blk.attn.forward(&scale_rows(&normed, false, &blk.attn_norm, None)?, &rope, cache, l, mask, step.real.as_deref())?;
             let normed = hooked_norm(hooks, &attn, eps, false, HookPoint::Ln1PostScale(l), HookPoint::Ln1PostNormalized(l))?;
-            let attn_out = hooks.visit(HookPoint::AttnOut(l), normed.broadcast_mul(&blk.attn_post_norm)?)?;
+            let attn_out = hooks.visit(HookPoint::AttnOut(l), scale_rows(&normed, false, &blk.attn_post_norm, None)?)?;
             x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
             // MLP, then its post-norm.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l))?;
-            let h = hooks.visit(HookPoint::MlpIn(l), normed.broadcast_mul(&blk.mlp_norm)?)?;
+            let h = hooks.visit(HookPoint::MlpIn(l), scale_rows(&normed, false, &blk.mlp_norm, None)?)?;
             let mlp = blk.mlp.forward(hooks, l, &h, step.real.as_deref())?;
             let mlp = hooks.visit(HookPoint::MlpHookOut(l), mlp)?;
             let normed = hooked_norm(hooks, &mlp, eps, false, HookPoint::Ln2PostScale(l), HookPoint::Ln2PostNormalized(l))?;
-            let mlp_out = hooks.visit(HookPoint::MlpOut(l), normed.broadcast_mul(&blk.mlp_post_norm)?)?;
+            let mlp_out = hooks.visit(HookPoint::MlpOut(l), scale_rows(&normed, false, &blk.mlp_post_norm, None)?)?;
             x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
         }
         let x = select_positions(x, logits_at)?;
         let normed = hooked_norm(hooks, &x, eps, false, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized)?;
-        let logits = self.lm_head.forward(&normed.broadcast_mul(&self.final_norm)?, None)?;
+        let logits = self.lm_head.forward(&scale_rows(&normed, false, &self.final_norm, None)?, None)?;
         Ok(match c.final_logit_softcapping {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,

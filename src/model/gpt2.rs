@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::attention::{attend, hooked_norm, select_positions, KvCache, Scores, Step};
 use super::linear::{packs_on, Embedding, Linear};
 use super::matmul::{transpose_sub, Packed};
-use super::pointwise::gelu_tanh;
+use super::pointwise::{gelu_tanh, scale_rows};
 use super::config::Gpt2Config;
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
@@ -32,8 +32,7 @@ impl LayerNorm {
 
     /// Applies gain and bias to a normalized (possibly edited) input, centring it first.
     fn affine(&self, normalized: &Tensor) -> Result<Tensor> {
-        let centred = normalized.broadcast_sub(&normalized.mean_keepdim(D::Minus1)?)?;
-        Ok(centred.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        scale_rows(normalized, true, &self.weight, Some(&self.bias))
     }
 }
 

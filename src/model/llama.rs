@@ -13,6 +13,7 @@ use super::attention::{hooked_norm, select_positions, KvCache, Scores, Step};
 use super::config::{LlamaConfig, LlamaFamily};
 use super::decoder::{Activation, AttentionShape, GatedMlp, Rotary, SelfAttention};
 use super::linear::{Embedding, Linear};
+use super::pointwise::scale_rows;
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
 
@@ -89,12 +90,12 @@ impl Llama {
             x = hooks.visit(HookPoint::ResidPre(l), x)?;
             // Attention.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l))?;
-            let attn = blk.attn.forward(&normed.broadcast_mul(&blk.attn_norm)?, &rope, cache, l, &step.mask, step.real.as_deref())?;
+            let attn = blk.attn.forward(&scale_rows(&normed, false, &blk.attn_norm, None)?, &rope, cache, l, &step.mask, step.real.as_deref())?;
             let attn_out = hooks.visit(HookPoint::AttnOut(l), attn)?;
             x = hooks.visit(HookPoint::ResidMid(l), (x + attn_out)?)?;
             // MLP.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln2Scale(l), HookPoint::Ln2Normalized(l))?;
-            let h = hooks.visit(HookPoint::MlpIn(l), normed.broadcast_mul(&blk.mlp_norm)?)?;
+            let h = hooks.visit(HookPoint::MlpIn(l), scale_rows(&normed, false, &blk.mlp_norm, None)?)?;
             let mlp_out = blk.mlp.forward(hooks, l, &h, step.real.as_deref())?;
             let mlp_out = hooks.visit(HookPoint::MlpHookOut(l), mlp_out)?;
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), mlp_out)?;
@@ -102,7 +103,7 @@ impl Llama {
         }
         let x = select_positions(x, logits_at)?;
         let normed = hooked_norm(hooks, &x, eps, false, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized)?;
-        let h = normed.broadcast_mul(&self.final_norm)?;
+        let h = scale_rows(&normed, false, &self.final_norm, None)?;
         self.lm_head.forward(&h, None)
     }
 }

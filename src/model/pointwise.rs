@@ -1,12 +1,14 @@
-//! The MLP activations, in one pass over an f32 tensor on the CPU.
+//! The MLP activations and the norms, in one pass over an f32 tensor on the CPU.
 //!
-//! Both are `x · σ(z(x))`: SiLU with `z = x`, and the tanh approximation of GELU (GPT-2's
+//! The activations are `x · σ(z(x))`: SiLU with `z = x`, and the tanh approximation of GELU (GPT-2's
 //! `gelu_new`, Gemma-2's `gelu_pytorch_tanh`) with `z = 2·√(2/π)·(x + 0.044715 x³)`, since
 //! `½(1 + tanh(u)) = σ(2u)`. With AVX-512 sixteen lanes at a time use a polynomial `exp` (relative
-//! error about 2e-7); elsewhere, and on other devices or dtypes, the plain formulas.
+//! error about 2e-7); elsewhere, and on other devices or dtypes, the plain formulas. The norms
+//! ([`normalize`], [`scale_rows`]) run one row at a time, blocks of rows in parallel; elsewhere
+//! they are tensor ops.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Storage, Tensor, D};
 use rayon::prelude::*;
 
 use super::matmul::Isa;
@@ -119,6 +121,126 @@ unsafe fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     _mm512_scalef_ps(p, n)
 }
 
+/// `t` made contiguous with its row width, when it is f32 on the CPU with rows of at least one
+/// element (the fused paths); `None` for tensor ops.
+fn cpu_rows(t: &Tensor) -> Result<Option<(Tensor, usize)>> {
+    match t.dims().last() {
+        Some(&d) if d > 0 && matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 => Ok(Some((t.contiguous()?, d))),
+        _ => Ok(None),
+    }
+}
+
+/// The f32 elements of a contiguous CPU tensor (from [`cpu_rows`]).
+fn elements<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { unreachable!("checked by cpu_rows") };
+    f(&cpu.as_slice::<f32>()?[layout.start_offset()..][..t.elem_count()])
+}
+
+/// A tensor of x's shape whose row `r` is written by `f(r, x's row r, out row)`, blocks of rows
+/// in parallel when there are many.
+fn map_rows(x: &Tensor, d: usize, f: impl Fn(usize, &[f32], &mut [f32]) + Sync) -> Result<Tensor> {
+    elements(x, |src| {
+        let mut out = vec![0f32; src.len()];
+        let rows = CHUNK.div_ceil(d);
+        let block = |(b, (s, o)): (usize, (&[f32], &mut [f32]))| {
+            for (r, (s, o)) in s.chunks_exact(d).zip(o.chunks_exact_mut(d)).enumerate() {
+                f(b * rows + r, s, o);
+            }
+        };
+        if src.len() > rows * d {
+            src.par_chunks(rows * d).zip(out.par_chunks_mut(rows * d)).enumerate().for_each(block);
+        } else {
+            block((0, (src, &mut out)));
+        }
+        Ok(Tensor::from_vec(out, x.dims(), &Device::Cpu)?)
+    })
+}
+
+/// `Σ f(x)` over a row in f32, sixteen partial sums at a time (vectorised).
+#[inline]
+fn row_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
+}
+
+/// A row's mean, or 0 without `center`.
+fn row_mean(row: &[f32], center: bool) -> f32 {
+    if center {
+        row_sum(row, |v| v) / row.len() as f32
+    } else {
+        0.0
+    }
+}
+
+/// Normalizes over the last dimension without any gain or bias. Returns `(normalized, scale)`,
+/// where `scale` is `[.., 1]`: TransformerLens's `hook_normalized` and `hook_scale`.
+/// `center` subtracts the mean first (LayerNorm); otherwise it is RMSNorm.
+pub fn normalize(x: &Tensor, eps: f64, center: bool) -> Result<(Tensor, Tensor)> {
+    let Some((x, d)) = cpu_rows(x)? else {
+        let x = if center { x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)? } else { x.clone() };
+        let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+        let normalized = x.broadcast_div(&scale)?;
+        return Ok((normalized, scale));
+    };
+    // Each row's mean and scale, then the rows divided.
+    let stats: Vec<(f32, f32)> = elements(&x, |src| {
+        Ok(src
+            .par_chunks(d)
+            .with_min_len(CHUNK / d + 1)
+            .map(|row| {
+                let m = row_mean(row, center);
+                (m, (row_sum(row, |v| (v - m) * (v - m)) / d as f32 + eps as f32).sqrt())
+            })
+            .collect())
+    })?;
+    let normalized = map_rows(&x, d, |r, row, out| {
+        let (m, scale) = stats[r];
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o = (v - m) / scale;
+        }
+    })?;
+    let mut scale_dims = x.dims().to_vec();
+    *scale_dims.last_mut().unwrap() = 1;
+    let scales = stats.into_iter().map(|(_, s)| s).collect();
+    Ok((normalized, Tensor::from_vec(scales, scale_dims, &Device::Cpu)?))
+}
+
+/// `x · gain (+ bias)` over the last dimension, `x` centred on each row's mean first with
+/// `center` (GPT-2's LayerNorm gain and bias, applied to a possibly edited normalized value).
+pub fn scale_rows(x: &Tensor, center: bool, gain: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let Some((x, d)) = cpu_rows(x)? else {
+        let x = if center { x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)? } else { x.clone() };
+        let y = x.broadcast_mul(gain)?;
+        return Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    };
+    let gain = gain.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+    if gain.len() != d || bias.as_ref().is_some_and(|b| b.len() != d) {
+        anyhow::bail!("gain or bias of {} values for rows of {d}", gain.len());
+    }
+    map_rows(&x, d, |_, row, out| {
+        let m = row_mean(row, center);
+        for ((o, &v), &g) in out.iter_mut().zip(row).zip(&gain) {
+            *o = (v - m) * g;
+        }
+        if let Some(b) = &bias {
+            for (o, &b) in out.iter_mut().zip(b) {
+                *o += b;
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +292,36 @@ mod tests {
         let want = candle_nn::ops::silu(&t)?.flatten_all()?.to_vec1::<f32>()?;
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "silu: {g} vs candle's {w}");
+        }
+        Ok(())
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        assert_eq!(a.dims(), b.dims());
+        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    }
+
+    /// The fused norms against the tensor-op formulas, LayerNorm and RMSNorm: strided input,
+    /// rows whose width leaves a tail beside the sixteen-lane sums, few rows (one task) and
+    /// many (parallel blocks), three dimensions.
+    #[test]
+    fn fused_norms_match_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        for (rows, d) in [(3, 37), (150, 768)] {
+            let t = Tensor::randn(0.5f32, 2.0, (2, rows, d + 5), &dev)?.narrow(2, 2, d)?;
+            let gain = Tensor::randn(1f32, 0.5, d, &dev)?;
+            let bias = Tensor::randn(0f32, 0.5, d, &dev)?;
+            for center in [true, false] {
+                let (normalized, scale) = normalize(&t, 1e-5, center)?;
+                let x = if center { t.broadcast_sub(&t.mean_keepdim(D::Minus1)?)? } else { t.clone() };
+                let want_scale = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?;
+                assert!(max_diff(&scale, &want_scale)? < 1e-5, "scale, center {center}, {rows}x{d}");
+                assert!(max_diff(&normalized, &x.broadcast_div(&want_scale)?)? < 1e-5, "normalized, center {center}, {rows}x{d}");
+                let got = scale_rows(&t, center, &gain, Some(&bias))?;
+                let want = x.broadcast_mul(&gain)?.broadcast_add(&bias)?;
+                assert!(max_diff(&got, &want)? < 1e-5, "gain and bias, center {center}, {rows}x{d}");
+                assert!(max_diff(&scale_rows(&t, center, &gain, None)?, &x.broadcast_mul(&gain)?)? < 1e-5);
+            }
         }
         Ok(())
     }
