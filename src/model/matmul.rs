@@ -738,8 +738,8 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
 }
 
 /// The AVX-512 product on [`Packed`] weights, for any number of rows. The rows of `x` are packed
-/// in groups of 14 (`[p][14]`, per k-block of 256, for as many k-blocks at a time as keep them
-/// within L2); each task runs a few panels of 32 weight columns, one k-block at a time (meant to
+/// in groups of 14 rows of a k-block (`[14][256]`, per k-block of 256, for as many k-blocks at a
+/// time as keep them within L2: a copy of the rows, which selects them); each task runs a few panels of 32 weight columns, one k-block at a time (meant to
 /// stay in L1), against every group: up to 28 accumulators, 2 panel loads (half precision
 /// widened to f32 in registers) and one broadcast per row of x per 2 multiply-adds per row, and
 /// vector stores into y (masked at the column tails). Each output sums its k-blocks in order,
@@ -785,9 +785,9 @@ mod gemm512 {
             let mut xp = buf.borrow_mut();
             for s0 in (0..k).step_by(span) {
                 let ks = span.min(k - s0);
-                // Per k-block b, x[.., p0..p0+kc] as groups [group][p][14] (zero rows past m).
+                // Per k-block b, x[.., p0..p0+kc] as groups [group][14][256] (zero rows past m).
                 xp.clear();
-                xp.resize(groups * MT * ks, 0.0);
+                xp.resize(groups * MT * ks.next_multiple_of(KC), 0.0);
                 let block = groups * MT * KC;
                 // Each k-block's groups, in parallel when there are many rows (prefill).
                 let parallel = m * ks >= 1 << 16;
@@ -796,16 +796,13 @@ mod gemm512 {
                     let kc = KC.min(k - p0);
                     let group = |(g, dst): (usize, &mut [f32])| {
                         for i in 0..MT.min(m - g * MT) {
-                            let row = &x[rows.at(g * MT + i) * k + p0..][..kc];
-                            for (p, &v) in row.iter().enumerate() {
-                                dst[p * MT + i] = v;
-                            }
+                            dst[i * KC..][..kc].copy_from_slice(&x[rows.at(g * MT + i) * k + p0..][..kc]);
                         }
                     };
                     if parallel {
-                        dst.par_chunks_mut(kc * MT).enumerate().for_each(group);
+                        dst.par_chunks_mut(MT * KC).enumerate().for_each(group);
                     } else {
-                        dst.chunks_mut(kc * MT).enumerate().for_each(group);
+                        dst.chunks_mut(MT * KC).enumerate().for_each(group);
                     }
                 }
                 let xp: &[f32] = &xp;
@@ -825,7 +822,7 @@ mod gemm512 {
                                     *at = rows.at(g * MT + i) * ldy;
                                 }
                                 // SAFETY: AVX-512 was detected; panels pi..pi + np hold k rows
-                                // of 32, the packed block b holds groups * kc * 14 floats, and
+                                // of 32, the packed block b holds groups * 14 * 256 floats, and
                                 // y has room for every (row, column < n) written (checked by
                                 // Packed::matmul).
                                 unsafe {
@@ -834,7 +831,7 @@ mod gemm512 {
                                         w.as_ptr().add((pi * k + p0) * NP),
                                         k * NP,
                                         np,
-                                        xp.as_ptr().add(b * block + g * kc * MT),
+                                        xp.as_ptr().add(b * block + g * MT * KC),
                                         out.get().add(j0),
                                         &at,
                                         MT.min(m - g * MT),
@@ -873,7 +870,7 @@ mod gemm512 {
     }
 
     /// `NPAN` panel blocks of 32 weight columns (`[kc][32]` each, `ps` elements apart) times the
-    /// first `TK` rows of one group of x (`[kc][14]`); writes (for the first k-block) or adds
+    /// first `TK` rows of one group of x (`[14][256]`); writes (for the first k-block) or adds
     /// the results for `tokens` rows and the first `cols` columns into y, row `t` at `y + at[t]`.
     #[allow(clippy::too_many_arguments)]
     #[inline]
@@ -912,7 +909,7 @@ mod gemm512 {
                 *w = [T::load16(at), T::load16(at.add(16))];
             }
             for (t, a) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*xp.add(p * MT + t));
+                let xv = _mm512_set1_ps(*xp.add(t * KC + p));
                 for (a, w) in a.iter_mut().zip(&w) {
                     a[0] = _mm512_fmadd_ps(xv, w[0], a[0]);
                     a[1] = _mm512_fmadd_ps(xv, w[1], a[1]);
