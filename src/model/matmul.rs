@@ -124,7 +124,7 @@ impl Packed {
     /// to nearest as candle converts): the panels are copies of 32-wide slices of its rows.
     pub fn from_kn(w: &[f32], k: usize, n: usize, sub: &[f32], dtype: candle_core::DType) -> anyhow::Result<Packed> {
         assert!(w.len() >= k * n && sub.len() >= k, "Packed::from_kn: buffers too small");
-        fn pack<T: Copy + Default + Send + Sync>(w: &[f32], k: usize, n: usize, sub: &[f32], cvt: fn(f32) -> T) -> Vec<T> {
+        fn pack<T: Copy + Default + Send + Sync>(w: &[f32], k: usize, n: usize, sub: &[f32], cvt: impl Fn(f32) -> T + Sync) -> Vec<T> {
             panels(n, k, |pi, dst| {
                 let j0 = pi * NP;
                 let cols = NP.min(n - j0);
