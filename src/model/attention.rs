@@ -365,29 +365,64 @@ mod cpu {
         let _ = (data, at, len);
     }
 
-    /// Keys per block of scores in the transposed path, and outputs per block of the weighted
-    /// sum of values: four vectors of sixteen, four independent chains of multiply-adds.
-    const KB: usize = 64;
+    /// Keys per block of scores in the transposed path.
+    const KEYS: usize = 16;
+    /// Outputs per block of the weighted sum of values: four vectors of sixteen, four
+    /// independent chains of multiply-adds.
+    const OUTS: usize = 64;
+    /// Queries from which a step transposes its keys (below, transposing would cost about as
+    /// much as the scores; both paths give the same scores, bit for bit).
+    const TRANSPOSE_FROM: usize = 8;
+
+    /// The scores `q · k` of `KEYS` keys (`kt` holds component c of the keys at `c * ld`), summed
+    /// exactly as [`dot`] sums each: sixteen lanes (lane l takes components l, l + 16, ...) as
+    /// chains of multiply-adds, the lanes added in order, then the tail unfused.
+    #[inline(always)]
+    fn dot_keys(q: &[f32], kt: &[f32], ld: usize) -> [f32; KEYS] {
+        let mut lanes = [[0f32; KEYS]; 16];
+        let full = q.len() / 16 * 16;
+        for c0 in (0..full).step_by(16) {
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                let qc = q[c0 + l];
+                for (a, &kv) in lane.iter_mut().zip(&kt[(c0 + l) * ld..][..KEYS]) {
+                    *a = qc.mul_add(kv, *a);
+                }
+            }
+        }
+        let mut s = lanes[0];
+        for lane in &lanes[1..] {
+            for (s, &a) in s.iter_mut().zip(lane) {
+                *s += a;
+            }
+        }
+        for (c, &qc) in q.iter().enumerate().skip(full) {
+            for (s, &kv) in s.iter_mut().zip(&kt[c * ld..][..KEYS]) {
+                *s += qc * kv;
+            }
+        }
+        s
+    }
 
     /// `acc += w · row` over the first `row.len()` outputs (a whole block stays in registers).
     #[inline(always)]
-    fn add_scaled<'a>(acc: &mut [f32; KB], w: f32, row: impl Iterator<Item = &'a f32>) {
+    fn add_scaled<'a>(acc: &mut [f32; OUTS], w: f32, row: impl Iterator<Item = &'a f32>) {
         for (a, &v) in acc.iter_mut().zip(row) {
             *a = w.mul_add(v, *a);
         }
     }
 
-    /// One sequence and query head, every query of the step. With several queries (a prefill),
-    /// the keys are first transposed to `[hd][total]`, so that each query's scores are summed 16
-    /// keys at a time without horizontal sums; a single query (a decode step) reads each key
-    /// row once, as it lies in the cache.
+    /// One sequence and query head, every query of the step. With many queries (a prefill), the
+    /// keys are first transposed to `[hd][total]`, so that each query's scores are summed 16 keys
+    /// at a time without horizontal sums; with few (a decode step), each key row is read once,
+    /// as it lies in the cache. Both sum a score in the same order, so a query gets the same
+    /// output whichever path runs it.
     #[inline(always)]
     unsafe fn head(bh: usize, d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: *mut f32) {
         let (bi, head) = (bh / d.h, bh % d.h);
         let kvh = head / (d.h / d.kv_h);
         let (kbase, vbase) = (bi * d.k_seq + kvh * d.k_head, bi * d.v_seq + kvh * d.v_head);
-        let ld = d.total.next_multiple_of(KB);
-        let kt = (d.t > 1).then(|| {
+        let ld = d.total.next_multiple_of(KEYS);
+        let kt = (d.t >= TRANSPOSE_FROM).then(|| {
             let mut kt = vec![0f32; d.hd * ld];
             for j in 0..d.total {
                 for (c, &x) in k[kbase + j * d.hd..][..d.hd].iter().enumerate() {
@@ -406,14 +441,9 @@ mod cpu {
             let score = |j: usize, dot: f32| if mrow[j] == f32::NEG_INFINITY { f32::NEG_INFINITY } else { d.scores.apply(dot) + mrow[j] };
             match &kt {
                 Some(kt) => {
-                    for j0 in (lo / KB * KB..hi).step_by(KB) {
-                        let mut acc = [0f32; KB];
-                        for (c, &qc) in qrow.iter().enumerate() {
-                            for (a, &kv) in acc.iter_mut().zip(&kt[c * ld + j0..][..KB]) {
-                                *a = qc.mul_add(kv, *a);
-                            }
-                        }
-                        for (j, &a) in (j0..(j0 + KB).min(hi)).zip(&acc) {
+                    for j0 in (lo / KEYS * KEYS..hi).step_by(KEYS) {
+                        let dots = dot_keys(qrow, &kt[j0..], ld);
+                        for (j, &a) in (j0..(j0 + KEYS).min(hi)).zip(&dots) {
                             p[j] = score(j, a);
                         }
                     }
@@ -435,10 +465,10 @@ mod cpu {
             }
             let o = std::slice::from_raw_parts_mut(out.add(((bi * d.t + i) * d.h + head) * d.hd), d.hd);
             let inv = 1.0 / sum;
-            // The weighted sum of values, KB outputs at a time held in registers.
-            for c0 in (0..d.hd).step_by(KB) {
-                let width = KB.min(d.hd - c0);
-                let mut acc = [0f32; KB];
+            // The weighted sum of values, OUTS outputs at a time held in registers.
+            for c0 in (0..d.hd).step_by(OUTS) {
+                let width = OUTS.min(d.hd - c0);
+                let mut acc = [0f32; OUTS];
                 for j in lo..hi {
                     let pj = p[j];
                     if c0 == 0 && mrow.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY) {
@@ -446,7 +476,7 @@ mod cpu {
                     }
                     if pj != 0.0 {
                         let row = &v[vbase + j * d.hd + c0..][..width];
-                        match <&[f32; KB]>::try_from(row) {
+                        match <&[f32; OUTS]>::try_from(row) {
                             Ok(full) => add_scaled(&mut acc, pj * inv, full.iter()),
                             Err(_) => add_scaled(&mut acc, pj * inv, row.iter()),
                         }
@@ -590,19 +620,22 @@ mod tests {
     }
 
     /// The fused CPU attention against tensor ops through a cache: a left-padded prefill, a
-    /// second multi-token step on top of it, then a decode step with one sequence finished (a
-    /// padding row); grouped queries, head widths of 24 and 64, key counts that are not
-    /// multiples of 16.
+    /// decode step with one sequence finished (a padding slot), a second multi-token step (whose
+    /// visible keys then have a hole), another decode step; grouped queries, head widths with
+    /// and without a tail (7, 24, 80, 130), key counts across several blocks. And each query of
+    /// a multi-token step (keys transposed) gets bit for bit what it gets alone (a decode step).
     #[test]
     fn fused_attention_matches_tensor_ops_through_a_cache() {
         let dev = Device::Cpu;
-        for (hd, scores) in [(24, Scores { scale: 0.3, softcap: Some(2.0) }), (64, Scores::standard(64))] {
+        for (hd, softcap) in [(7, None), (24, Some(2.0)), (80, None), (130, None)] {
+            let scores = Scores { scale: 1.0 / (hd as f32).sqrt(), softcap };
             let (b, h, kv_h) = (2, 4, 2);
             let mut cache = KvCache::new(1, b, 8);
             let steps = [
-                vec![[vec![false; 5], vec![true; 14]].concat(), vec![true; 19]],
-                vec![vec![true; 21], vec![true; 21]],
+                vec![[vec![false; 20], vec![true; 50]].concat(), vec![true; 70]],
                 vec![vec![true], vec![false]],
+                vec![vec![true; 70], vec![true; 70]],
+                vec![vec![true], vec![true]],
             ];
             for valid in steps {
                 let t = valid[0].len();
@@ -613,8 +646,14 @@ mod tests {
                 let (k, v) = cache.append(0, k, v).unwrap();
                 let fused = attend(&q, &k, &v, &step.mask, scores).unwrap();
                 let want = reference(&q, &k, &v, &step.mask, scores);
-                let diff = (fused - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let diff = (&fused - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(diff < 1e-5, "hd {hd}, step of {t}: {diff}");
+                for i in (0..t).step_by(7) {
+                    let q1 = q.narrow(2, i, 1).unwrap();
+                    let one = attend(&q1, &k, &v, &step.mask.narrow(2, i, 1).unwrap(), scores).unwrap();
+                    let all: Vec<f32> = fused.narrow(1, i, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    assert!(all == one.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "hd {hd}, step of {t}: query {i} alone differs");
+                }
             }
         }
     }

@@ -109,7 +109,8 @@ impl Linear {
 
     /// `[.., in] -> [.., out]`, in f32. `real`: the rows of x (flattened to `[rows, in]`) that
     /// matter, when the others are padding; the packed CPU kernel skips those, whose outputs
-    /// are then the bias alone (the other paths compute every row).
+    /// are then the bias alone (the other paths compute every row). Padding rows carry no
+    /// meaning either way: readers go by the step's validity flags.
     pub fn forward(&self, x: &Tensor, real: Option<&[usize]>) -> Result<Tensor> {
         let k = self.k;
         let dims = x.dims().to_vec();

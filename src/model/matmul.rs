@@ -886,8 +886,8 @@ mod gemm512 {
         cols: usize,
         first: bool,
     ) {
-        // The y rows written at the end are fetched meanwhile (they are apart, out of the
-        // prefetchers' sight).
+        // The y rows written at the end are fetched meanwhile (each row is a separate place in
+        // y, out of the prefetchers' sight).
         for &at in &at[..tokens] {
             let d = y.add(at) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(d);
@@ -1255,32 +1255,37 @@ mod tests {
 
     /// A product over listed rows (a batch's real tokens) gives those rows bit for bit as the
     /// product over all rows does, and leaves the other rows of y as they were; in every dtype,
-    /// for lists that fill several groups of 14, one group, and a single row.
+    /// for lists that fill several groups of 14, one group, and a single row (which runs four
+    /// panels at once); with many rows (x packed in parallel, several passes over k), and with y
+    /// ending at the last listed row.
     #[test]
     fn listed_rows_equal_all_rows_and_leave_the_others() {
         if !Packed::supported() {
             eprintln!("SKIPPED listed_rows_equal_all_rows_and_leave_the_others: no AVX-512 here");
             return;
         }
-        let (m, k, n) = (40, 300, 161);
-        let w32 = data(n * k, 8);
-        let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
-        let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
-        let x = data(m * k, 9);
-        let lists: [Vec<usize>; 3] = [(0..m).filter(|i| i % 3 != 1).collect(), vec![2, 5, 6, 30, 39], vec![17]];
-        for w in [Weights::F32(&w32), Weights::Bf16(&wb), Weights::F16(&wh)] {
-            let p = Packed::new(w, n, k);
-            let mut all = vec![0f32; m * n];
-            p.matmul(&x, Rows::First(m), &mut all, n);
-            for list in &lists {
-                let mut some = vec![-3.0f32; m * n];
-                p.matmul(&x, Rows::Only(list), &mut some, n);
-                for i in 0..m {
-                    let row = &some[i * n..(i + 1) * n];
-                    if list.contains(&i) {
-                        assert!(row == &all[i * n..(i + 1) * n], "{list:?}: row {i} differs");
-                    } else {
-                        assert!(row.iter().all(|&v| v == -3.0), "{list:?}: row {i} was written");
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        for (m, k, n) in [(40, 300, 161), (300, 1100, 200), (5, 513, 2000)] {
+            let w32 = data(n * k, 8);
+            let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+            let x = data(m * k, 9);
+            let lists = [(0..m).filter(|i| i % 3 != 1).collect(), vec![2, 3, m - 1], vec![m / 2], vec![1, 4]];
+            for w in [Weights::F32(&w32), Weights::Bf16(&wb), Weights::F16(&wh)] {
+                let p = Packed::new(w, n, k);
+                let mut all = vec![0f32; m * n];
+                p.matmul(&x, Rows::First(m), &mut all, n);
+                for list in &lists {
+                    let end = list.last().unwrap() + 1;
+                    let mut some = vec![-3.0f32; end * n];
+                    one_thread.install(|| p.matmul(&x, Rows::Only(list), &mut some, n));
+                    for i in 0..end {
+                        let row = &some[i * n..(i + 1) * n];
+                        if list.contains(&i) {
+                            assert!(row == &all[i * n..(i + 1) * n], "m={m} {list:?}: row {i} differs");
+                        } else {
+                            assert!(row.iter().all(|&v| v == -3.0), "m={m} {list:?}: row {i} was written");
+                        }
                     }
                 }
             }
