@@ -8,14 +8,14 @@
 //! input, which is what TransformerLens's folded and centred weights compute.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Storage, Tensor, D};
+use candle_core::{DType, Device, Storage, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::attention::{attend, hooked_norm, select_positions, KvCache, Scores, Step};
 use super::linear::{packs_on, Embedding, Linear};
 use super::matmul::{transpose_sub, Packed};
-use super::pointwise::{gelu_tanh, scale_rows};
+use super::pointwise::{center_rows, gelu_tanh, scale_rows};
 use super::config::Gpt2Config;
 use super::LogitsAt;
 use crate::hooks::{HookPoint, Hooks};
@@ -123,10 +123,7 @@ impl Gpt2 {
         let (h, hd) = (c.n_head, c.n_embd / c.n_head);
         let eps = c.layer_norm_epsilon;
         let real = step.real.as_deref();
-        let centred = |rows: Tensor| -> Result<Tensor> {
-            let rows = rows.to_dtype(DType::F32)?.reshape((b, t, d))?;
-            Ok(rows.broadcast_sub(&rows.mean_keepdim(D::Minus1)?)?)
-        };
+        let centred = |rows: Tensor| -> Result<Tensor> { center_rows(&rows.to_dtype(DType::F32)?.reshape((b, t, d))?) };
         let embed = centred(self.wte.lookup(&self.unembed, tokens)?)?;
         let embed = hooks.visit(HookPoint::Embed, embed)?;
         let pos = centred(self.wpe.index_select(&step.positions, 0)?)?;

@@ -179,12 +179,31 @@ fn row_mean(row: &[f32], center: bool) -> f32 {
     }
 }
 
+/// `x` minus each row's mean over the last dimension (tensor ops: the fallback of the fused
+/// paths).
+fn centred(x: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?)
+}
+
+/// `x` minus each row's mean over the last dimension.
+pub fn center_rows(x: &Tensor) -> Result<Tensor> {
+    match cpu_rows(x)? {
+        Some((x, d)) => map_rows(&x, d, |_, row, out| {
+            let m = row_mean(row, true);
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = v - m;
+            }
+        }),
+        None => centred(x),
+    }
+}
+
 /// Normalizes over the last dimension without any gain or bias. Returns `(normalized, scale)`,
 /// where `scale` is `[.., 1]`: TransformerLens's `hook_normalized` and `hook_scale`.
 /// `center` subtracts the mean first (LayerNorm); otherwise it is RMSNorm.
 pub fn normalize(x: &Tensor, eps: f64, center: bool) -> Result<(Tensor, Tensor)> {
     let Some((x, d)) = cpu_rows(x)? else {
-        let x = if center { x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)? } else { x.clone() };
+        let x = if center { centred(x)? } else { x.clone() };
         let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
         let normalized = x.broadcast_div(&scale)?;
         return Ok((normalized, scale));
@@ -216,7 +235,7 @@ pub fn normalize(x: &Tensor, eps: f64, center: bool) -> Result<(Tensor, Tensor)>
 /// `center` (GPT-2's LayerNorm gain and bias, applied to a possibly edited normalized value).
 pub fn scale_rows(x: &Tensor, center: bool, gain: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let Some((x, d)) = cpu_rows(x)? else {
-        let x = if center { x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)? } else { x.clone() };
+        let x = if center { centred(x)? } else { x.clone() };
         let y = x.broadcast_mul(gain)?;
         return Ok(match bias {
             Some(b) => y.broadcast_add(b)?,
@@ -301,7 +320,7 @@ mod tests {
         Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
     }
 
-    /// The fused norms against the tensor-op formulas, LayerNorm and RMSNorm: strided input,
+    /// The fused norms (and centring) against the tensor-op formulas, LayerNorm and RMSNorm: strided input,
     /// rows whose width leaves a tail beside the sixteen-lane sums, few rows (one task) and
     /// many (parallel blocks), three dimensions.
     #[test]
@@ -311,6 +330,7 @@ mod tests {
             let t = Tensor::randn(0.5f32, 2.0, (2, rows, d + 5), &dev)?.narrow(2, 2, d)?;
             let gain = Tensor::randn(1f32, 0.5, d, &dev)?;
             let bias = Tensor::randn(0f32, 0.5, d, &dev)?;
+            assert!(max_diff(&center_rows(&t)?, &centred(&t)?)? < 1e-5, "centred rows, {rows}x{d}");
             for center in [true, false] {
                 let (normalized, scale) = normalize(&t, 1e-5, center)?;
                 let x = if center { t.broadcast_sub(&t.mean_keepdim(D::Minus1)?)? } else { t.clone() };
