@@ -4,8 +4,8 @@
 //! `gelu_new`, Gemma-2's `gelu_pytorch_tanh`) with `z = 2·√(2/π)·(x + 0.044715 x³)`, since
 //! `½(1 + tanh(u)) = σ(2u)`. With AVX-512 sixteen lanes at a time use a polynomial `exp` (relative
 //! error about 2e-7); elsewhere, and on other devices or dtypes, the plain formulas. The norms
-//! ([`normalize`], [`scale_rows`]) run one row at a time, blocks of rows in parallel; elsewhere
-//! they are tensor ops.
+//! ([`normalize`], [`scale_rows`], [`center_rows`]) run one row at a time, blocks of rows in
+//! parallel; on other devices or dtypes they are tensor ops.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Storage, Tensor, D};
