@@ -550,13 +550,14 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // Activation buffers of a decode step are allocated and freed every step: keep buffers below
-    // 64 MiB on the heap for reuse instead of mapping and unmapping (and page-faulting) them anew.
+    // Keep buffers below 1 GiB on the heap for reuse instead of mapping and unmapping (and
+    // page-faulting) them anew: a decode step's activations, allocated and freed every step, and
+    // while loading, each weight as read, freed once packed, whose memory the next one reuses.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: tuning the allocator before any allocation-heavy work or thread starts.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 << 30);
     }
     let cli = Cli::parse();
     let result = match cli.command {
