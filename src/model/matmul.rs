@@ -739,10 +739,11 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
 
 /// The AVX-512 product on [`Packed`] weights, for any number of rows. The rows of `x` are packed
 /// in groups of 14 rows of a k-block (`[14][256]`, per k-block of 256, for as many k-blocks at a
-/// time as keep them within L2: a copy of the rows, which selects them); each task runs a few panels of 32 weight columns, one k-block at a time (meant to
-/// stay in L1), against every group: up to 28 accumulators, 2 panel loads (half precision
-/// widened to f32 in registers) and one broadcast per row of x per 2 multiply-adds per row, and
-/// vector stores into y (masked at the column tails). Each output sums its k-blocks in order,
+/// time as keep them within L2: a copy of the rows, which selects them); each task runs a few
+/// panels of 32 weight columns, one k-block at a time (meant to stay in L1), against every group:
+/// up to 28 accumulators, 2 panel loads (half precision widened to f32 in registers) and one
+/// broadcast per row of x per 2 multiply-adds per row, and vector stores into y (masked at the
+/// column tails). Each output sums its k-blocks in order,
 /// each block a sequence of fused multiply-adds from zero, whatever `m`, the shapes or the thread
 /// count, so a batch row gets exactly what the same row alone gets.
 #[cfg(target_arch = "x86_64")]

@@ -43,12 +43,11 @@ fn apply(x: &Tensor, kind: Kind) -> Result<Tensor> {
         });
     }
     let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { unreachable!("checked above") };
-    let src = &cpu.as_slice::<f32>()?[layout.start_offset()..][..x.elem_count()];
-    let mut out = vec![0f32; src.len()];
-    run(Isa::detected(), kind, src, &mut out);
-    Ok(Tensor::from_vec(out, x.dims(), &Device::Cpu)?)
+    elements(&x, |src| {
+        let mut out = vec![0f32; src.len()];
+        run(Isa::detected(), kind, src, &mut out);
+        Ok(Tensor::from_vec(out, x.dims(), &Device::Cpu)?)
+    })
 }
 
 /// Elements per parallel task.
@@ -130,10 +129,10 @@ fn cpu_rows(t: &Tensor) -> Result<Option<(Tensor, usize)>> {
     }
 }
 
-/// The f32 elements of a contiguous CPU tensor (from [`cpu_rows`]).
+/// The f32 elements of a contiguous f32 CPU tensor (checked by the caller).
 fn elements<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { unreachable!("checked by cpu_rows") };
+    let Storage::Cpu(cpu) = &*storage else { unreachable!("checked by the caller") };
     f(&cpu.as_slice::<f32>()?[layout.start_offset()..][..t.elem_count()])
 }
 
