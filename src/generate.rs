@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 
 use crate::hooks::{HookPoint, Hooks};
-use crate::model::{LogitsAt, Model};
+use crate::model::{KvCache, LogitsAt, Model};
 
 /// How to generate.
 #[derive(Debug, Clone)]
@@ -77,22 +77,20 @@ pub fn generate(
     hooks: &Hooks,
     mut on_step: impl FnMut(&StepView) -> Result<()>,
 ) -> Result<Vec<Vec<u32>>> {
-    if opts.batch_size == 0 {
-        anyhow::bail!("--batch-size must be at least 1");
-    }
-    let prompts: Vec<Vec<u32>> =
-        prompts.iter().map(|p| fit_prompt(model, p.clone(), opts)).collect::<Result<_>>()?;
-    // Batch prompts of similar length together: less padding, same results.
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| prompts[i].len());
+    let prompts = fitted(model, prompts, opts)?;
     let mut outputs = vec![Vec::new(); prompts.len()];
-    for chunk in order.chunks(opts.batch_size) {
+    for chunk in batches(&prompts, opts.batch_size) {
         let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
+        let (tokens, valid) = padded(model, &batch);
+        let mut cache = model.new_cache(batch.len(), tokens[0].len() + opts.max_new_tokens + 1);
         let mut hooks = hooks.clone();
-        let new = generate_batch(model, &batch, opts, &mut hooks, |step, rows, values| {
+        let mut report = |step: usize, rows: &[bool], values: &BTreeMap<HookPoint, Tensor>| {
             let rows: Vec<(usize, bool)> = rows.iter().enumerate().map(|(b, &r)| (chunk[b], r)).collect();
             on_step(&StepView { step, rows: &rows, values })
-        })?;
+        };
+        let logits = model.forward(&tokens, &valid, &mut cache, &mut hooks, LogitsAt::Last)?;
+        report(0, &vec![true; batch.len()], &last_positions(&mut hooks)?)?;
+        let new = decode(model, cache, logits, opts, &mut hooks, report)?;
         for (&i, out) in chunk.iter().zip(new) {
             outputs[i] = out;
         }
@@ -100,27 +98,91 @@ pub fn generate(
     Ok(outputs)
 }
 
-fn generate_batch(
+/// Generates greedily for every prompt under each of `hooks` in turn: `[hooks][prompt]`, the
+/// new tokens [`generate`] gives for each. The prompts of a batch run once through the blocks
+/// before the first one any of the hooks touches (a steered layer's earlier blocks are the same
+/// under every strength), and each hooks' generation goes on from there with a copy of that KV
+/// cache (from the tokens when some hooks touch the embeddings).
+pub fn generate_each(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions, hooks: &[Hooks]) -> Result<Vec<Vec<Vec<u32>>>> {
+    let prompts = fitted(model, prompts, opts)?;
+    let shared = hooks.iter().filter_map(Hooks::first_block).min().unwrap_or(model.info.n_layers);
+    let mut outputs = vec![vec![Vec::new(); prompts.len()]; hooks.len()];
+    for chunk in batches(&prompts, opts.batch_size) {
+        let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
+        let (tokens, valid) = padded(model, &batch);
+        let new_cache = || model.new_cache(batch.len(), tokens[0].len() + opts.max_new_tokens + 1);
+        let prefix = (shared > 0)
+            .then(|| {
+                let mut cache = new_cache();
+                let (step, x) = model.forward_prefix(&tokens, &valid, &mut cache, shared)?;
+                anyhow::Ok((cache, step, x))
+            })
+            .transpose()?;
+        for (hooks, outputs) in hooks.iter().zip(&mut outputs) {
+            let mut hooks = hooks.clone();
+            let (cache, logits) = match &prefix {
+                Some((cache, step, x)) => {
+                    let mut cache = cache.fork()?;
+                    let logits = model.forward_from(step, shared, x.clone(), &mut cache, &mut hooks, LogitsAt::Last)?;
+                    (cache, logits)
+                }
+                None => {
+                    let mut cache = new_cache();
+                    let logits = model.forward(&tokens, &valid, &mut cache, &mut hooks, LogitsAt::Last)?;
+                    (cache, logits)
+                }
+            };
+            let new = decode(model, cache, logits, opts, &mut hooks, |_, _, _| Ok(()))?;
+            for (&i, out) in chunk.iter().zip(new) {
+                outputs[i] = out;
+            }
+        }
+    }
+    Ok(outputs)
+}
+
+/// The prompts fitted to the context (see [`fit_prompt`]).
+fn fitted(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
+    if opts.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    prompts.iter().map(|p| fit_prompt(model, p.clone(), opts)).collect()
+}
+
+/// The batches to run `prompts` in (indices): prompts of similar length together, so less
+/// padding (the results are the same).
+fn batches(prompts: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    order.chunks(batch_size).map(<[usize]>::to_vec).collect()
+}
+
+/// A batch's tokens, left-padded to the longest, and which are real.
+fn padded(model: &Model, prompts: &[&[u32]]) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let pad = model.info.eos.first().copied().unwrap_or(0);
+    prompts
+        .iter()
+        .map(|p| {
+            let n_pad = longest - p.len();
+            let tokens = std::iter::repeat_n(pad, n_pad).chain(p.iter().copied()).collect();
+            let valid = std::iter::repeat_n(false, n_pad).chain(std::iter::repeat_n(true, p.len())).collect();
+            (tokens, valid)
+        })
+        .unzip()
+}
+
+/// The decode steps of a batch whose prompts are in `cache`, from the prefill's `logits`.
+fn decode(
     model: &Model,
-    prompts: &[&[u32]],
+    mut cache: KvCache,
+    mut logits: Tensor,
     opts: &GenerateOptions,
     hooks: &mut Hooks,
     mut on_step: impl FnMut(usize, &[bool], &BTreeMap<HookPoint, Tensor>) -> Result<()>,
 ) -> Result<Vec<Vec<u32>>> {
-    let b = prompts.len();
-    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let b = logits.dim(0)?;
     let pad = model.info.eos.first().copied().unwrap_or(0);
-    let mut tokens = Vec::with_capacity(b);
-    let mut valid = Vec::with_capacity(b);
-    for p in prompts {
-        let n_pad = longest - p.len();
-        tokens.push(std::iter::repeat_n(pad, n_pad).chain(p.iter().copied()).collect::<Vec<_>>());
-        valid.push(std::iter::repeat_n(false, n_pad).chain(std::iter::repeat_n(true, p.len())).collect::<Vec<_>>());
-    }
-    let mut cache = model.new_cache(b, longest + opts.max_new_tokens + 1);
-    let mut logits = model.forward(&tokens, &valid, &mut cache, hooks, LogitsAt::Last)?;
-    on_step(0, &vec![true; b], &last_positions(hooks)?)?;
-
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done = vec![opts.max_new_tokens == 0; b];
     for step in 1.. {

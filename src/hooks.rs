@@ -265,6 +265,13 @@ impl Hooks {
         self.kept.push(BTreeMap::new());
     }
 
+    /// The first block whose computation these hooks see or change (0 for the embeddings), or
+    /// `None` when they touch no block: the blocks before it run the same as with no hooks.
+    pub fn first_block(&self) -> Option<usize> {
+        let points = self.record.iter().chain(self.writes.keys()).chain(self.edit_reads.keys()).chain(self.edit_writes.keys());
+        points.filter_map(|p| if matches!(p, HookPoint::Embed | HookPoint::PosEmbed) { Some(0) } else { p.layer() }).min()
+    }
+
     /// The value recorded at `point` by the last forward pass.
     pub fn recorded(&self, point: HookPoint) -> Option<&Tensor> {
         self.recorded.get(&point)

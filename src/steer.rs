@@ -19,7 +19,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::generate::{generate, GenerateOptions};
+use crate::generate::{generate_each, GenerateOptions};
 use crate::hooks::Hooks;
 use crate::model::{LogitsAt, Model};
 use crate::report::write_atomic;
@@ -274,27 +274,30 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
             })
             .collect();
         if !ids.is_empty() {
-            for c in &settings.configs {
-                if let Some(same) = identical.get(&c.name) {
-                    for r in recs.iter_mut() {
-                        copy_entry(&mut r.generations, same, &c.name);
-                        copy_entry(&mut r.new_tokens, same, &c.name);
-                        copy_entry(&mut r.loglik, same, &c.name);
-                    }
-                    continue;
-                }
-                let hooks = &hooks_for[&c.name];
-                if settings.score != "loglik" {
-                    let outs = generate(model, &ids, &opts, hooks, |_| Ok(()))?;
+            // Each configuration not identical to another one is computed; the others copy it.
+            let computed: Vec<&SteerConfig> = settings.configs.iter().filter(|c| !identical.contains_key(&c.name)).collect();
+            if settings.score != "loglik" {
+                // All at once: the blocks before the steered layer run once for all of them.
+                let hooks: Vec<Hooks> = computed.iter().map(|c| hooks_for[&c.name].clone()).collect();
+                for (c, outs) in computed.iter().zip(generate_each(model, &ids, &opts, &hooks)?) {
                     for (r, new) in recs.iter_mut().zip(outs) {
                         r.generations.insert(c.name.clone(), model.codec.decode(&new)?);
                         r.new_tokens.insert(c.name.clone(), new);
                     }
                 }
-                if settings.score != "generate" {
+            }
+            if settings.score != "generate" {
+                for c in &computed {
                     for (r, toks) in recs.iter_mut().zip(&ids) {
-                        r.loglik.insert(c.name.clone(), yes_no_loglik(model, toks, hooks)?);
+                        r.loglik.insert(c.name.clone(), yes_no_loglik(model, toks, &hooks_for[&c.name])?);
                     }
+                }
+            }
+            for (name, same) in &identical {
+                for r in recs.iter_mut() {
+                    copy_entry(&mut r.generations, same, name);
+                    copy_entry(&mut r.new_tokens, same, name);
+                    copy_entry(&mut r.loglik, same, name);
                 }
             }
         }

@@ -1,5 +1,6 @@
 //! The experiment's shortcuts give what the long way gives: in `delta` mode strength 1 is run
-//! once and recorded under both names; yes/no log-likelihoods come from one prefill per prompt.
+//! once and recorded under both names; yes/no log-likelihoods come from one prefill per prompt;
+//! the blocks before the steered layer run once for every configuration.
 
 mod common;
 
@@ -7,7 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_nn::ops::log_softmax;
-use neurosteer::hooks::Hooks;
+use candle_core::Tensor;
+use neurosteer::generate::{generate, generate_each, GenerateOptions};
+use neurosteer::hooks::{HookPoint, Hooks};
 use neurosteer::model::{LoadOptions, LogitsAt, Model};
 use neurosteer::steer::{parse_configs, run_steer, yes_no_loglik, SteerItem, SteerSettings};
 use neurosteer::transcoder::splice::{SteerMode, Steering};
@@ -48,6 +51,48 @@ fn loglik_from_one_prefill_equals_the_full_pass() {
                 let want = full_loglik(&model, &prompt, &cont, &hooks);
                 assert!((got[answer] - want).abs() < 1e-4, "{text} {answer}: {} vs {want}", got[answer]);
             }
+        }
+    }
+}
+
+/// Configurations generated together, the blocks before the first one any of them touches run
+/// once for all, give each exactly the tokens it gives alone: prompts of different lengths
+/// (padding) in several batches, with a layer steered in the middle (stories260K's transcoder;
+/// a rewritten MLP output in the tiny GPT-2, Gemma-2 and Qwen3), with a hook on the embeddings
+/// (nothing shared), and with no hooks at all (every block shared).
+#[test]
+fn configurations_sharing_the_early_blocks_equal_each_alone() {
+    let Some(shared) = common::shared() else { return };
+    let scaled = |point: HookPoint, s: f64| {
+        let mut h = Hooks::none();
+        h.write(point, Arc::new(move |x: &Tensor| Ok((x * s)?)));
+        h
+    };
+    let (stories, tc) = stories(&shared);
+    let steered = |s: f64| {
+        let mut h = Hooks::none();
+        h.edit(Arc::new(Steering::new(tc.clone(), (0..512).step_by(3).collect(), s, SteerMode::Delta).unwrap()));
+        h
+    };
+    let mut models = vec![(stories, [steered(0.5), steered(3.0)])];
+    for name in ["tiny-gpt2", "tiny-gemma2", "tiny-qwen3"] {
+        let model = Model::load(shared.join("fixtures").join(name).to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let middle = HookPoint::MlpOut(model.info.n_layers / 2);
+        models.push((model, [scaled(middle, 0.5), scaled(middle, 3.0)]));
+    }
+    let opts = GenerateOptions { max_new_tokens: 12, batch_size: 3, ..Default::default() };
+    for (model, [weak, strong]) in models {
+        let prompts: Vec<Vec<u32>> = ["Once upon a time", "Tom had a big red ball and a", "The sun", "Lily saw"]
+            .iter()
+            .map(|t| model.codec.to_tokens(t).unwrap())
+            .collect();
+        let embed = scaled(HookPoint::Embed, 1.5);
+        for set in [vec![Hooks::none(), weak, strong.clone()], vec![strong, embed], vec![Hooks::none(), Hooks::none()]] {
+            let together = generate_each(&model, &prompts, &opts, &set).unwrap();
+            for (hooks, got) in set.iter().zip(&together) {
+                assert_eq!(got, &generate(&model, &prompts, &opts, hooks, |_| Ok(())).unwrap(), "{}", model.info.source);
+            }
+            assert!(set.len() < 3 || together[2] != together[0], "{}: strength 3 changes nothing", model.info.source);
         }
     }
 }

@@ -72,6 +72,12 @@ impl KvCache {
         self.next_pos.iter().copied().max().unwrap_or(0)
     }
 
+    /// An independent copy (its buffers copied), to continue from the same point as this one.
+    pub fn fork(&self) -> Result<Self> {
+        let layers = self.layers.iter().map(|l| l.as_ref().map(|(k, v)| Ok((k.copy()?, v.copy()?))).transpose()).collect::<Result<_>>()?;
+        Ok(Self { layers, capacity: self.capacity, valid: self.valid.clone(), next_pos: self.next_pos.clone() })
+    }
+
     /// Forgets every slot from `len` on (their buffers are overwritten by the next steps).
     pub fn truncate(&mut self, len: usize) {
         for (valid, next) in self.valid.iter_mut().zip(&mut self.next_pos) {
@@ -581,6 +587,27 @@ mod tests {
     }
 
     /// The fused CPU attention and the tensor-op path agree, with a scale and a soft cap.
+    /// A fork goes on alone: what it appends leaves the original untouched, and the other way
+    /// round.
+    #[test]
+    fn forked_cache_is_independent() {
+        let dev = Device::Cpu;
+        let kv = |v: f32, t: usize| Tensor::full(v, (1, 1, t, 2), &dev).unwrap();
+        let mut a = KvCache::new(1, 1, 8);
+        a.begin_step(&[vec![true; 2]], None, &dev).unwrap();
+        a.append(0, kv(1.0, 2), kv(1.0, 2)).unwrap();
+        let mut b = a.fork().unwrap();
+        b.begin_step(&[vec![true]], None, &dev).unwrap();
+        let (kb, vb) = b.append(0, kv(2.0, 1), kv(2.0, 1)).unwrap();
+        a.begin_step(&[vec![true]], None, &dev).unwrap();
+        let (ka, va) = a.append(0, kv(3.0, 1), kv(3.0, 1)).unwrap();
+        let slots = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(slots(&kb), [1.0, 1.0, 1.0, 1.0, 2.0, 2.0]);
+        assert_eq!(slots(&vb), [1.0, 1.0, 1.0, 1.0, 2.0, 2.0]);
+        assert_eq!(slots(&ka), [1.0, 1.0, 1.0, 1.0, 3.0, 3.0]);
+        assert_eq!(slots(&va), [1.0, 1.0, 1.0, 1.0, 3.0, 3.0]);
+    }
+
     #[test]
     fn softcapped_scores_match_tensor_ops() {
         let dev = Device::Cpu;

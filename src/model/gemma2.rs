@@ -23,7 +23,7 @@ use super::config::Gemma2Config;
 use super::decoder::{Activation, AttentionShape, GatedMlp, Rotary, SelfAttention};
 use super::linear::{Embedding, Linear};
 use super::pointwise::scale_rows;
-use super::LogitsAt;
+use super::{Input, Output};
 use crate::hooks::{HookPoint, Hooks};
 
 struct Block {
@@ -88,15 +88,15 @@ impl Gemma2 {
         self.config.sliding_layers.contains(&true).then_some(self.config.sliding_window)
     }
 
-    /// Runs `tokens [batch, seq]` (u32) through the model, appending to `cache`. `step` must have
+    /// Runs the blocks from `input` to `output` (see [`Input`]), appending to `cache`. `step` must have
     /// been begun with [`Gemma2::sliding_window`].
     pub fn forward(
         &self,
-        tokens: &Tensor,
+        input: Input,
         step: &Step,
         cache: &mut KvCache,
         hooks: &mut Hooks,
-        logits_at: LogitsAt,
+        output: Output,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, d) = (step.batch, step.seq, c.hidden_size);
@@ -104,10 +104,14 @@ impl Gemma2 {
         let rope = self.rotary.at(step)?;
 
         // transformers multiplies by sqrt(hidden_size) cast to the activations' dtype (f32 here).
-        let x = self.embed.lookup(&self.lm_head, tokens)?.reshape((b, t, d))?;
-        let x = (x * (d as f32).sqrt() as f64)?;
-        let mut x = hooks.visit(HookPoint::Embed, x)?;
-        for (l, blk) in self.blocks.iter().enumerate() {
+        let (first, mut x) = match input {
+            Input::Tokens(tokens) => {
+                let x = self.embed.lookup(&self.lm_head, tokens)?.reshape((b, t, d))?;
+                (0, hooks.visit(HookPoint::Embed, (x * (d as f32).sqrt() as f64)?)?)
+            }
+            Input::Resid(l, x) => (l, x),
+        };
+        for (l, blk) in self.blocks.iter().enumerate().take(output.end(self.blocks.len())).skip(first) {
             x = hooks.visit(HookPoint::ResidPre(l), x)?;
             // Attention, then its post-norm.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l))?;
@@ -129,6 +133,7 @@ impl Gemma2 {
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), scale_rows(&normed, false, &blk.mlp_post_norm, None)?)?;
             x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
         }
+        let Output::Logits(logits_at) = output else { return Ok(x) };
         let x = select_positions(x, logits_at)?;
         let normed = hooked_norm(hooks, &x, eps, false, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized)?;
         let logits = self.lm_head.forward(&scale_rows(&normed, false, &self.final_norm, None)?, None)?;

@@ -17,7 +17,7 @@ use super::linear::{packs_on, Embedding, Linear};
 use super::matmul::{transpose_sub, Packed};
 use super::pointwise::{center_rows, gelu_tanh, scale_rows};
 use super::config::Gpt2Config;
-use super::LogitsAt;
+use super::{Input, Output};
 use crate::hooks::{HookPoint, Hooks};
 
 struct LayerNorm {
@@ -109,14 +109,14 @@ impl Gpt2 {
         Ok(Self { config: config.clone(), wte, unembed, wpe, blocks, ln_f })
     }
 
-    /// Runs `tokens [batch, seq]` (u32) through the model, appending to `cache`.
+    /// Runs the blocks from `input` to `output` (see [`Input`]), appending to `cache`.
     pub fn forward(
         &self,
-        tokens: &Tensor,
+        input: Input,
         step: &Step,
         cache: &mut KvCache,
         hooks: &mut Hooks,
-        logits_at: LogitsAt,
+        output: Output,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, d) = (step.batch, step.seq, c.n_embd);
@@ -124,12 +124,17 @@ impl Gpt2 {
         let eps = c.layer_norm_epsilon;
         let real = step.real.as_deref();
         let centred = |rows: Tensor| -> Result<Tensor> { center_rows(&rows.to_dtype(DType::F32)?.reshape((b, t, d))?) };
-        let embed = centred(self.wte.lookup(&self.unembed, tokens)?)?;
-        let embed = hooks.visit(HookPoint::Embed, embed)?;
-        let pos = centred(self.wpe.index_select(&step.positions, 0)?)?;
-        let pos = hooks.visit(HookPoint::PosEmbed, pos)?;
-        let mut x = (embed + pos)?;
-        for (l, blk) in self.blocks.iter().enumerate() {
+        let (first, mut x) = match input {
+            Input::Tokens(tokens) => {
+                let embed = centred(self.wte.lookup(&self.unembed, tokens)?)?;
+                let embed = hooks.visit(HookPoint::Embed, embed)?;
+                let pos = centred(self.wpe.index_select(&step.positions, 0)?)?;
+                let pos = hooks.visit(HookPoint::PosEmbed, pos)?;
+                (0, (embed + pos)?)
+            }
+            Input::Resid(l, x) => (l, x),
+        };
+        for (l, blk) in self.blocks.iter().enumerate().take(output.end(self.blocks.len())).skip(first) {
             x = hooks.visit(HookPoint::ResidPre(l), x)?;
             // Attention.
             let normed = hooked_norm(hooks, &x, eps, true, HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l))?;
@@ -153,6 +158,7 @@ impl Gpt2 {
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), mlp_out)?;
             x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
         }
+        let Output::Logits(logits_at) = output else { return Ok(x) };
         let x = select_positions(x, logits_at)?;
         let normed = hooked_norm(hooks, &x, eps, true, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized)?;
         let hidden = self.ln_f.affine(&normed)?;

@@ -14,7 +14,7 @@ use super::config::{LlamaConfig, LlamaFamily};
 use super::decoder::{Activation, AttentionShape, GatedMlp, Rotary, SelfAttention};
 use super::linear::{Embedding, Linear};
 use super::pointwise::scale_rows;
-use super::LogitsAt;
+use super::{Input, Output};
 use crate::hooks::{HookPoint, Hooks};
 
 struct Block {
@@ -70,23 +70,25 @@ impl Llama {
         Ok(Self { config, embed, blocks, final_norm, lm_head, rotary })
     }
 
-    /// Runs `tokens [batch, seq]` (u32) through the model, appending to `cache`.
+    /// Runs the blocks from `input` to `output` (see [`Input`]), appending to `cache`.
     pub fn forward(
         &self,
-        tokens: &Tensor,
+        input: Input,
         step: &Step,
         cache: &mut KvCache,
         hooks: &mut Hooks,
-        logits_at: LogitsAt,
+        output: Output,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = (step.batch, step.seq);
         let eps = c.rms_norm_eps;
         let rope = self.rotary.at(step)?;
 
-        let x = self.embed.lookup(&self.lm_head, tokens)?.reshape((b, t, c.hidden_size))?;
-        let mut x = hooks.visit(HookPoint::Embed, x)?;
-        for (l, blk) in self.blocks.iter().enumerate() {
+        let (first, mut x) = match input {
+            Input::Tokens(tokens) => (0, hooks.visit(HookPoint::Embed, self.embed.lookup(&self.lm_head, tokens)?.reshape((b, t, c.hidden_size))?)?),
+            Input::Resid(l, x) => (l, x),
+        };
+        for (l, blk) in self.blocks.iter().enumerate().take(output.end(self.blocks.len())).skip(first) {
             x = hooks.visit(HookPoint::ResidPre(l), x)?;
             // Attention.
             let normed = hooked_norm(hooks, &x, eps, false, HookPoint::Ln1Scale(l), HookPoint::Ln1Normalized(l))?;
@@ -101,6 +103,7 @@ impl Llama {
             let mlp_out = hooks.visit(HookPoint::MlpOut(l), mlp_out)?;
             x = hooks.visit(HookPoint::ResidPost(l), (x + mlp_out)?)?;
         }
+        let Output::Logits(logits_at) = output else { return Ok(x) };
         let x = select_positions(x, logits_at)?;
         let normed = hooked_norm(hooks, &x, eps, false, HookPoint::LnFinalScale, HookPoint::LnFinalNormalized)?;
         let h = scale_rows(&normed, false, &self.final_norm, None)?;

@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-pub use attention::KvCache;
+pub use attention::{KvCache, Step};
 use config::ModelConfig;
 use gemma2::Gemma2;
 use gpt2::Gpt2;
@@ -157,6 +157,34 @@ pub enum LogitsAt {
     All,
     /// The last position of each sequence: `[batch, 1, vocab]`.
     Last,
+}
+
+/// Where a forward pass starts.
+pub enum Input<'a> {
+    /// Token ids `[batch, seq]` (u32).
+    Tokens(&'a Tensor),
+    /// The residual stream `[batch, seq, d]` entering block `l`, as a pass that stopped there
+    /// returned it (the block's hooks not yet applied).
+    Resid(usize, Tensor),
+}
+
+/// Where a forward pass stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// At the logits.
+    Logits(LogitsAt),
+    /// Before block `l`, returning the residual stream entering it (its hooks not yet applied).
+    Resid(usize),
+}
+
+impl Output {
+    /// The blocks run are those before this index.
+    fn end(self, n_blocks: usize) -> usize {
+        match self {
+            Output::Logits(_) => n_blocks,
+            Output::Resid(l) => l.min(n_blocks),
+        }
+    }
 }
 
 /// The network itself.
@@ -351,6 +379,29 @@ impl Model {
         hooks: &mut Hooks,
         logits_at: LogitsAt,
     ) -> Result<Tensor> {
+        let (step, ids) = self.begin_step(tokens, valid, cache)?;
+        self.run(Input::Tokens(&ids), &step, cache, hooks, Output::Logits(logits_at))
+    }
+
+    /// The first `blocks` blocks of a forward step over `tokens` (as [`Model::forward`]), with no
+    /// hooks: the step begun and the residual stream entering block `blocks`, from which
+    /// [`Model::forward_from`] goes on (with this cache, or a [`KvCache::fork`] of it).
+    pub fn forward_prefix(&self, tokens: &[Vec<u32>], valid: &[Vec<bool>], cache: &mut KvCache, blocks: usize) -> Result<(Step, Tensor)> {
+        let (step, ids) = self.begin_step(tokens, valid, cache)?;
+        let x = self.run(Input::Tokens(&ids), &step, cache, &mut Hooks::none(), Output::Resid(blocks))?;
+        Ok((step, x))
+    }
+
+    /// The rest of a step that [`Model::forward_prefix`] began: the blocks from `from` on over
+    /// `x`, the residual stream entering block `from`. Returns the logits, as
+    /// [`Model::forward`] would have.
+    pub fn forward_from(&self, step: &Step, from: usize, x: Tensor, cache: &mut KvCache, hooks: &mut Hooks, logits_at: LogitsAt) -> Result<Tensor> {
+        self.run(Input::Resid(from, x), step, cache, hooks, Output::Logits(logits_at))
+    }
+
+    /// Registers a step over `tokens` in `cache`: its positions and masks, and the ids as a
+    /// tensor.
+    fn begin_step(&self, tokens: &[Vec<u32>], valid: &[Vec<bool>], cache: &mut KvCache) -> Result<(Step, Tensor)> {
         let window = match &self.network {
             Network::Gemma2(m) => m.sliding_window(),
             Network::Llama(_) | Network::Gpt2(_) => None,
@@ -368,10 +419,14 @@ impl Model {
             bail!("token id {bad} is outside the vocabulary of {}", self.info.vocab_size);
         }
         let ids = Tensor::from_vec(flat, (step.batch, step.seq), &self.device)?;
+        Ok((step, ids))
+    }
+
+    fn run(&self, input: Input, step: &Step, cache: &mut KvCache, hooks: &mut Hooks, output: Output) -> Result<Tensor> {
         match &self.network {
-            Network::Llama(m) => m.forward(&ids, &step, cache, hooks, logits_at),
-            Network::Gemma2(m) => m.forward(&ids, &step, cache, hooks, logits_at),
-            Network::Gpt2(m) => m.forward(&ids, &step, cache, hooks, logits_at),
+            Network::Llama(m) => m.forward(input, step, cache, hooks, output),
+            Network::Gemma2(m) => m.forward(input, step, cache, hooks, output),
+            Network::Gpt2(m) => m.forward(input, step, cache, hooks, output),
         }
     }
 
