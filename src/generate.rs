@@ -99,46 +99,66 @@ pub fn generate(
 }
 
 /// Generates greedily for every prompt under each of `hooks` in turn: `[hooks][prompt]`, the
-/// new tokens [`generate`] gives for each. The prompts of a batch run once through the blocks
-/// before the first one any of the hooks touches (a steered layer's earlier blocks are the same
-/// under every strength), and each hooks' generation goes on from there with a copy of that KV
-/// cache (from the tokens when some hooks touch the embeddings).
+/// new tokens [`generate`] gives for each. A batch's prefill shares its first blocks between
+/// the hooks (see [`prefill_each`]).
 pub fn generate_each(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions, hooks: &[Hooks]) -> Result<Vec<Vec<Vec<u32>>>> {
     let prompts = fitted(model, prompts, opts)?;
-    let shared = hooks.iter().filter_map(Hooks::first_block).min().unwrap_or(model.info.n_layers);
     let mut outputs = vec![vec![Vec::new(); prompts.len()]; hooks.len()];
     for chunk in batches(&prompts, opts.batch_size) {
         let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
         let (tokens, valid) = padded(model, &batch);
-        let new_cache = || model.new_cache(batch.len(), tokens[0].len() + opts.max_new_tokens + 1);
-        let prefix = (shared > 0)
-            .then(|| {
-                let mut cache = new_cache();
-                let (step, x) = model.forward_prefix(&tokens, &valid, &mut cache, shared)?;
-                anyhow::Ok((cache, step, x))
-            })
-            .transpose()?;
-        for (hooks, outputs) in hooks.iter().zip(&mut outputs) {
-            let mut hooks = hooks.clone();
-            let (cache, logits) = match &prefix {
-                Some((cache, step, x)) => {
-                    let mut cache = cache.fork()?;
-                    let logits = model.forward_from(step, shared, x.clone(), &mut cache, &mut hooks, LogitsAt::Last)?;
-                    (cache, logits)
-                }
-                None => {
-                    let mut cache = new_cache();
-                    let logits = model.forward(&tokens, &valid, &mut cache, &mut hooks, LogitsAt::Last)?;
-                    (cache, logits)
-                }
-            };
+        let capacity = tokens[0].len() + opts.max_new_tokens + 1;
+        prefill_each(model, &tokens, &valid, capacity, hooks, |g, mut hooks, cache, logits| {
             let new = decode(model, cache, logits, opts, &mut hooks, |_, _, _| Ok(()))?;
             for (&i, out) in chunk.iter().zip(new) {
-                outputs[i] = out;
+                outputs[g][i] = out;
             }
-        }
+            Ok(())
+        })?;
     }
     Ok(outputs)
+}
+
+/// Prefills `tokens` (`[batch][seq]`, `valid` marking real ones) under each of `hooks` in turn,
+/// handing `then` the hooks' index, the hooks (with what the pass left in them), a KV cache of
+/// room for `capacity` tokens, and the logits at the last position. The blocks before the
+/// first one any of the hooks touches run once for all (a steered layer's earlier blocks are
+/// the same under every strength); each hooks goes on from there with a copy of their KV cache
+/// (from the tokens when some hooks touch the embeddings).
+pub fn prefill_each(
+    model: &Model,
+    tokens: &[Vec<u32>],
+    valid: &[Vec<bool>],
+    capacity: usize,
+    hooks: &[Hooks],
+    mut then: impl FnMut(usize, Hooks, KvCache, Tensor) -> Result<()>,
+) -> Result<()> {
+    let shared = hooks.iter().filter_map(Hooks::first_block).min().unwrap_or(model.info.n_layers);
+    let new_cache = || model.new_cache(tokens.len(), capacity);
+    let prefix = (shared > 0)
+        .then(|| {
+            let mut cache = new_cache();
+            let (step, x) = model.forward_prefix(tokens, valid, &mut cache, shared)?;
+            anyhow::Ok((cache, step, x))
+        })
+        .transpose()?;
+    for (g, hooks) in hooks.iter().enumerate() {
+        let mut hooks = hooks.clone();
+        let (cache, logits) = match &prefix {
+            Some((cache, step, x)) => {
+                let mut cache = cache.fork()?;
+                let logits = model.forward_from(step, shared, x.clone(), &mut cache, &mut hooks, LogitsAt::Last)?;
+                (cache, logits)
+            }
+            None => {
+                let mut cache = new_cache();
+                let logits = model.forward(tokens, valid, &mut cache, &mut hooks, LogitsAt::Last)?;
+                (cache, logits)
+            }
+        };
+        then(g, hooks, cache, logits)?;
+    }
+    Ok(())
 }
 
 /// The prompts fitted to the context (see [`fit_prompt`]).

@@ -19,7 +19,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::generate::{generate_each, GenerateOptions};
+use crate::generate::{generate_each, prefill_each, GenerateOptions};
 use crate::hooks::Hooks;
 use crate::model::{LogitsAt, Model};
 use crate::report::write_atomic;
@@ -276,9 +276,9 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
         if !ids.is_empty() {
             // Each configuration not identical to another one is computed; the others copy it.
             let computed: Vec<&SteerConfig> = settings.configs.iter().filter(|c| !identical.contains_key(&c.name)).collect();
+            // All at once: the blocks before the steered layer run once for all of them.
+            let hooks: Vec<Hooks> = computed.iter().map(|c| hooks_for[&c.name].clone()).collect();
             if settings.score != "loglik" {
-                // All at once: the blocks before the steered layer run once for all of them.
-                let hooks: Vec<Hooks> = computed.iter().map(|c| hooks_for[&c.name].clone()).collect();
                 for (c, outs) in computed.iter().zip(generate_each(model, &ids, &opts, &hooks)?) {
                     for (r, new) in recs.iter_mut().zip(outs) {
                         r.generations.insert(c.name.clone(), model.codec.decode(&new)?);
@@ -287,9 +287,9 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
                 }
             }
             if settings.score != "generate" {
-                for c in &computed {
-                    for (r, toks) in recs.iter_mut().zip(&ids) {
-                        r.loglik.insert(c.name.clone(), yes_no_loglik(model, toks, &hooks_for[&c.name])?);
+                for (r, toks) in recs.iter_mut().zip(&ids) {
+                    for (c, loglik) in computed.iter().zip(yes_no_loglik(model, toks, &hooks)?) {
+                        r.loglik.insert(c.name.clone(), loglik);
                     }
                 }
             }
@@ -376,30 +376,33 @@ pub fn read_meta(out: &Path) -> Result<Option<SteerMeta>> {
 }
 
 /// Next-token log-probabilities of the answers " yes" and " no" after the prompt (summed over
-/// their tokens when they take several), as lm-eval scores BoolQ. The prompt is run once; an
-/// answer of several tokens continues from its cache, which is then cut back for the next one.
-pub fn yes_no_loglik(model: &Model, prompt: &[u32], hooks: &Hooks) -> Result<BTreeMap<String, f64>> {
+/// their tokens when they take several), as lm-eval scores BoolQ, under each of `hooks`. The
+/// prompt is run once per hooks, its first blocks once for all (see [`prefill_each`]); an answer
+/// of several tokens continues from its cache, which is then cut back for the next one.
+pub fn yes_no_loglik(model: &Model, prompt: &[u32], hooks: &[Hooks]) -> Result<Vec<BTreeMap<String, f64>>> {
     let answers: Vec<(&str, Vec<u32>)> =
         ["yes", "no"].into_iter().map(|a| Ok((a, model.codec.tokenizer.encode(&format!(" {a}"))?))).collect::<Result<_>>()?;
     let longest = answers.iter().map(|(_, c)| c.len()).max().unwrap_or(1);
-    let mut h = hooks.clone();
-    let mut cache = model.new_cache(1, prompt.len() + longest);
-    let last = model.forward(&[prompt.to_vec()], &[vec![true; prompt.len()]], &mut cache, &mut h, LogitsAt::Last)?;
-    let first = log_softmax(&last.flatten_all()?, 0)?;
-    let mut out = BTreeMap::new();
-    for (answer, cont) in answers {
-        let Some((&head, rest)) = cont.split_first() else { bail!("the answer `{answer}` encodes to no token") };
-        let mut total = first.get(head as usize)?.to_scalar::<f32>()? as f64;
-        if !rest.is_empty() {
-            let feed = cont[..cont.len() - 1].to_vec();
-            let logits = model.forward(&[feed.clone()], &[vec![true; feed.len()]], &mut cache, &mut h, LogitsAt::All)?;
-            let lp = log_softmax(&logits.squeeze(0)?, 1)?;
-            for (j, &tok) in rest.iter().enumerate() {
-                total += lp.get(j)?.get(tok as usize)?.to_scalar::<f32>()? as f64;
+    let mut outs = Vec::with_capacity(hooks.len());
+    prefill_each(model, &[prompt.to_vec()], &[vec![true; prompt.len()]], prompt.len() + longest, hooks, |_, mut h, mut cache, last| {
+        let first = log_softmax(&last.flatten_all()?, 0)?;
+        let mut out = BTreeMap::new();
+        for (answer, cont) in &answers {
+            let Some((&head, rest)) = cont.split_first() else { bail!("the answer `{answer}` encodes to no token") };
+            let mut total = first.get(head as usize)?.to_scalar::<f32>()? as f64;
+            if !rest.is_empty() {
+                let feed = &cont[..cont.len() - 1];
+                let logits = model.forward(&[feed.to_vec()], &[vec![true; feed.len()]], &mut cache, &mut h, LogitsAt::All)?;
+                let lp = log_softmax(&logits.squeeze(0)?, 1)?;
+                for (j, &tok) in rest.iter().enumerate() {
+                    total += lp.get(j)?.get(tok as usize)?.to_scalar::<f32>()? as f64;
+                }
+                cache.truncate(prompt.len());
             }
-            cache.truncate(prompt.len());
+            out.insert(answer.to_string(), total);
         }
-        out.insert(answer.to_string(), total);
-    }
-    Ok(out)
+        outs.push(out);
+        Ok(())
+    })?;
+    Ok(outs)
 }

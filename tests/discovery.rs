@@ -326,7 +326,7 @@ fn positive_control_is_detected_and_random_controls_are_not() {
         .collect();
     let margin = |hooks: &neurosteer::hooks::Hooks| -> f64 {
         prompts.iter().map(|p| {
-            let l = neurosteer::steer::yes_no_loglik(&model, p, hooks).unwrap();
+            let l = neurosteer::steer::yes_no_loglik(&model, p, std::slice::from_ref(hooks)).unwrap().remove(0);
             l["yes"] - l["no"]
         }).sum::<f64>()
     };

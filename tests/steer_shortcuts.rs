@@ -44,7 +44,7 @@ fn loglik_from_one_prefill_equals_the_full_pass() {
     for hooks in [Hooks::none(), steered] {
         for text in ["Once upon a time, was the cat happy? Answer:", "Tom had a ball. Is it red?"] {
             let prompt = model.codec.to_tokens(text).unwrap();
-            let got = yes_no_loglik(&model, &prompt, &hooks).unwrap();
+            let got = yes_no_loglik(&model, &prompt, std::slice::from_ref(&hooks)).unwrap().remove(0);
             for answer in ["yes", "no"] {
                 let cont = model.codec.tokenizer.encode(&format!(" {answer}")).unwrap();
                 assert!(cont.len() > 1, "stories260K spells ` {answer}` with several tokens: the continuation path is tested");
@@ -55,8 +55,8 @@ fn loglik_from_one_prefill_equals_the_full_pass() {
     }
 }
 
-/// Configurations generated together, the blocks before the first one any of them touches run
-/// once for all, give each exactly the tokens it gives alone: prompts of different lengths
+/// Configurations generated (or scored) together, the blocks before the first one any of them
+/// touches run once for all, give each exactly the tokens (and log-likelihoods) it gives alone: prompts of different lengths
 /// (padding) in several batches, with a layer steered in the middle (stories260K's transcoder;
 /// a rewritten MLP output in the tiny GPT-2, Gemma-2 and Qwen3), with a hook on the embeddings
 /// (nothing shared), and with no hooks at all (every block shared).
@@ -89,8 +89,10 @@ fn configurations_sharing_the_early_blocks_equal_each_alone() {
         let embed = scaled(HookPoint::Embed, 1.5);
         for set in [vec![Hooks::none(), weak, strong.clone()], vec![strong, embed], vec![Hooks::none(), Hooks::none()]] {
             let together = generate_each(&model, &prompts, &opts, &set).unwrap();
-            for (hooks, got) in set.iter().zip(&together) {
+            let logliks = yes_no_loglik(&model, &prompts[1], &set).unwrap();
+            for ((hooks, got), loglik) in set.iter().zip(&together).zip(&logliks) {
                 assert_eq!(got, &generate(&model, &prompts, &opts, hooks, |_| Ok(())).unwrap(), "{}", model.info.source);
+                assert_eq!(loglik, &yes_no_loglik(&model, &prompts[1], std::slice::from_ref(hooks)).unwrap()[0], "{}", model.info.source);
             }
             assert!(set.len() < 3 || together[2] != together[0], "{}: strength 3 changes nothing", model.info.source);
         }
