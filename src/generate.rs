@@ -77,41 +77,39 @@ pub fn generate(
     hooks: &Hooks,
     mut on_step: impl FnMut(&StepView) -> Result<()>,
 ) -> Result<Vec<Vec<u32>>> {
-    let prompts = fitted(model, prompts, opts)?;
-    let mut outputs = vec![Vec::new(); prompts.len()];
-    for chunk in batches(&prompts, opts.batch_size) {
-        let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
-        let (tokens, valid) = padded(model, &batch);
-        let mut cache = model.new_cache(batch.len(), tokens[0].len() + opts.max_new_tokens + 1);
-        let mut hooks = hooks.clone();
-        let mut report = |step: usize, rows: &[bool], values: &BTreeMap<HookPoint, Tensor>| {
-            let rows: Vec<(usize, bool)> = rows.iter().enumerate().map(|(b, &r)| (chunk[b], r)).collect();
-            on_step(&StepView { step, rows: &rows, values })
-        };
-        let logits = model.forward(&tokens, &valid, &mut cache, &mut hooks, LogitsAt::Last)?;
-        report(0, &vec![true; batch.len()], &last_positions(&mut hooks)?)?;
-        let new = decode(model, cache, logits, opts, &mut hooks, report)?;
-        for (&i, out) in chunk.iter().zip(new) {
-            outputs[i] = out;
-        }
-    }
-    Ok(outputs)
+    Ok(generate_under(model, prompts, opts, std::slice::from_ref(hooks), |_, view| on_step(view))?.remove(0))
 }
 
 /// Generates greedily for every prompt under each of `hooks` in turn: `[hooks][prompt]`, the
 /// new tokens [`generate`] gives for each. A batch's prefill shares its first blocks between
 /// the hooks (see [`prefill_each`]).
 pub fn generate_each(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions, hooks: &[Hooks]) -> Result<Vec<Vec<Vec<u32>>>> {
+    generate_under(model, prompts, opts, hooks, |_, _| Ok(()))
+}
+
+/// [`generate_each`], calling `on_step(h, view)` after every forward pass under `hooks[h]`.
+fn generate_under(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    hooks: &[Hooks],
+    mut on_step: impl FnMut(usize, &StepView) -> Result<()>,
+) -> Result<Vec<Vec<Vec<u32>>>> {
     let prompts = fitted(model, prompts, opts)?;
     let mut outputs = vec![vec![Vec::new(); prompts.len()]; hooks.len()];
     for chunk in batches(&prompts, opts.batch_size) {
         let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
         let (tokens, valid) = padded(model, &batch);
         let capacity = tokens[0].len() + opts.max_new_tokens + 1;
-        prefill_each(model, &tokens, &valid, capacity, hooks, |g, mut hooks, cache, logits| {
-            let new = decode(model, cache, logits, opts, &mut hooks, |_, _, _| Ok(()))?;
+        prefill_each(model, &tokens, &valid, capacity, hooks, |h, mut hooks, cache, logits| {
+            let mut report = |step: usize, rows: &[bool], values: &BTreeMap<HookPoint, Tensor>| {
+                let rows: Vec<(usize, bool)> = rows.iter().enumerate().map(|(b, &r)| (chunk[b], r)).collect();
+                on_step(h, &StepView { step, rows: &rows, values })
+            };
+            report(0, &vec![true; batch.len()], &last_positions(&mut hooks)?)?;
+            let new = decode(model, cache, logits, opts, &mut hooks, report)?;
             for (&i, out) in chunk.iter().zip(new) {
-                outputs[g][i] = out;
+                outputs[h][i] = out;
             }
             Ok(())
         })?;
@@ -120,11 +118,11 @@ pub fn generate_each(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions
 }
 
 /// Prefills `tokens` (`[batch][seq]`, `valid` marking real ones) under each of `hooks` in turn,
-/// handing `then` the hooks' index, the hooks (with what the pass left in them), a KV cache of
+/// handing `then` the hooks' index, the hooks (with what the pass left in them), a KV cache with
 /// room for `capacity` tokens, and the logits at the last position. The blocks before the
 /// first one any of the hooks touches run once for all (a steered layer's earlier blocks are
-/// the same under every strength); each hooks goes on from there with a copy of their KV cache
-/// (from the tokens when some hooks touch the embeddings).
+/// the same under every strength); each hooks goes on from there with a copy of their KV cache,
+/// the last with the cache itself (all from the tokens when some hooks touch the embeddings).
 pub fn prefill_each(
     model: &Model,
     tokens: &[Vec<u32>],
@@ -134,31 +132,26 @@ pub fn prefill_each(
     mut then: impl FnMut(usize, Hooks, KvCache, Tensor) -> Result<()>,
 ) -> Result<()> {
     let shared = hooks.iter().filter_map(Hooks::first_block).min().unwrap_or(model.info.n_layers);
-    let new_cache = || model.new_cache(tokens.len(), capacity);
-    let prefix = (shared > 0)
-        .then(|| {
-            let mut cache = new_cache();
-            let (step, x) = model.forward_prefix(tokens, valid, &mut cache, shared)?;
-            anyhow::Ok((cache, step, x))
-        })
-        .transpose()?;
-    for (g, hooks) in hooks.iter().enumerate() {
-        let mut hooks = hooks.clone();
-        let (cache, logits) = match &prefix {
-            Some((cache, step, x)) => {
-                let mut cache = cache.fork()?;
-                let logits = model.forward_from(step, shared, x.clone(), &mut cache, &mut hooks, LogitsAt::Last)?;
-                (cache, logits)
-            }
-            None => {
-                let mut cache = new_cache();
-                let logits = model.forward(tokens, valid, &mut cache, &mut hooks, LogitsAt::Last)?;
-                (cache, logits)
-            }
-        };
-        then(g, hooks, cache, logits)?;
+    let Some((last, others)) = hooks.split_last() else { return Ok(()) };
+    if shared == 0 {
+        for (h, hooks) in hooks.iter().enumerate() {
+            let (mut hooks, mut cache) = (hooks.clone(), model.new_cache(tokens.len(), capacity));
+            let logits = model.forward(tokens, valid, &mut cache, &mut hooks, LogitsAt::Last)?;
+            then(h, hooks, cache, logits)?;
+        }
+        return Ok(());
     }
-    Ok(())
+    let mut cache = model.new_cache(tokens.len(), capacity);
+    let prefix = model.forward_prefix(tokens, valid, &mut cache, shared)?;
+    let mut go = |h: usize, hooks: &Hooks, mut cache: KvCache| {
+        let mut hooks = hooks.clone();
+        let logits = model.forward_from(&prefix, &mut cache, &mut hooks, LogitsAt::Last)?;
+        then(h, hooks, cache, logits)
+    };
+    for (h, hooks) in others.iter().enumerate() {
+        go(h, hooks, cache.fork()?)?;
+    }
+    go(others.len(), last, cache)
 }
 
 /// The prompts fitted to the context (see [`fit_prompt`]).
@@ -177,10 +170,15 @@ fn batches(prompts: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
     order.chunks(batch_size).map(<[usize]>::to_vec).collect()
 }
 
+/// The token that pads a batch (and follows a finished sequence): the first EOS id.
+fn pad_id(model: &Model) -> u32 {
+    model.info.eos.first().copied().unwrap_or(0)
+}
+
 /// A batch's tokens, left-padded to the longest, and which are real.
 fn padded(model: &Model, prompts: &[&[u32]]) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let pad = model.info.eos.first().copied().unwrap_or(0);
+    let pad = pad_id(model);
     prompts
         .iter()
         .map(|p| {
@@ -202,7 +200,7 @@ fn decode(
     mut on_step: impl FnMut(usize, &[bool], &BTreeMap<HookPoint, Tensor>) -> Result<()>,
 ) -> Result<Vec<Vec<u32>>> {
     let b = logits.dim(0)?;
-    let pad = model.info.eos.first().copied().unwrap_or(0);
+    let pad = pad_id(model);
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done = vec![opts.max_new_tokens == 0; b];
     for step in 1.. {

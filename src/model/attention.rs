@@ -586,7 +586,6 @@ mod tests {
         assert!(no_window.window_mask.is_none());
     }
 
-    /// The fused CPU attention and the tensor-op path agree, with a scale and a soft cap.
     /// A fork goes on alone: what it appends leaves the original untouched, and the other way
     /// round.
     #[test]
@@ -608,6 +607,7 @@ mod tests {
         assert_eq!(slots(&va), [1.0, 1.0, 1.0, 1.0, 3.0, 3.0]);
     }
 
+    /// The fused CPU attention and the tensor-op path agree, with a scale and a soft cap.
     #[test]
     fn softcapped_scores_match_tensor_ops() {
         let dev = Device::Cpu;

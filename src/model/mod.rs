@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-pub use attention::{KvCache, Step};
+pub use attention::KvCache;
 use config::ModelConfig;
 use gemma2::Gemma2;
 use gpt2::Gpt2;
@@ -157,6 +157,14 @@ pub enum LogitsAt {
     All,
     /// The last position of each sequence: `[batch, 1, vocab]`.
     Last,
+}
+
+/// The first blocks of a forward step ([`Model::forward_prefix`]): the step begun, how many
+/// blocks ran, and the residual stream entering the next one.
+pub struct Prefix {
+    step: attention::Step,
+    blocks: usize,
+    x: Tensor,
 }
 
 /// Where a forward pass starts.
@@ -384,24 +392,23 @@ impl Model {
     }
 
     /// The first `blocks` blocks of a forward step over `tokens` (as [`Model::forward`]), with no
-    /// hooks: the step begun and the residual stream entering block `blocks`, from which
-    /// [`Model::forward_from`] goes on (with this cache, or a [`KvCache::fork`] of it).
-    pub fn forward_prefix(&self, tokens: &[Vec<u32>], valid: &[Vec<bool>], cache: &mut KvCache, blocks: usize) -> Result<(Step, Tensor)> {
+    /// hooks, from which [`Model::forward_from`] goes on (with this cache, or a
+    /// [`KvCache::fork`] of it).
+    pub fn forward_prefix(&self, tokens: &[Vec<u32>], valid: &[Vec<bool>], cache: &mut KvCache, blocks: usize) -> Result<Prefix> {
         let (step, ids) = self.begin_step(tokens, valid, cache)?;
         let x = self.run(Input::Tokens(&ids), &step, cache, &mut Hooks::none(), Output::Resid(blocks))?;
-        Ok((step, x))
+        Ok(Prefix { step, blocks, x })
     }
 
-    /// The rest of a step that [`Model::forward_prefix`] began: the blocks from `from` on over
-    /// `x`, the residual stream entering block `from`. Returns the logits, as
-    /// [`Model::forward`] would have.
-    pub fn forward_from(&self, step: &Step, from: usize, x: Tensor, cache: &mut KvCache, hooks: &mut Hooks, logits_at: LogitsAt) -> Result<Tensor> {
-        self.run(Input::Resid(from, x), step, cache, hooks, Output::Logits(logits_at))
+    /// The rest of a step that [`Model::forward_prefix`] began: the remaining blocks, with
+    /// `hooks`. Returns the logits, as [`Model::forward`] would have.
+    pub fn forward_from(&self, prefix: &Prefix, cache: &mut KvCache, hooks: &mut Hooks, logits_at: LogitsAt) -> Result<Tensor> {
+        self.run(Input::Resid(prefix.blocks, prefix.x.clone()), &prefix.step, cache, hooks, Output::Logits(logits_at))
     }
 
     /// Registers a step over `tokens` in `cache`: its positions and masks, and the ids as a
     /// tensor.
-    fn begin_step(&self, tokens: &[Vec<u32>], valid: &[Vec<bool>], cache: &mut KvCache) -> Result<(Step, Tensor)> {
+    fn begin_step(&self, tokens: &[Vec<u32>], valid: &[Vec<bool>], cache: &mut KvCache) -> Result<(attention::Step, Tensor)> {
         let window = match &self.network {
             Network::Gemma2(m) => m.sliding_window(),
             Network::Llama(_) | Network::Gpt2(_) => None,
@@ -422,7 +429,7 @@ impl Model {
         Ok((step, ids))
     }
 
-    fn run(&self, input: Input, step: &Step, cache: &mut KvCache, hooks: &mut Hooks, output: Output) -> Result<Tensor> {
+    fn run(&self, input: Input, step: &attention::Step, cache: &mut KvCache, hooks: &mut Hooks, output: Output) -> Result<Tensor> {
         match &self.network {
             Network::Llama(m) => m.forward(input, step, cache, hooks, output),
             Network::Gemma2(m) => m.forward(input, step, cache, hooks, output),
