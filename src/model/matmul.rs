@@ -910,10 +910,30 @@ mod gemm512 {
                 *w = [T::load16(at), T::load16(at.add(16))];
             }
             for (t, a) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*xp.add(t * KC + p));
-                for (a, w) in a.iter_mut().zip(&w) {
-                    a[0] = _mm512_fmadd_ps(xv, w[0], a[0]);
-                    a[1] = _mm512_fmadd_ps(xv, w[1], a[1]);
+                let xs = xp.add(t * KC + p);
+                if std::mem::size_of::<T>() == 2 {
+                    // Half-precision weights: x is broadcast inside each multiply-add, so no
+                    // separate broadcast competes with the widening of the weights for the
+                    // vector pipes (bf16 products 5-15% faster on Zen 4; f32 gains nothing).
+                    for (a, w) in a.iter_mut().zip(&w) {
+                        for (a, w) in a.iter_mut().zip(w) {
+                            // SAFETY: reads the one f32 at `xs`, inside the packed group of x;
+                            // AVX-512 is enabled for this function.
+                            std::arch::asm!(
+                                "vfmadd231ps {a}, {w}, dword ptr [{x}]{{1to16}}",
+                                a = inout(zmm_reg) *a,
+                                w = in(zmm_reg) *w,
+                                x = in(reg) xs,
+                                options(pure, readonly, nostack, preserves_flags)
+                            );
+                        }
+                    }
+                } else {
+                    let xv = _mm512_set1_ps(*xs);
+                    for (a, w) in a.iter_mut().zip(&w) {
+                        a[0] = _mm512_fmadd_ps(xv, w[0], a[0]);
+                        a[1] = _mm512_fmadd_ps(xv, w[1], a[1]);
+                    }
                 }
             }
         }
