@@ -232,7 +232,7 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
         truncate_left: false,
         feed_last: false,
     };
-    let hooks_for: BTreeMap<String, Hooks> = settings
+    let mut hooks_for: BTreeMap<String, Hooks> = settings
         .configs
         .iter()
         .map(|c| -> Result<(String, Hooks)> {
@@ -245,6 +245,10 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
             Ok((c.name.clone(), hooks))
         })
         .collect::<Result<_>>()?;
+    // Each configuration not identical to another one is computed (the others copy it), all at
+    // once: the blocks before the steered layer run once for all of them.
+    let computed: Vec<&SteerConfig> = settings.configs.iter().filter(|c| !identical.contains_key(&c.name)).collect();
+    let hooks: Vec<Hooks> = computed.iter().map(|c| hooks_for.remove(&c.name).expect("built for every configuration")).collect();
 
     let bar = crate::progress::bar(settings.items.len() as u64)
         .with_style(ProgressStyle::with_template("steer [{bar:30}] {pos}/{len} items, {elapsed} elapsed, eta {eta}").expect("valid template"));
@@ -274,10 +278,6 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
             })
             .collect();
         if !ids.is_empty() {
-            // Each configuration not identical to another one is computed; the others copy it.
-            let computed: Vec<&SteerConfig> = settings.configs.iter().filter(|c| !identical.contains_key(&c.name)).collect();
-            // All at once: the blocks before the steered layer run once for all of them.
-            let hooks: Vec<Hooks> = computed.iter().map(|c| hooks_for[&c.name].clone()).collect();
             if settings.score != "loglik" {
                 for (c, outs) in computed.iter().zip(generate_each(model, &ids, &opts, &hooks)?) {
                     for (r, new) in recs.iter_mut().zip(outs) {

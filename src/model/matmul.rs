@@ -742,8 +742,8 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
 /// time as keep them within L2: a copy of the rows, which selects them); each task runs a few
 /// panels of 32 weight columns, one k-block at a time (meant to stay in L1), against every group:
 /// up to 28 accumulators, 2 panel loads (half precision widened to f32 in registers) and one
-/// broadcast per row of x per 2 multiply-adds per row, and vector stores into y (masked at the
-/// column tails). Each output sums its k-blocks in order,
+/// broadcast per row of x per 2 multiply-adds per row (for half precision, inside each
+/// multiply-add), and vector stores into y (masked at the column tails). Each output sums its k-blocks in order,
 /// each block a sequence of fused multiply-adds from zero, whatever `m`, the shapes or the thread
 /// count, so a batch row gets exactly what the same row alone gets.
 #[cfg(target_arch = "x86_64")]
