@@ -237,13 +237,17 @@ struct SteerArgs {
     /// Prompt template over dataset fields (stripped).
     #[arg(long, default_value = neurosteer::data::prompts::BOOLQ_TEMPLATE)]
     template: String,
+    /// New tokens per answer (EOS stops one earlier).
     #[arg(long, default_value_t = 50)]
     max_new_tokens: usize,
     /// Comma-separated `Name=strength` list; `Base` is the untouched model.
     #[arg(long, default_value = neurosteer::steer::DEFAULT_CONFIGS)]
     configs: String,
+    /// How the features are scaled.
     #[arg(long, value_enum, default_value_t = SteerMode::Delta)]
     mode: SteerMode,
+    /// Items per batch: generation runs a batch's items together, and the results are saved
+    /// after every batch.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Random feature sets (alive, non-reasoning, same size) steered the same way, as controls.
@@ -252,6 +256,7 @@ struct SteerArgs {
     /// `generate` (parse the answer), `loglik` (yes vs no log-probabilities) or `both`.
     #[arg(long, default_value = "generate")]
     score: String,
+    /// Results file (its `.meta.json` and, while running, `.lock` beside it).
     #[arg(long, default_value = "results.json")]
     out: PathBuf,
 }
@@ -325,15 +330,19 @@ struct TranscoderTrainArgs {
     /// Sparsity coefficient λ.
     #[arg(long, default_value_t = 0.05)]
     l1_coefficient: f64,
+    /// Learning rate (decays linearly over the last 20% of steps).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// Optimizer steps.
     #[arg(long, default_value_t = 3000)]
     steps: usize,
+    /// Tokens per training batch.
     #[arg(long, default_value_t = 2048)]
     batch_tokens: usize,
     /// Activation buffer size in tokens.
     #[arg(long, default_value_t = 200_000)]
     max_tokens: usize,
+    /// Seed of the dataset shuffle, the initial weights and the batches.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output `.safetensors` (neurosteer format).
