@@ -256,3 +256,22 @@ fn bench_rows_and_experiment_timing() {
     assert_clean_error(&run(&["bench", "--model", "x", "--experiment", "0"]), &["--experiment"]);
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `transcoder train --out` into a folder that does not exist yet (as `examples/demo.toml`'s
+/// header trains into `examples/runs/demo/`) creates it and writes a transcoder there that loads.
+#[test]
+fn train_creates_the_output_folder() {
+    let Some(shared) = common::shared() else { return };
+    let d = tmpdir("train");
+    let out_file = d.join("runs/demo/tc.safetensors");
+    let s = shared.join("assets");
+    let out = run(&[
+        "transcoder", "train", "--model", s.join("stories260K/hf").to_str().unwrap(), "--layer", "2", "--dataset",
+        s.join("boolq/validation.jsonl").to_str().unwrap(), "--d-sae", "16", "--steps", "5", "--batch-tokens", "64",
+        "--max-tokens", "2000", "--out", out_file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info = run(&["transcoder", "info", out_file.to_str().unwrap()]);
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    std::fs::remove_dir_all(&d).ok();
+}

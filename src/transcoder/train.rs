@@ -7,7 +7,7 @@
 //! shuffled activation buffer, and features that stayed dead for `resample_every` steps are
 //! re-initialised towards badly reconstructed tokens during the first half.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::ProgressStyle;
@@ -276,11 +276,15 @@ fn resample_dead(
 }
 
 /// Collects activations of `opts.layer` over `texts`, trains, and saves the transcoder (with
-/// its held-out log10 frequencies) to `out` in neurosteer's format.
+/// its held-out log10 frequencies) to `out` in neurosteer's format (its folder is created first,
+/// so that a folder that cannot be made fails before the training, not after).
 pub fn train_for_model(model: &Model, texts: &[String], opts: &TrainOptions, max_tokens: usize, out: &std::path::Path) -> Result<TrainReport> {
     opts.check()?;
     if opts.layer >= model.info.n_layers {
         anyhow::bail!("--layer {}: the model has {} layers", opts.layer, model.info.n_layers);
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the folder", dir.display()))?;
     }
     eprintln!("collecting activations of layer {} ...", opts.layer);
     let (x, y) = collect_activations(model, texts, opts.layer, max_tokens)?;
