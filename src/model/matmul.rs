@@ -15,7 +15,7 @@
 //! Larger `m` runs in the `gemm` crate (what candle uses), with a half-precision weight widened
 //! one block of rows at a time into a reused buffer.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
@@ -749,9 +749,9 @@ fn fma_loop(isa: Isa, iters: usize) -> f64 {
 #[cfg(target_arch = "x86_64")]
 mod gemm512 {
     use super::x86::*;
-    use super::{Elem, Rows, SendPtr, NP};
+    use super::{Elem, Rows, SendPtr, NP, with_scratch};
     use rayon::prelude::*;
-    use std::cell::RefCell;
+    use std::cell::Cell;
 
     /// Rows of x per group (broadcast).
     const MT: usize = 14;
@@ -767,7 +767,7 @@ mod gemm512 {
 
     thread_local! {
         /// The packed groups of x (on the calling thread).
-        static XPACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        static XPACK: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     }
 
     /// `y = x · Wᵀ` over `rows` of x `[.., k]` and y, for `W [n, k]` packed as panels
@@ -782,8 +782,7 @@ mod gemm512 {
         // (decode takes all of k in one pass).
         let span = (XBUDGET / (groups * MT * KC)).max(1) * KC;
         let out = SendPtr(y.as_mut_ptr());
-        XPACK.with(|buf| {
-            let mut xp = buf.borrow_mut();
+        with_scratch(&XPACK, |xp| {
             for s0 in (0..k).step_by(span) {
                 let ks = span.min(k - s0);
                 // Per k-block b, x[.., p0..p0+kc] as groups [group][14][256] (zero rows past m).
@@ -806,7 +805,7 @@ mod gemm512 {
                         dst.chunks_mut(MT * KC).enumerate().for_each(group);
                     }
                 }
-                let xp: &[f32] = &xp;
+                let xp: &[f32] = xp;
                 let task = |ti: usize| {
                     let (mut pi, end) = (ti * gp, (ti * gp + gp).min(panels));
                     while pi < end {
@@ -960,7 +959,17 @@ mod gemm512 {
 
 thread_local! {
     /// A block of weight rows widened to f32 for the many-rows paths, reused across calls.
-    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static WIDE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch buffer `key`, taken out for the call: while a product
+/// waits for its parallel tasks, rayon may run another product on the same thread (a forward
+/// pass of another caller), which then finds the buffer empty and grows its own.
+fn with_scratch<R>(key: &'static std::thread::LocalKey<Cell<Vec<f32>>>, f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    let mut buf = key.take();
+    let r = f(&mut buf);
+    key.set(buf);
+    r
 }
 
 /// Many rows: `gemm`, reading f32 weights in place and half-precision weights one widened block
@@ -1004,8 +1013,7 @@ fn large(x: &[f32], m: usize, k: usize, w: Weights, n: usize, y: &mut [f32], ldy
         Weights::Bf16(_) | Weights::F16(_) => {
             // Blocks of about 4 MiB of widened rows.
             let block = ((1 << 20) / k).clamp(16, n.max(16));
-            WIDE.with(|buf| {
-                let mut buf = buf.borrow_mut();
+            with_scratch(&WIDE, |buf| {
                 buf.resize(block * k, 0.0);
                 let mut n0 = 0;
                 while n0 < n {
@@ -1216,7 +1224,12 @@ mod tests {
     #[test]
     #[ignore]
     fn kernel_throughput() {
-        for &(n, k) in &[(3072usize, 768usize), (768, 3072), (14336, 4096)] {
+        // Inside the pool, as a forward pass runs its products.
+        rayon::scope(|_| kernel_throughput_in_pool());
+    }
+
+    fn kernel_throughput_in_pool() {
+        for &(n, k) in &[(3072usize, 768usize), (768, 3072), (50257, 768), (14336, 4096)] {
             let w32 = data(n * k, 1);
             let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
             for m in [1usize, 8, 16, 32, 33, 128, 1024] {
@@ -1246,6 +1259,41 @@ mod tests {
                         println!("   gemm crate: {:8.3} ms {:6.1} GFLOP/s", s * 1e3, 2.0 * (m * n * k) as f64 / s / 1e9);
                     }
                 }
+            }
+        }
+    }
+
+    /// Products handed to the thread pool by many threads at once (as forward passes are) each
+    /// give what they give alone: a product waiting for its parallel tasks runs others on its
+    /// thread meanwhile (rayon takes queued work), so none may keep a thread's scratch buffer
+    /// borrowed across its tasks.
+    #[test]
+    fn products_from_many_threads_agree() {
+        let (k, n) = (700, 300);
+        let w = data(n * k, 7);
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (name, w) in [("f32", Weights::F32(&w)), ("bf16", Weights::Bf16(&wb))] {
+            let packed = Packed::supported().then(|| Packed::new(w, n, k));
+            let run = |(m, x): &(usize, Vec<f32>)| {
+                let mut y = vec![0f32; m * n];
+                match &packed {
+                    Some(p) => p.matmul(x, Rows::First(*m), &mut y, n),
+                    None => matmul_nt(x, *m, k, w, n, &mut y, n),
+                }
+                y
+            };
+            // Decode-sized and prefill-sized products (the latter take the many-rows path
+            // without AVX-512).
+            let calls: Vec<(usize, Vec<f32>)> = (0..32).map(|i| ([1, 8, 40, 3][i % 4], data([1, 8, 40, 3][i % 4] * k, 100 + i as u64))).collect();
+            let alone: Vec<Vec<f32>> = calls.iter().map(run).collect();
+            // Whether a product runs inside another one depends on timing: 8 rounds.
+            for _ in 0..8 {
+                let together: Vec<Vec<f32>> = std::thread::scope(|s| {
+                    let threads: Vec<_> = calls.iter().map(|c| s.spawn(|| pool.install(|| run(c)))).collect();
+                    threads.into_iter().map(|t| t.join().unwrap()).collect()
+                });
+                assert!(alone == together, "{name}: products run together differ from each alone");
             }
         }
     }
