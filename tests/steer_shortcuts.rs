@@ -1,6 +1,7 @@
 //! The experiment's shortcuts give what the long way gives: in `delta` mode strength 1 is run
 //! once and recorded under both names; yes/no log-likelihoods come from one prefill per prompt;
-//! the blocks before the steered layer run once for every configuration.
+//! the blocks before the steered layer run once for every configuration; decode steps, which run
+//! on the shared thread pool, give each caller the same from several threads at once.
 
 mod common;
 
@@ -116,6 +117,33 @@ fn configurations_sharing_the_early_blocks_equal_each_alone() {
             }
             assert!(set.len() < 3 || together[2] != together[0], "{}: steering changes nothing", model.info.source);
         }
+    }
+}
+
+/// Greedy generations run from several threads at once, steered and not, each equal the same
+/// run alone: their decode steps run on the shared thread pool, where one caller's step may run
+/// inside another's parallel op.
+#[test]
+fn generations_from_several_threads_at_once_equal_each_alone() {
+    let Some(shared) = common::shared() else { return };
+    let (model, tc) = stories(&shared);
+    let mut steered = Hooks::none();
+    steered.edit(Arc::new(Steering::new(tc, (0..512).step_by(3).collect(), 2.0, SteerMode::Delta).unwrap()));
+    let plain = Hooks::none();
+    let jobs: Vec<(Vec<u32>, &Hooks)> = ["Once upon a time", "Tom had a big red ball and a", "The sun", "Lily saw"]
+        .iter()
+        .flat_map(|t| {
+            let prompt = model.codec.to_tokens(t).unwrap();
+            [(prompt.clone(), &plain), (prompt, &steered)]
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = jobs.iter().map(|(p, h)| greedy(&model, p, 16, h)).collect();
+    for _ in 0..4 {
+        let together: Vec<Vec<u32>> = std::thread::scope(|s| {
+            let threads: Vec<_> = jobs.iter().map(|(p, h)| s.spawn(|| greedy(&model, p, 16, h))).collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert_eq!(together, alone);
     }
 }
 

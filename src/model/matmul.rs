@@ -1224,7 +1224,8 @@ mod tests {
     #[test]
     #[ignore]
     fn kernel_throughput() {
-        // Inside the pool, as a forward pass runs its products.
+        // Inside the pool, as a decode step runs its products (a prefill runs them from its
+        // calling thread, where each is handed to the pool: a small cost next to theirs).
         rayon::scope(|_| kernel_throughput_in_pool());
     }
 
@@ -1286,7 +1287,7 @@ mod tests {
             // Decode-sized and prefill-sized products (the latter take the many-rows path
             // without AVX-512).
             let calls: Vec<(usize, Vec<f32>)> = (0..32).map(|i| ([1, 8, 40, 3][i % 4], data([1, 8, 40, 3][i % 4] * k, 100 + i as u64))).collect();
-            let alone: Vec<Vec<f32>> = calls.iter().map(run).collect();
+            let alone: Vec<Vec<f32>> = pool.install(|| calls.iter().map(run).collect());
             // Whether a product runs inside another one depends on timing: 8 rounds.
             for _ in 0..8 {
                 let together: Vec<Vec<f32>> = std::thread::scope(|s| {

@@ -435,12 +435,13 @@ impl Model {
             Network::Gemma2(m) => m.forward(input, step, cache, hooks, output),
             Network::Gpt2(m) => m.forward(input, step, cache, hooks, output),
         };
-        // A CPU decode step (one position per sequence) runs on one of the pool's threads: its
-        // small parallel ops (products, attention, norms: some ten per block) then split work
-        // with the other threads directly, where from outside the pool each is handed over and
-        // waited for (a batch-32 GPT-2 step took 10% longer so). A prefill stays on the calling
-        // thread: its ops are large, and its large buffers, allocated on the pool's threads,
-        // came from their own heaps with more page faults (seed-compat `steer` 8% slower).
+        // A CPU pass of one position per sequence (a decode step, or a one-token prompt) runs
+        // on one of the pool's threads: its small parallel ops (products, attention, norms:
+        // some ten per block) then split work with the other threads directly, where from
+        // outside the pool each is handed over and waited for (a batch-32 GPT-2 step took 10%
+        // longer so). A prefill stays on the calling thread: its ops are large, and its large
+        // buffers, allocated on the pool's threads, came from their own heaps with more page
+        // faults (seed-compat `steer` 8% slower).
         if self.device.is_cpu() && step.seq == 1 && rayon::current_thread_index().is_none() {
             rayon::scope(|_| go())
         } else {
