@@ -28,7 +28,7 @@ fn full_loglik(model: &Model, prompt: &[u32], cont: &[u32], hooks: &Hooks) -> f6
     let seq: Vec<u32> = prompt.iter().chain(cont).copied().collect();
     let mut h = hooks.clone();
     let mut cache = model.new_cache(1, seq.len());
-    let logits = model.forward(&[seq.clone()], &[vec![true; seq.len()]], &mut cache, &mut h, LogitsAt::All).unwrap();
+    let logits = model.forward(std::slice::from_ref(&seq), &[vec![true; seq.len()]], &mut cache, &mut h, LogitsAt::All).unwrap();
     let lp = log_softmax(&logits.squeeze(0).unwrap(), 1).unwrap();
     cont.iter()
         .enumerate()
