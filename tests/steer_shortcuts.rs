@@ -1,7 +1,8 @@
 //! The experiment's shortcuts give what the long way gives: in `delta` mode strength 1 is run
 //! once and recorded under both names; yes/no log-likelihoods come from one prefill per prompt;
 //! the blocks before the steered layer run once for every configuration; decode steps, which run
-//! on the shared thread pool, give each caller the same from several threads at once.
+//! on the shared thread pool, give each caller the same from several threads at once; a long
+//! prefill goes through the transcoder a chunk of positions at a time, each as it would alone.
 
 mod common;
 
@@ -9,9 +10,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_nn::ops::log_softmax;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use neurosteer::generate::{argmax, generate_each, GenerateOptions};
-use neurosteer::hooks::{HookPoint, Hooks};
+use neurosteer::hooks::{Edit, HookPoint, Hooks};
 use neurosteer::model::{LoadOptions, LogitsAt, Model};
 use neurosteer::steer::{parse_configs, run_steer, yes_no_loglik, SteerItem, SteerSettings};
 use neurosteer::transcoder::splice::{SteerMode, Steering};
@@ -144,6 +145,36 @@ fn generations_from_several_threads_at_once_equal_each_alone() {
             threads.into_iter().map(|t| t.join().unwrap()).collect()
         });
         assert_eq!(together, alone);
+    }
+}
+
+/// A steering edit reads a prefill of 600 positions (on the CPU, in chunks of 256) and gives
+/// every position, in every mode, what that position gets read alone.
+#[test]
+fn steering_a_long_prefill_equals_each_position_alone() {
+    let Some(shared) = common::shared() else { return };
+    let (_, tc) = stories(&shared);
+    let (batch, seq, d) = (2, 300, tc.meta.d_in);
+    let x = Tensor::randn(0f32, 1f32, (batch, seq, d), &Device::Cpu).unwrap();
+    for (mode, strength) in [(SteerMode::Delta, 2.0), (SteerMode::Replace, 0.5), (SteerMode::SeedCompat, 2.0)] {
+        let steering = Steering::new(tc.clone(), (0..512).step_by(3).collect(), strength, mode).unwrap();
+        let point = steering.reads()[0];
+        let one_of = |(kept, rewritten): (Option<Tensor>, Option<Tensor>)| {
+            assert!(kept.is_some() != rewritten.is_some(), "{mode}: one result per read");
+            kept.or(rewritten).unwrap()
+        };
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let whole = one_of(steering.read(point, &x).unwrap());
+        let n = whole.dim(2).unwrap();
+        assert_eq!(whole.dims(), [batch, seq, n], "{mode}");
+        for b in 0..batch {
+            for t in 0..seq {
+                let alone = one_of(steering.read(point, &x.narrow(0, b, 1).unwrap().narrow(1, t, 1).unwrap()).unwrap());
+                let got = whole.narrow(0, b, 1).unwrap().narrow(1, t, 1).unwrap();
+                let d = common::max_abs_diff(&flat(&got), &flat(&alone));
+                assert!(d <= 1e-5, "{mode}: position {t} of sequence {b} differs by {d}");
+            }
+        }
     }
 }
 

@@ -26,6 +26,9 @@ use super::{linear_in, sparse_decode, Transcoder};
 
 use crate::hooks::{Edit, HookPoint};
 
+/// Positions per pass through the transcoder on the CPU (see [`Steering`]'s `read`).
+const ROWS: usize = 256;
+
 /// How steering acts on the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -246,6 +249,24 @@ impl Steering {
         }
         Ok(Tensor::cat(&parts, x.rank() - 1)?)
     }
+
+    /// [`Edit::read`] on positions `x [.., d_in]` at once.
+    fn read_rows(&self, point: HookPoint, x: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        match self.mode {
+            SteerMode::Delta if self.delta_is_identity() => Ok((None, None)),
+            SteerMode::Delta => Ok((Some(self.delta_contributions(x)?), None)),
+            SteerMode::Replace => {
+                let i = self.inputs.iter().position(|&p| p == point).expect("reads only its inputs");
+                Ok((Some(self.replace_contributions(i, x)?), None))
+            }
+            SteerMode::SeedCompat => {
+                let t = &self.sources[self.steered];
+                let pre = linear_in(x, &t.w_enc)?.broadcast_add(&t.b_enc)?;
+                let f = pre.relu()?.broadcast_mul(self.scale.as_ref().expect("seed-compat has a scale"))?;
+                Ok((None, Some(linear_in(&f, &t.w_dec)?.broadcast_add(&t.b_dec_in)?)))
+            }
+        }
+    }
 }
 
 impl Edit for Steering {
@@ -272,22 +293,32 @@ impl Edit for Steering {
     }
 
     /// Delta keeps the steered features' contributions, replace each source's decoded features;
-    /// seed-compat rewrites the MLP input here.
+    /// seed-compat rewrites the MLP input here. On the CPU a prefill's positions go through the
+    /// transcoder [`ROWS`] at a time: each position's result is its own, and the feature
+    /// activations held at once stay a few tensors of `ROWS × d_sae` (8 prompts of 200 tokens
+    /// would otherwise hold 1,600 rows of every feature in each).
     fn read(&self, point: HookPoint, x: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        match self.mode {
-            SteerMode::Delta if self.delta_is_identity() => Ok((None, None)),
-            SteerMode::Delta => Ok((Some(self.delta_contributions(x)?), None)),
-            SteerMode::Replace => {
-                let i = self.inputs.iter().position(|&p| p == point).expect("reads only its inputs");
-                Ok((Some(self.replace_contributions(i, x)?), None))
-            }
-            SteerMode::SeedCompat => {
-                let t = &self.sources[self.steered];
-                let pre = linear_in(x, &t.w_enc)?.broadcast_add(&t.b_enc)?;
-                let f = pre.relu()?.broadcast_mul(self.scale.as_ref().expect("seed-compat has a scale"))?;
-                Ok((None, Some(linear_in(&f, &t.w_dec)?.broadcast_add(&t.b_dec_in)?)))
-            }
+        let d = x.dim(x.rank() - 1)?;
+        let rows = x.elem_count() / d.max(1);
+        if !x.device().is_cpu() || rows <= ROWS {
+            return self.read_rows(point, x);
         }
+        let flat = x.reshape((rows, d))?;
+        let (mut kept, mut rewritten) = (Vec::new(), Vec::new());
+        for r0 in (0..rows).step_by(ROWS) {
+            let (k, w) = self.read_rows(point, &flat.narrow(0, r0, ROWS.min(rows - r0))?)?;
+            kept.extend(k);
+            rewritten.extend(w);
+        }
+        let lead = &x.dims()[..x.rank() - 1];
+        let join = |parts: Vec<Tensor>| -> Result<Option<Tensor>> {
+            if parts.is_empty() {
+                return Ok(None);
+            }
+            let all = Tensor::cat(&parts, 0)?;
+            Ok(Some(all.reshape([lead, &[all.dim(1)?]].concat())?))
+        };
+        Ok((join(kept)?, join(rewritten)?))
     }
 
     fn write(&self, point: HookPoint, kept: &BTreeMap<HookPoint, Tensor>, out: &Tensor) -> Result<Option<Tensor>> {
