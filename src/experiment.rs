@@ -358,9 +358,7 @@ pub fn run_classify_job(job: &ClassifyJob, traces: &Path, out: &Path, model: Opt
     }
     json["frequency_file"] = frequency_path.display().to_string().into();
     json["n_texts"] = styles.iter().map(|(n, s)| (n.clone(), serde_json::Value::from(s.n_texts))).collect::<serde_json::Map<_, _>>().into();
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
+    report::create_parent(out)?;
     report::write_atomic(out, serde_json::to_string_pretty(&json)?.as_bytes())?;
     let csv = out.with_extension("csv");
     report::write_atomic(&csv, classify_table(&c).to_csv().as_bytes())?;
@@ -591,9 +589,7 @@ pub fn run_steer_job(job: &SteerJob, model: &Model, splice: &Splice, transcoder_
         feature_sets,
         items,
     };
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
+    report::create_parent(out)?;
     let records = steer::run_steer(model, splice, settings, out)?;
     eprintln!("wrote {} ({} items)", out.display(), records.len());
     Ok(())

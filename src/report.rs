@@ -194,10 +194,7 @@ impl Figure for PanelsJob<'_> {
 
 /// Draws `figure` to `{stem}.png` and `{stem}.svg`, each written atomically.
 fn render_both(stem: &Path, size: (u32, u32), figure: &impl Figure) -> Result<Vec<PathBuf>> {
-    if let Some(parent) = stem.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent)
-            .with_context(|| format!("creating folder {}", parent.display()))?;
-    }
+    create_parent(stem)?;
     let png_path = with_suffix(stem, ".png");
     let svg_path = with_suffix(stem, ".svg");
 
@@ -676,9 +673,7 @@ pub struct OutputLock(PathBuf);
 impl OutputLock {
     pub fn acquire(path: &Path) -> Result<Self> {
         let lock = with_suffix(path, ".lock");
-        if let Some(dir) = lock.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the folder", dir.display()))?;
-        }
+        create_parent(&lock)?;
         for _ in 0..2 {
             match fs::OpenOptions::new().write(true).create_new(true).open(&lock) {
                 Ok(mut f) => {
@@ -800,6 +795,14 @@ th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1em 0}figure svg{max-width:100%;height:auto}figcaption{font-size:0.85em;color:#555}\
 pre{white-space:pre-wrap;background:#f8f8f8;padding:0.5em;margin:0.3em 0}\
 .cols{display:flex;gap:1em}.cols>div{flex:1}.example{border-top:1px solid #ddd;margin-top:1em}";
+
+/// Creates the folder `path` goes in (and its parents), when it names one.
+pub fn create_parent(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the folder", dir.display()))?;
+    }
+    Ok(())
+}
 
 /// Writes a file atomically: to `{path}.tmp` in the same folder, fsync, then rename.
 ///

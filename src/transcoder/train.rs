@@ -7,7 +7,7 @@
 //! shuffled activation buffer, and features that stayed dead for `resample_every` steps are
 //! re-initialised towards badly reconstructed tokens during the first half.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::ProgressStyle;
@@ -283,9 +283,7 @@ pub fn train_for_model(model: &Model, texts: &[String], opts: &TrainOptions, max
     if opts.layer >= model.info.n_layers {
         anyhow::bail!("--layer {}: the model has {} layers", opts.layer, model.info.n_layers);
     }
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the folder", dir.display()))?;
-    }
+    crate::report::create_parent(out)?;
     eprintln!("collecting activations of layer {} ...", opts.layer);
     let (x, y) = collect_activations(model, texts, opts.layer, max_tokens)?;
     let l = opts.layer;
