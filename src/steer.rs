@@ -232,23 +232,25 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
         truncate_left: false,
         feed_last: false,
     };
-    let mut hooks_for: BTreeMap<String, Hooks> = settings
+    // Every configuration's hooks are built (which checks its feature set); each one not
+    // identical to another is computed (the others copy it), all at once: the blocks before the
+    // steered layer run once for all of them.
+    let (computed, hooks): (Vec<&SteerConfig>, Vec<Hooks>) = settings
         .configs
         .iter()
-        .map(|c| -> Result<(String, Hooks)> {
+        .map(|c| -> Result<(&SteerConfig, Hooks)> {
             let mut hooks = Hooks::none();
             if let Some(s) = c.strength {
                 let features = settings.feature_sets.get(&c.feature_set).with_context(|| format!("no feature set `{}`", c.feature_set))?;
                 let edit = splice.steering(features.clone(), s, settings.mode)?;
                 hooks.edit(Arc::new(edit));
             }
-            Ok((c.name.clone(), hooks))
+            Ok((c, hooks))
         })
-        .collect::<Result<_>>()?;
-    // Each configuration not identical to another one is computed (the others copy it), all at
-    // once: the blocks before the steered layer run once for all of them.
-    let computed: Vec<&SteerConfig> = settings.configs.iter().filter(|c| !identical.contains_key(&c.name)).collect();
-    let hooks: Vec<Hooks> = computed.iter().map(|c| hooks_for.remove(&c.name).expect("built for every configuration")).collect();
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|(c, _)| !identical.contains_key(&c.name))
+        .unzip();
 
     let bar = crate::progress::bar(settings.items.len() as u64)
         .with_style(ProgressStyle::with_template("steer [{bar:30}] {pos}/{len} items, {elapsed} elapsed, eta {eta}").expect("valid template"));
