@@ -24,6 +24,13 @@ fn stories(shared: &std::path::Path) -> (Model, Arc<Transcoder>) {
     (model, Arc::new(tc))
 }
 
+/// Hooks steering every `every`-th of stories260K's 512 features at strength `s` in `mode`.
+fn steered(tc: &Arc<Transcoder>, every: usize, s: f64, mode: SteerMode) -> Hooks {
+    let mut h = Hooks::none();
+    h.edit(Arc::new(Steering::new(tc.clone(), (0..512).step_by(every).collect(), s, mode).unwrap()));
+    h
+}
+
 /// The log-probability of `cont` after `prompt` from one forward pass over both.
 fn full_loglik(model: &Model, prompt: &[u32], cont: &[u32], hooks: &Hooks) -> f64 {
     let seq: Vec<u32> = prompt.iter().chain(cont).copied().collect();
@@ -41,9 +48,7 @@ fn full_loglik(model: &Model, prompt: &[u32], cont: &[u32], hooks: &Hooks) -> f6
 fn loglik_from_one_prefill_equals_the_full_pass() {
     let Some(shared) = common::shared() else { return };
     let (model, tc) = stories(&shared);
-    let mut steered = Hooks::none();
-    steered.edit(Arc::new(Steering::new(tc, (0..512).step_by(7).collect(), 2.0, SteerMode::Delta).unwrap()));
-    for hooks in [Hooks::none(), steered] {
+    for hooks in [Hooks::none(), steered(&tc, 7, 2.0, SteerMode::Delta)] {
         for text in ["Once upon a time, was the cat happy? Answer:", "Tom had a ball. Is it red?"] {
             let prompt = model.codec.to_tokens(text).unwrap();
             let got = yes_no_loglik(&model, &prompt, std::slice::from_ref(&hooks)).unwrap().remove(0);
@@ -87,11 +92,7 @@ fn configurations_sharing_the_early_blocks_equal_each_alone() {
         h
     };
     let (stories, tc) = stories(&shared);
-    let steered = |s: f64, mode: SteerMode| {
-        let mut h = Hooks::none();
-        h.edit(Arc::new(Steering::new(tc.clone(), (0..512).step_by(3).collect(), s, mode).unwrap()));
-        h
-    };
+    let steered = |s: f64, mode: SteerMode| steered(&tc, 3, s, mode);
     let modes = vec![Hooks::none(), steered(0.5, SteerMode::Replace), steered(2.0, SteerMode::SeedCompat)];
     let mut models = vec![(stories, [steered(0.5, SteerMode::Delta), steered(3.0, SteerMode::Delta)], Some(modes))];
     for name in ["tiny-gpt2", "tiny-gemma2", "tiny-qwen3"] {
@@ -128,8 +129,7 @@ fn configurations_sharing_the_early_blocks_equal_each_alone() {
 fn generations_from_several_threads_at_once_equal_each_alone() {
     let Some(shared) = common::shared() else { return };
     let (model, tc) = stories(&shared);
-    let mut steered = Hooks::none();
-    steered.edit(Arc::new(Steering::new(tc, (0..512).step_by(3).collect(), 2.0, SteerMode::Delta).unwrap()));
+    let steered = steered(&tc, 3, 2.0, SteerMode::Delta);
     let plain = Hooks::none();
     let jobs: Vec<(Vec<u32>, &Hooks)> = ["Once upon a time", "Tom had a big red ball and a", "The sun", "Lily saw"]
         .iter()
