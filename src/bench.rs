@@ -259,35 +259,26 @@ fn weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 fn random_tensor(shape: &[usize], std: f32, dtype: DType, seed: u64) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let half_width = std * 3f32.sqrt();
-    let fill = |chunk: usize| -> Vec<f32> {
-        let len = 1 << 16;
-        let (start, end) = (chunk * len, ((chunk + 1) * len).min(n));
-        let mut s = (seed ^ (chunk as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
-        (start..end)
-            .map(|_| {
+    // Chunk `c` of 65,536 values from its own xorshift stream, converted by `cvt`, in a buffer
+    // filled in parallel (allocated as a checkpoint's tensors are read).
+    fn filled<T: bytemuck::Zeroable + Clone + Send + candle_core::WithDType>(n: usize, shape: &[usize], seed: u64, half_width: f32, cvt: impl Fn(f32) -> T + Sync) -> Result<Tensor> {
+        let mut v = crate::model::zeroed_buffer::<T>(n);
+        v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, dst)| {
+            let mut s = (seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+            for d in dst {
                 s ^= s << 13;
                 s ^= s >> 7;
                 s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * half_width
-            })
-            .collect()
-    };
-    let chunks = n.div_ceil(1 << 16);
-    let dev = Device::Cpu;
-    Ok(match dtype {
-        DType::BF16 => {
-            let v: Vec<half::bf16> = (0..chunks).into_par_iter().flat_map_iter(|c| fill(c).into_iter().map(half::bf16::from_f32)).collect();
-            Tensor::from_vec(v, shape, &dev)?
-        }
-        DType::F16 => {
-            let v: Vec<half::f16> = (0..chunks).into_par_iter().flat_map_iter(|c| fill(c).into_iter().map(half::f16::from_f32)).collect();
-            Tensor::from_vec(v, shape, &dev)?
-        }
-        _ => {
-            let v: Vec<f32> = (0..chunks).into_par_iter().flat_map_iter(fill).collect();
-            Tensor::from_vec(v, shape, &dev)?
-        }
-    })
+                *d = cvt(((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * half_width);
+            }
+        });
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+    match dtype {
+        DType::BF16 => filled(n, shape, seed, half_width, half::bf16::from_f32),
+        DType::F16 => filled(n, shape, seed, half_width, half::f16::from_f32),
+        _ => filled(n, shape, seed, half_width, |v| v),
+    }
 }
 
 /// Random weights made when the model asks for them (as a checkpoint is read tensor by tensor),

@@ -19,7 +19,8 @@ use crate::hooks::{HookPoint, Hooks};
 /// Keys and values of every layer, plus which cached slots hold real tokens.
 ///
 /// Each layer's keys and values live in buffers `[batch, kv_heads, capacity, head_dim]` allocated
-/// once, in f32 on the model's device, and written in place step by step; a step past the
+/// once, in f32 on the model's device (on the CPU in huge pages where the system allows), and
+/// written in place step by step; a step past the
 /// capacity (only when the caller's estimate was short) moves them to buffers twice as large.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -170,7 +171,11 @@ impl KvCache {
                 while self.capacity < total {
                     self.capacity *= 2;
                 }
-                let alloc = || Tensor::zeros((b, kv_h, self.capacity, hd), DType::F32, k.device());
+                let shape = (b, kv_h, self.capacity, hd);
+                let alloc = || match k.device() {
+                    Device::Cpu => Tensor::from_vec(super::zeroed_buffer::<f32>(shape.0 * shape.1 * shape.2 * shape.3), shape, &Device::Cpu),
+                    dev => Tensor::zeros(shape, DType::F32, dev),
+                };
                 let (bk, bv) = (alloc()?, alloc()?);
                 if let Some((ok, ov)) = old {
                     bk.slice_set(&ok.narrow(2, 0, past)?.contiguous()?, 2, 0)?;
@@ -682,6 +687,45 @@ mod tests {
                     assert!(all == one.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "hd {hd}, step of {t}: query {i} alone differs");
                 }
             }
+        }
+    }
+
+    /// Read throughput of decode attention at GPT-2-small's shapes, batch 32 (12 layers of
+    /// distinct caches, more than any processor cache), inside the pool as a decode step runs it
+    /// (not a timed test: run it with
+    /// `cargo test --release --lib attention_throughput -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn attention_throughput() {
+        let dev = Device::Cpu;
+        let (b, h, hd, layers) = (32, 12, 64, 12);
+        for total in [144usize, 512] {
+            let mut cache = KvCache::new(layers, b, total);
+            cache.begin_step(&vec![vec![true; total - 1]; b], None, &dev).unwrap();
+            for l in 0..layers {
+                let kv = || Tensor::randn(0f32, 1.0, (b, h, total - 1, hd), &dev).unwrap();
+                cache.append(l, kv(), kv()).unwrap();
+            }
+            let step = cache.begin_step(&vec![vec![true]; b], None, &dev).unwrap();
+            let views: Vec<(Tensor, Tensor)> = (0..layers)
+                .map(|l| {
+                    let kv = || Tensor::randn(0f32, 1.0, (b, h, 1, hd), &dev).unwrap();
+                    cache.append(l, kv(), kv()).unwrap()
+                })
+                .collect();
+            let q = Tensor::randn(0f32, 1.0, (b, h, 1, hd), &dev).unwrap();
+            let mut best = f64::INFINITY;
+            rayon::scope(|_| {
+                for _ in 0..8 {
+                    let t = std::time::Instant::now();
+                    for (k, v) in &views {
+                        attend(&q, k, v, &step.mask, Scores::standard(hd)).unwrap();
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+            });
+            let bytes = (layers * 2 * b * h * total * hd * 4) as f64;
+            println!("{total} positions: {:.2} ms, {:.1} GB/s", best * 1e3, bytes / best / 1e9);
         }
     }
 }

@@ -77,10 +77,10 @@ enum PackedData {
     F16(Vec<f16>),
 }
 
-/// The zeroed panels of an `[n, k]` matrix, panel `pi` (`[k][32]`) filled by `fill(pi, panel)`,
-/// panels in parallel.
-fn panels<T: Copy + Default + Send + Sync>(n: usize, k: usize, fill: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
-    let mut out = vec![T::default(); n.div_ceil(NP) * k * NP];
+/// The zeroed panels of an `[n, k]` matrix (a [`super::zeroed_buffer`]), panel `pi` (`[k][32]`)
+/// filled by `fill(pi, panel)`, panels in parallel.
+fn panels<T: Copy + bytemuck::Zeroable + Send + Sync>(n: usize, k: usize, fill: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    let mut out = super::zeroed_buffer(n.div_ceil(NP) * k * NP);
     if k > 0 {
         out.par_chunks_mut(k * NP).enumerate().for_each(|(pi, dst)| fill(pi, dst));
     }
@@ -97,7 +97,7 @@ impl Packed {
     /// Packs `w [n, k]`.
     pub fn new(w: Weights, n: usize, k: usize) -> Packed {
         assert!(w.len() >= n * k, "Packed::new: weights too small");
-        fn pack<T: Copy + Default + Send + Sync>(w: &[T], n: usize, k: usize) -> Vec<T> {
+        fn pack<T: Copy + bytemuck::Zeroable + Send + Sync>(w: &[T], n: usize, k: usize) -> Vec<T> {
             panels(n, k, |pi, dst| {
                 let rows = NP.min(n - pi * NP);
                 // 64 k at a time, so the 32 rows' lines are reused while in L1.
@@ -124,7 +124,7 @@ impl Packed {
     /// to nearest as candle converts): the panels are copies of 32-wide slices of its rows.
     pub fn from_kn(w: &[f32], k: usize, n: usize, sub: &[f32], dtype: candle_core::DType) -> anyhow::Result<Packed> {
         assert!(w.len() >= k * n && sub.len() >= k, "Packed::from_kn: buffers too small");
-        fn pack<T: Copy + Default + Send + Sync>(w: &[f32], k: usize, n: usize, sub: &[f32], cvt: impl Fn(f32) -> T + Sync) -> Vec<T> {
+        fn pack<T: Copy + bytemuck::Zeroable + Send + Sync>(w: &[f32], k: usize, n: usize, sub: &[f32], cvt: impl Fn(f32) -> T + Sync) -> Vec<T> {
             panels(n, k, |pi, dst| {
                 let j0 = pi * NP;
                 let cols = NP.min(n - j0);
@@ -1262,6 +1262,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Throughput of the products of a GPT-2-small decode step, each matrix read from memory
+    /// (12 blocks of distinct f32 weights and the unembedding, 0.5 GB, more than any cache),
+    /// inside the pool as a step runs them (not a timed test: it asserts nothing; run it with
+    /// `cargo test --release --lib stream_throughput -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn stream_throughput() {
+        let shapes: Vec<(usize, usize)> = (0..12).flat_map(|_| [(2304usize, 768usize), (768, 768), (3072, 768), (768, 3072)]).chain([(50257, 768)]).collect();
+        let packed: Vec<Packed> = shapes.iter().enumerate().map(|(i, &(n, k))| Packed::new(Weights::F32(&data(n * k, i as u64)), n, k)).collect();
+        let params: usize = shapes.iter().map(|&(n, k)| n * k).sum();
+        rayon::scope(|_| {
+            for m in [1usize, 8, 14, 32] {
+                let xs: Vec<Vec<f32>> = shapes.iter().map(|&(_, k)| data(m * k, 3)).collect();
+                let mut ys: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| vec![0f32; m * n]).collect();
+                let mut best = f64::INFINITY;
+                for _ in 0..6 {
+                    let t = std::time::Instant::now();
+                    for ((p, x), y) in packed.iter().zip(&xs).zip(&mut ys) {
+                        p.matmul(x, Rows::First(m), y, p.dims().0);
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                let (gflops, gbs) = (2.0 * (m * params) as f64 / best / 1e9, (4 * params) as f64 / best / 1e9);
+                println!("m={m:3}: {:7.2} ms, {gflops:6.1} GFLOP/s, weights read at {gbs:5.1} GB/s", best * 1e3);
+            }
+        });
     }
 
     /// Products handed to the thread pool by many threads at once (as forward passes are) each

@@ -102,8 +102,8 @@ impl SafetensorsFiles {
             })
         };
         // Floats are read straight into their typed buffer (one copy of the tensor, not two).
-        fn typed<T: candle_core::WithDType>(n: usize, read: impl Fn(&mut [u8]) -> Result<()>) -> Result<Vec<T>> {
-            let mut v = vec![T::zero(); n];
+        fn typed<T: candle_core::WithDType + bytemuck::Zeroable>(n: usize, read: impl Fn(&mut [u8]) -> Result<()>) -> Result<Vec<T>> {
+            let mut v = super::zeroed_buffer::<T>(n);
             // SAFETY: f64, f32, f16 and bf16 are plain old data: any bytes are a valid value.
             let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>()) };
             read(bytes)?;
