@@ -690,16 +690,16 @@ mod tests {
         }
     }
 
-    /// Read throughput of decode attention at GPT-2-small's shapes, batch 32 (12 layers of
-    /// distinct caches, more than any processor cache), inside the pool as a decode step runs it
+    /// Read throughput of decode attention at GPT-2-small's shapes, batch 1 and 32 (12 layers of
+    /// distinct caches), inside the pool as a decode step runs it
     /// (not a timed test: run it with
     /// `cargo test --release --lib attention_throughput -- --ignored --nocapture`).
     #[test]
     #[ignore]
     fn attention_throughput() {
         let dev = Device::Cpu;
-        let (b, h, hd, layers) = (32, 12, 64, 12);
-        for total in [144usize, 512] {
+        let (h, hd, layers) = (12, 64, 12);
+        for (b, total) in [(1usize, 144usize), (32, 144), (32, 512)] {
             let mut cache = KvCache::new(layers, b, total);
             cache.begin_step(&vec![vec![true; total - 1]; b], None, &dev).unwrap();
             for l in 0..layers {
@@ -725,7 +725,7 @@ mod tests {
                 }
             });
             let bytes = (layers * 2 * b * h * total * hd * 4) as f64;
-            println!("{total} positions: {:.2} ms, {:.1} GB/s", best * 1e3, bytes / best / 1e9);
+            println!("batch {b}, {total} positions: {:.3} ms, {:.1} GB/s", best * 1e3, bytes / best / 1e9);
         }
     }
 }
