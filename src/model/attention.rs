@@ -19,9 +19,9 @@ use crate::hooks::{HookPoint, Hooks};
 /// Keys and values of every layer, plus which cached slots hold real tokens.
 ///
 /// Each layer's keys and values live in buffers `[batch, kv_heads, capacity, head_dim]` allocated
-/// once, in f32 on the model's device (on the CPU in huge pages where the system allows), and
-/// written in place step by step; a step past the
-/// capacity (only when the caller's estimate was short) moves them to buffers twice as large.
+/// once, in f32 on the model's device (on the CPU a [`super::zeroed_buffer`], in huge pages where
+/// the system allows), and written in place step by step; a step past the capacity (only when
+/// the caller's estimate was short) moves them to buffers twice as large.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     /// Slots allocated per sequence.
@@ -173,7 +173,7 @@ impl KvCache {
                 }
                 let shape = (b, kv_h, self.capacity, hd);
                 let alloc = || match k.device() {
-                    Device::Cpu => Tensor::from_vec(super::zeroed_buffer::<f32>(shape.0 * shape.1 * shape.2 * shape.3), shape, &Device::Cpu),
+                    Device::Cpu => Tensor::from_vec(super::zeroed_buffer::<f32>(b * kv_h * self.capacity * hd), shape, &Device::Cpu),
                     dev => Tensor::zeros(shape, DType::F32, dev),
                 };
                 let (bk, bv) = (alloc()?, alloc()?);
@@ -691,9 +691,9 @@ mod tests {
     }
 
     /// Read throughput of decode attention at GPT-2-small's shapes, batch 1 and 32 (12 layers of
-    /// distinct caches), inside the pool as a decode step runs it
-    /// (not a timed test: run it with
-    /// `cargo test --release --lib attention_throughput -- --ignored --nocapture`).
+    /// distinct caches), inside the pool as a decode step runs it (not a timed test: it asserts
+    /// nothing; run it with `cargo test --release --lib attention_throughput -- --ignored
+    /// --nocapture`).
     #[test]
     #[ignore]
     fn attention_throughput() {
