@@ -699,7 +699,7 @@ mod tests {
     fn attention_throughput() {
         let dev = Device::Cpu;
         let (h, hd, layers) = (12, 64, 12);
-        for (b, total) in [(1usize, 144usize), (32, 144), (32, 512)] {
+        for (b, total) in [(1usize, 144usize), (8, 256), (32, 144), (32, 512)] {
             let mut cache = KvCache::new(layers, b, total);
             cache.begin_step(&vec![vec![true; total - 1]; b], None, &dev).unwrap();
             for l in 0..layers {
