@@ -68,7 +68,7 @@ impl DatasetSpec {
             (Some(k), None) => k.parse()?,
             (None, None) => data::detect_kind(&rows),
         };
-        let items = data::normalize(rows, kind).with_context(|| format!("{}", self.path))?;
+        let items = data::normalize(rows, kind).with_context(|| self.path.to_string())?;
         let items = data::shuffle_take(items, self.shuffle, self.seed, None);
         let n = self.n.unwrap_or(items.len()).min(items.len());
         let mut items = items;

@@ -392,7 +392,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, target: &Node, items: Vec<Node>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             bail!("odd number of items for SETITEMS at byte {}", self.pos);
         }
         let mut t = target

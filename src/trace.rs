@@ -175,8 +175,8 @@ pub fn run_trace(
                 for (step, _, sparse) in &rows[i] {
                     let token = if *step == 0 { *ids[i].last().unwrap_or(&0) } else { generated[i][step - 1] };
                     shard.rows.push((i, *step, token));
-                    if !shard.token_text.contains_key(&token) {
-                        shard.token_text.insert(token, model.codec.decode(&[token])?);
+                    if let std::collections::hash_map::Entry::Vacant(e) = shard.token_text.entry(token) {
+                        e.insert(model.codec.decode(&[token])?);
                     }
                     for &(f, v) in sparse {
                         shard.features.push(f);

@@ -39,7 +39,7 @@ fn check_reference(model: &Model, reference: &Path, tokenizer_adds_bos: bool, to
         eprintln!("{} {name}: final logits within {diff:.2e} of transformers", model.info.family);
         assert!(diff < 1e-4, "{name}: final logits differ by {diff}");
         let greedy_ids = common::u32s(&p["greedy_ids"]);
-        let got = greedy(model, &[input_ids.clone()], greedy_ids.len(), 1).remove(0);
+        let got = greedy(model, std::slice::from_ref(&input_ids), greedy_ids.len(), 1).remove(0);
         assert_eq!(got, greedy_ids, "{name}: greedy ids");
         let text_ref = p["greedy_text"].as_str().unwrap();
         assert_eq!(model.codec.decode(&got).unwrap(), text_ref, "{name}: greedy text");
@@ -82,7 +82,7 @@ fn check_hooks(model: &Model, dir: &Path, skipped: &[&str], hf_mlp_out: bool) {
         hooks.record(model.hook_point(ours).unwrap());
     }
     let mut cache = model.new_cache(1, ids.len());
-    let logits = model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::All).unwrap();
+    let logits = model.forward(std::slice::from_ref(&ids), &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::All).unwrap();
     for (n, reference_name) in &pairs {
         let ours: Tensor = hooks.recorded(model.hook_point(n).unwrap()).unwrap().squeeze(0).unwrap();
         let want = &reference[reference_name];

@@ -228,8 +228,8 @@ fn pickle_machine_semantics() {
     // Self-reference and deep nesting: errors, no stack overflow.
     assert!(parse_pickle(b"]q\x00h\x00a.").is_err());
     let mut deep = vec![0x80, 2];
-    deep.extend(std::iter::repeat(b']').take(200_000));
-    deep.extend(std::iter::repeat(b'a').take(199_999));
+    deep.extend(std::iter::repeat_n(b']', 200_000));
+    deep.extend(std::iter::repeat_n(b'a', 199_999));
     deep.push(b'.');
     assert!(parse_pickle(&deep).is_err());
     // Stack underflow, missing memo, no STOP.

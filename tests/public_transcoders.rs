@@ -45,7 +45,7 @@ fn check_folder(folder: &str) -> Option<usize> {
             let mut hooks = Hooks::none();
             hooks.record(input);
             let mut cache = model.new_cache(1, ids.len());
-            model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::Last).unwrap();
+            model.forward(std::slice::from_ref(&ids), &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::Last).unwrap();
             let x = hooks.recorded(input).unwrap().squeeze(0).unwrap();
             let got: Vec<f32> = tc.encode(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let want: Vec<f32> = arrays[key.as_str().unwrap()].flatten_all().unwrap().to_vec1().unwrap();

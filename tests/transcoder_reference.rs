@@ -52,14 +52,14 @@ fn every_mode_and_strength_matches_reference() {
             let hooks = hooks_for(&tc, &features, cfg["mode"].as_str().unwrap(), cfg["s"].as_f64());
             let mut h = hooks.clone();
             let mut cache = model.new_cache(1, ids.len());
-            let logits = model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut h, LogitsAt::Last).unwrap();
+            let logits = model.forward(std::slice::from_ref(&ids), &[vec![true; ids.len()]], &mut cache, &mut h, LogitsAt::Last).unwrap();
             let ours: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
             let want: Vec<f32> = arrays[cfg["final_logits_key"].as_str().unwrap()].to_vec1().unwrap();
             let diff = common::max_abs_diff(&common::centred(&ours), &want);
             assert!(diff < 2e-4, "{name} {cfg_name}: centred logits differ by {diff}");
             let greedy = common::u32s(&cfg["greedy_ids"]);
             let opts = GenerateOptions { max_new_tokens: 20, batch_size: 1, ..Default::default() };
-            let got = generate(&model, &[ids.clone()], &opts, &hooks, |_| Ok(())).unwrap().remove(0);
+            let got = generate(&model, std::slice::from_ref(&ids), &opts, &hooks, |_| Ok(())).unwrap().remove(0);
             assert_eq!(got, greedy, "{name} {cfg_name}: greedy ids");
         }
     }
@@ -75,7 +75,7 @@ fn delta_at_strength_one_is_exactly_the_model() {
     let run = |hooks: &Hooks| -> Tensor {
         let mut h = hooks.clone();
         let mut cache = model.new_cache(1, ids.len());
-        model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut h, LogitsAt::All).unwrap()
+        model.forward(std::slice::from_ref(&ids), &[vec![true; ids.len()]], &mut cache, &mut h, LogitsAt::All).unwrap()
     };
     let base = run(&Hooks::none());
     let steered = run(&hooks_for(&tc, &[0, 1, 2, 3], "delta", Some(1.0)));

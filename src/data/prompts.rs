@@ -81,7 +81,7 @@ fn parse(template: &str) -> Result<Vec<Piece<'_>>> {
             }
             b'{' => {
                 let end = template[i + 1..]
-                    .find(|c: char| c == '}' || c == '{')
+                    .find(['}', '{'])
                     .map(|e| e + i + 1)
                     .filter(|&e| bytes[e] == b'}')
                     .ok_or_else(|| anyhow!("unclosed `{{` at byte {i} (write `{{{{` for a literal brace)"))?;

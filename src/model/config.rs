@@ -479,7 +479,7 @@ impl RawGpt2 {
         if self.scale_attn_by_inverse_layer_idx == Some(true) || self.reorder_and_upcast_attn == Some(true) {
             bail!("scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported");
         }
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             bail!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head);
         }
         Ok(Gpt2Config {

@@ -81,7 +81,7 @@ pub fn evaluate(model: &Model, tc: &Arc<Transcoder>, texts: &[String]) -> Result
         base.record(input);
         base.record(output);
         let mut cache = model.new_cache(1, ids.len());
-        let logits = model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut base, LogitsAt::All)?;
+        let logits = model.forward(std::slice::from_ref(&ids), &[vec![true; ids.len()]], &mut cache, &mut base, LogitsAt::All)?;
         let lp = log_softmax(&logits.squeeze(0)?, D::Minus1)?;
         let x = base.recorded(input).expect("recorded").squeeze(0)?;
         let y = base.recorded(output).expect("recorded").squeeze(0)?;
@@ -144,7 +144,7 @@ pub fn log_frequency(model: &Model, tc: &Transcoder, texts: &[String], n_tokens:
         let mut hooks = Hooks::none();
         hooks.record(input);
         let mut cache = model.new_cache(1, ids.len());
-        model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::Last)?;
+        model.forward(std::slice::from_ref(&ids), &[vec![true; ids.len()]], &mut cache, &mut hooks, LogitsAt::Last)?;
         let take = ids.len().min(n_tokens - seen);
         let x = hooks.recorded(input).expect("recorded").squeeze(0)?.narrow(0, 0, take)?;
         let active = tc.encode(&x)?.ne(0f32)?.to_dtype(DType::F32)?.sum(0)?.to_vec1::<f32>()?;

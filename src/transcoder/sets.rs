@@ -161,7 +161,7 @@ impl SetSource {
         let layer = path
             .components()
             .filter_map(|c| c.as_os_str().to_str()?.strip_prefix("layer_")?.parse::<usize>().ok())
-            .last();
+            .next_back();
         for dir in path.ancestors().skip(1).take(4) {
             let files = Files::Local(dir.to_path_buf());
             if let Some(config) = read_config(&files)? {
