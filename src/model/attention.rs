@@ -256,6 +256,7 @@ mod cpu {
 
     use super::Scores;
     use crate::model::matmul::{Isa, SendPtr};
+    use crate::model::pointwise::softmax_exp;
 
     /// A CPU f32 tensor's data from its start offset, with its strides.
     fn view(t: &Tensor) -> Result<(impl std::ops::Deref<Target = Storage> + '_, usize, Vec<usize>)> {
@@ -282,6 +283,8 @@ mod cpu {
         total: usize,
         hd: usize,
         scores: Scores,
+        /// The instruction set the softmax's exponentials use.
+        isa: Isa,
         /// Strides of k and v over sequences and heads (their rows are `hd` apart).
         k_seq: usize,
         k_head: usize,
@@ -301,11 +304,11 @@ mod cpu {
         if kst[2] != hd || kst[3] != 1 || vst[2] != hd || vst[3] != 1 || h % kv_h != 0 {
             bail!("CPU attention: keys and values must have contiguous rows");
         }
-        let d = Dims { h, kv_h, t, total, hd, scores, k_seq: kst[0], k_head: kst[1], v_seq: vst[0], v_head: vst[1] };
+        let isa = Isa::detected();
+        let d = Dims { h, kv_h, t, total, hd, scores, isa, k_seq: kst[0], k_head: kst[1], v_seq: vst[0], v_head: vst[1] };
         let (qv, kv, vv, mv) = (&slice(&qs)?[qo..], &slice(&ks)?[ko..], &slice(&vs)?[vo..], &slice(&ms)?[mo..]);
         let mut out = vec![0f32; b * t * h * hd];
         let optr = SendPtr(out.as_mut_ptr());
-        let isa = Isa::detected();
         (0..b * h).into_par_iter().for_each(|bh| {
             // SAFETY: task (sequence, head) writes only the `hd` outputs of its head at each of
             // its queries; the instruction set was detected on this processor.
@@ -469,11 +472,7 @@ mod cpu {
                 }
             }
             let max = p[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for pj in &mut p[lo..hi] {
-                *pj = if *pj == f32::NEG_INFINITY { 0.0 } else { (*pj - max).exp() };
-                sum += *pj;
-            }
+            let sum = softmax_exp(d.isa, &mut p[lo..hi], max);
             let o = std::slice::from_raw_parts_mut(out.add(((bi * d.t + i) * d.h + head) * d.hd), d.hd);
             let inv = 1.0 / sum;
             // The weighted sum of values, OUTS outputs at a time held in registers.
