@@ -1,4 +1,5 @@
-//! The MLP activations and the norms, in one pass over an f32 tensor on the CPU.
+//! The MLP activations and the norms, in one pass over an f32 tensor on the CPU, and the
+//! exponentials of attention's softmax ([`softmax_exp`]).
 //!
 //! The activations are `x · σ(z(x))`: SiLU with `z = x`, and the tanh approximation of GELU (GPT-2's
 //! `gelu_new`, Gemma-2's `gelu_pytorch_tanh`) with `z = 2·√(2/π)·(x + 0.044715 x³)`, since
