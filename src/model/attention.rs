@@ -417,6 +417,47 @@ mod cpu {
         s
     }
 
+    /// Queries whose scores the AVX-512 path sums together (each vector of keys loaded once for
+    /// all of them).
+    const QUERIES: usize = 4;
+
+    /// [`dot_keys`] for `QUERIES` queries at once with AVX-512, each summed exactly as it sums
+    /// one: the sixteen lanes four at a time (sixteen vectors of sums in registers), each lane's
+    /// multiply-adds in order, the lanes added in order, then the tail unfused.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot_keys4_avx512(q: [&[f32]; QUERIES], kt: &[f32], ld: usize) -> [[f32; KEYS]; QUERIES] {
+        use std::arch::x86_64::*;
+        let hd = q[0].len();
+        let full = hd / 16 * 16;
+        assert!(q.iter().all(|q| q.len() == hd) && kt.len() >= (hd - 1) * ld + KEYS, "dot_keys4: slices too short");
+        let mut s = [_mm512_setzero_ps(); QUERIES];
+        for l0 in (0..16).step_by(4) {
+            let mut lanes = [[_mm512_setzero_ps(); 4]; QUERIES];
+            for c0 in (0..full).step_by(16) {
+                for l in 0..4 {
+                    let c = c0 + l0 + l;
+                    let keys = _mm512_loadu_ps(kt.as_ptr().add(c * ld));
+                    for (lanes, q) in lanes.iter_mut().zip(&q) {
+                        lanes[l] = _mm512_fmadd_ps(_mm512_set1_ps(*q.get_unchecked(c)), keys, lanes[l]);
+                    }
+                }
+            }
+            for (s, lanes) in s.iter_mut().zip(&lanes) {
+                for (l, &lane) in lanes.iter().enumerate() {
+                    *s = if l0 + l == 0 { lane } else { _mm512_add_ps(*s, lane) };
+                }
+            }
+        }
+        for c in full..hd {
+            let keys = _mm512_loadu_ps(kt.as_ptr().add(c * ld));
+            for (s, q) in s.iter_mut().zip(&q) {
+                *s = _mm512_add_ps(*s, _mm512_mul_ps(_mm512_set1_ps(q[c]), keys));
+            }
+        }
+        s.map(|v| std::mem::transmute::<__m512, [f32; KEYS]>(v))
+    }
+
     /// `acc += w · row` over the first `row.len()` outputs (a whole block stays in registers).
     #[inline(always)]
     fn add_scaled<'a>(acc: &mut [f32; OUTS], w: f32, row: impl Iterator<Item = &'a f32>) {
@@ -426,10 +467,10 @@ mod cpu {
     }
 
     /// One sequence and query head, every query of the step. With many queries (a prefill), the
-    /// keys are first transposed to `[hd][total]`, so that each query's scores are summed 16 keys
-    /// at a time without horizontal sums; with few (a decode step), each key row is read once,
-    /// as it lies in the cache. Both sum a score in the same order, so a query gets the same
-    /// output whichever path runs it.
+    /// keys are first transposed to `[hd][total]`, so that the scores are summed 16 keys at a
+    /// time without horizontal sums (for four queries at once with AVX-512); with few (a decode
+    /// step), each key row is read once, as it lies in the cache. Both sum a score in the same
+    /// order, so a query gets the same output whichever path runs it.
     #[inline(always)]
     unsafe fn head(bh: usize, d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: *mut f32) {
         let (bi, head) = (bh / d.h, bh % d.h);
@@ -445,55 +486,96 @@ mod cpu {
             }
             kt
         });
-        let mut p = vec![f32::NEG_INFINITY; ld];
-        for i in 0..d.t {
-            let qrow = &q[((bi * d.h + head) * d.t + i) * d.hd..][..d.hd];
-            let mrow = &mask[(bi * d.t + i) * d.total..][..d.total];
-            // The visible keys lie in lo..hi (a query always sees itself).
-            let lo = mrow.iter().position(|&m| m != f32::NEG_INFINITY).unwrap_or(0);
-            let hi = mrow.iter().rposition(|&m| m != f32::NEG_INFINITY).map_or(0, |j| j + 1);
-            let score = |j: usize, dot: f32| if mrow[j] == f32::NEG_INFINITY { f32::NEG_INFINITY } else { d.scores.apply(dot) + mrow[j] };
+        // The scores of up to QUERIES queries at a time.
+        let mut ps = vec![f32::NEG_INFINITY; QUERIES * ld];
+        let qrow = |i: usize| &q[((bi * d.h + head) * d.t + i) * d.hd..][..d.hd];
+        let mrow = |i: usize| &mask[(bi * d.t + i) * d.total..][..d.total];
+        // Query i's visible keys lie in lo..hi (a query always sees itself).
+        let range = |i: usize| {
+            let m = mrow(i);
+            let lo = m.iter().position(|&m| m != f32::NEG_INFINITY).unwrap_or(0);
+            (lo, m.iter().rposition(|&m| m != f32::NEG_INFINITY).map_or(0, |j| j + 1))
+        };
+        let score = |i: usize, j: usize, dot: f32| match mrow(i)[j] {
+            f32::NEG_INFINITY => f32::NEG_INFINITY,
+            m => d.scores.apply(dot) + m,
+        };
+        for i0 in (0..d.t).step_by(QUERIES) {
+            let nq = QUERIES.min(d.t - i0);
+            let ranges: [(usize, usize); QUERIES] = std::array::from_fn(|qi| if qi < nq { range(i0 + qi) } else { (0, 0) });
             match &kt {
                 Some(kt) => {
+                    // The group's keys; each query keeps the scores of its visible ones (a short
+                    // group repeats its last query).
+                    let lo = ranges[..nq].iter().map(|r| r.0).min().unwrap_or(0);
+                    let hi = ranges[..nq].iter().map(|r| r.1).max().unwrap_or(0);
+                    let rows: [&[f32]; QUERIES] = std::array::from_fn(|qi| qrow(i0 + qi.min(nq - 1)));
                     for j0 in (lo / KEYS * KEYS..hi).step_by(KEYS) {
-                        let dots = dot_keys(qrow, &kt[j0..], ld);
-                        for (j, &a) in (j0..(j0 + KEYS).min(hi)).zip(&dots) {
-                            p[j] = score(j, a);
+                        let dots = match d.isa {
+                            // SAFETY: AVX-512 was detected; kt holds hd rows of ld ≥ j0 + KEYS.
+                            #[cfg(target_arch = "x86_64")]
+                            Isa::Avx512 => dot_keys4_avx512(rows, &kt[j0..], ld),
+                            _ => rows.map(|q| dot_keys(q, &kt[j0..], ld)),
+                        };
+                        for (qi, &(qlo, qhi)) in ranges[..nq].iter().enumerate() {
+                            for j in j0.max(qlo)..(j0 + KEYS).min(qhi) {
+                                ps[qi * ld + j] = score(i0 + qi, j, dots[qi][j - j0]);
+                            }
                         }
                     }
                 }
                 None => {
-                    for j in lo..hi {
-                        if mrow.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY) {
-                            prefetch_row(k, kbase + (j + AHEAD) * d.hd, d.hd);
-                        }
-                        p[j] = score(j, dot(qrow, &k[kbase + j * d.hd..][..d.hd]));
-                    }
-                }
-            }
-            let max = p[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let sum = softmax_exp(d.isa, &mut p[lo..hi], max);
-            let o = std::slice::from_raw_parts_mut(out.add(((bi * d.t + i) * d.h + head) * d.hd), d.hd);
-            let inv = 1.0 / sum;
-            // The weighted sum of values, OUTS outputs at a time held in registers.
-            for c0 in (0..d.hd).step_by(OUTS) {
-                let width = OUTS.min(d.hd - c0);
-                let mut acc = [0f32; OUTS];
-                for j in lo..hi {
-                    let pj = p[j];
-                    if c0 == 0 && mrow.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY) {
-                        prefetch_row(v, vbase + (j + AHEAD) * d.hd, d.hd);
-                    }
-                    if pj != 0.0 {
-                        let row = &v[vbase + j * d.hd + c0..][..width];
-                        match <&[f32; OUTS]>::try_from(row) {
-                            Ok(full) => add_scaled(&mut acc, pj * inv, full.iter()),
-                            Err(_) => add_scaled(&mut acc, pj * inv, row.iter()),
+                    for (qi, &(lo, hi)) in ranges[..nq].iter().enumerate() {
+                        let m = mrow(i0 + qi);
+                        for j in lo..hi {
+                            if m.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY) {
+                                prefetch_row(k, kbase + (j + AHEAD) * d.hd, d.hd);
+                            }
+                            ps[qi * ld + j] = score(i0 + qi, j, dot(qrow(i0 + qi), &k[kbase + j * d.hd..][..d.hd]));
                         }
                     }
                 }
-                o[c0..c0 + width].copy_from_slice(&acc[..width]);
             }
+            for (qi, &(lo, hi)) in ranges[..nq].iter().enumerate() {
+                let i = i0 + qi;
+                weighted_values(d, v, vbase, mrow(i), lo, hi, &mut ps[qi * ld..][..ld], out.add(((bi * d.t + i) * d.h + head) * d.hd));
+            }
+        }
+    }
+
+    /// A query's output `out [hd]`: the softmax of its scores `p[lo..hi]` (masked ones −∞;
+    /// replaced by their exponentials) and the sum of the values weighted by it.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn weighted_values(d: Dims, v: &[f32], vbase: usize, mrow: &[f32], lo: usize, hi: usize, p: &mut [f32], out: *mut f32) {
+        let max = p[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let sum = softmax_exp(d.isa, &mut p[lo..hi], max);
+        let o = std::slice::from_raw_parts_mut(out, d.hd);
+        let inv = 1.0 / sum;
+        // The weighted sum of values, OUTS outputs at a time held in registers (a whole block
+        // and a narrower last one in separate loops, so that the first keeps its sums there).
+        for c0 in (0..d.hd).step_by(OUTS) {
+            let width = OUTS.min(d.hd - c0);
+            let mut acc = [0f32; OUTS];
+            let visible = (lo..hi).filter(|&j| p[j] != 0.0);
+            let fetch = |j: usize| {
+                if c0 == 0 && mrow.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY) {
+                    prefetch_row(v, vbase + (j + AHEAD) * d.hd, d.hd);
+                }
+            };
+            if width == OUTS {
+                for j in visible {
+                    fetch(j);
+                    let row: &[f32; OUTS] = v[vbase + j * d.hd + c0..][..OUTS].try_into().unwrap();
+                    add_scaled(&mut acc, p[j] * inv, row.iter());
+                }
+            } else {
+                for j in visible {
+                    fetch(j);
+                    add_scaled(&mut acc, p[j] * inv, v[vbase + j * d.hd + c0..][..width].iter());
+                }
+            }
+            o[c0..c0 + width].copy_from_slice(&acc[..width]);
         }
     }
 }
