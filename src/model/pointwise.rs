@@ -341,7 +341,7 @@ mod tests {
     #[test]
     fn softmax_exponentials_match_the_formula() {
         for len in [1usize, 15, 16, 17, 40, 333] {
-            let p: Vec<f32> = (0..len).map(|j| if j % 7 == 3 { f32::NEG_INFINITY } else { ((j * 37) % 101) as f32 * -1.0 + 0.25 }).collect();
+            let p: Vec<f32> = (0..len).map(|j| if j % 7 == 3 { f32::NEG_INFINITY } else { 0.25 - ((j * 37) % 101) as f32 }).collect();
             let max = p.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let want: Vec<f64> = p.iter().map(|&x| if x == f32::NEG_INFINITY { 0.0 } else { ((x - max) as f64).exp() }).collect();
             let want_sum: f64 = want.iter().sum();
