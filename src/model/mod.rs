@@ -133,8 +133,8 @@ pub fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A zeroed buffer of `len` elements for a large array read every step (packed weights, a KV
-/// cache, a tensor as read from a checkpoint). Its memory comes zeroed from the allocator (fresh
+/// A zeroed buffer of `len` elements for a large array (packed weights, a tensor as read from a
+/// checkpoint). Its memory comes zeroed from the allocator (fresh
 /// pages, not written) and, on Linux, is advised for transparent huge pages before anything
 /// writes it (many distributions enable them only on request): the kernel then backs it with
 /// 2 MiB pages, so streaming it misses the TLB far less often and filling it takes 512 times
