@@ -134,11 +134,11 @@ pub fn available_memory() -> Option<u64> {
 }
 
 /// A zeroed buffer of `len` elements for a large array (packed weights, a tensor as read from a
-/// checkpoint). Its memory comes zeroed from the allocator (fresh
-/// pages, not written) and, on Linux, is advised for transparent huge pages before anything
-/// writes it (many distributions enable them only on request): the kernel then backs it with
-/// 2 MiB pages, so streaming it misses the TLB far less often and filling it takes 512 times
-/// fewer page faults. Elsewhere, or where the advice is refused, it is an ordinary buffer.
+/// checkpoint). Its memory comes zeroed from the allocator (fresh pages, not written) and, on
+/// Linux, is advised for transparent huge pages before anything writes it (many distributions
+/// enable them only on request): the kernel then backs it with 2 MiB pages, so streaming it
+/// misses the TLB far less often and filling it takes 512 times fewer page faults. Elsewhere, or
+/// where the advice is refused, it is an ordinary buffer.
 pub fn zeroed_buffer<T: bytemuck::Zeroable + Clone>(len: usize) -> Vec<T> {
     let v: Vec<T> = bytemuck::zeroed_vec(len);
     #[cfg(target_os = "linux")]
