@@ -504,7 +504,7 @@ mod cpu {
             match &kt {
                 Some(kt) => {
                     // The group's keys; each query keeps the scores of its visible ones (a short
-                    // group repeats its last query).
+                    // group repeats its last query in the four-query kernel).
                     let lo = ranges[..nq].iter().map(|r| r.0).min().unwrap_or(0);
                     let hi = ranges[..nq].iter().map(|r| r.1).max().unwrap_or(0);
                     let rows: [&[f32]; QUERIES] = std::array::from_fn(|qi| qrow(i0 + qi.min(nq - 1)));
@@ -513,7 +513,7 @@ mod cpu {
                             // SAFETY: AVX-512 was detected; kt holds hd rows of ld ≥ j0 + KEYS.
                             #[cfg(target_arch = "x86_64")]
                             Isa::Avx512 => dot_keys4_avx512(rows, &kt[j0..], ld),
-                            _ => rows.map(|q| dot_keys(q, &kt[j0..], ld)),
+                            _ => std::array::from_fn(|qi| if qi < nq { dot_keys(rows[qi], &kt[j0..], ld) } else { [0.0; KEYS] }),
                         };
                         for (qi, &(qlo, qhi)) in ranges[..nq].iter().enumerate() {
                             for j in j0.max(qlo)..(j0 + KEYS).min(qhi) {
