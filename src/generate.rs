@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use crate::hooks::{HookPoint, Hooks};
 use crate::model::{KvCache, LogitsAt, Model};
@@ -243,5 +243,5 @@ fn last_positions(hooks: &mut Hooks) -> Result<BTreeMap<HookPoint, Tensor>> {
 
 /// Argmax over the vocabulary of `[batch, 1, vocab]` logits.
 pub fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
-    Ok(logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?)
+    crate::model::pointwise::argmax(logits)
 }

@@ -6,7 +6,8 @@
 //! `½(1 + tanh(u)) = σ(2u)`. With AVX-512 sixteen lanes at a time use a polynomial `exp` (relative
 //! error about 2e-7); elsewhere, and on other devices or dtypes, the plain formulas. The norms
 //! ([`normalize`], [`scale_rows`], [`center_rows`]) run one row at a time, blocks of rows in
-//! parallel; on other devices or dtypes they are tensor ops.
+//! parallel; on other devices or dtypes they are tensor ops. So is the greedy choice of the
+//! next token ([`argmax`]).
 
 use anyhow::Result;
 use candle_core::{DType, Device, Storage, Tensor, D};
@@ -296,6 +297,39 @@ pub fn scale_rows(x: &Tensor, center: bool, gain: &Tensor, bias: Option<&Tensor>
     })
 }
 
+/// The index of the largest value in each row over the last dimension, rows in parallel on the
+/// CPU: what candle's `argmax` gives (the first of equal values; NaN is never taken, unless it
+/// comes first in its row), which it computes one row after another.
+pub fn argmax(x: &Tensor) -> Result<Vec<u32>> {
+    let Some((x, d)) = cpu_rows(x)? else {
+        return Ok(x.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?);
+    };
+    elements(&x, |src| {
+        Ok(if src.len() > d {
+            src.par_chunks(d).map(row_argmax).collect()
+        } else {
+            vec![row_argmax(src)]
+        })
+    })
+}
+
+/// [`argmax`] of one row: its largest value (sixteen running maxima, vectorised; `f32::max`
+/// passes over NaN), then where it first occurs.
+fn row_argmax(row: &[f32]) -> u32 {
+    if row[0].is_nan() {
+        return 0;
+    }
+    let mut lanes = [row[0]; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    let max = chunks.remainder().iter().chain(&lanes).fold(row[0], |a, &b| a.max(b));
+    row.iter().position(|&v| v == max).expect("the maximum is one of the row's values") as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,6 +408,35 @@ mod tests {
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "silu: {g} vs candle's {w}");
         }
+        Ok(())
+    }
+
+    /// The parallel argmax equals candle's on rows with ties (the first is taken), NaN (never
+    /// taken unless first), infinities and signed zeros, rows shorter and longer than sixteen,
+    /// one row and many, and a strided view.
+    #[test]
+    fn argmax_is_candles() -> Result<()> {
+        let dev = Device::Cpu;
+        for d in [1usize, 5, 16, 37, 50_257] {
+            let mut v: Vec<f32> = (0..40 * d).map(|i| ((i * 7919) % 1009) as f32 * 0.01 - 5.0).collect();
+            for (r, row) in v.chunks_mut(d).enumerate() {
+                match r % 8 {
+                    0 => row[0] = f32::NAN,
+                    1 => row.iter_mut().step_by(3).for_each(|x| *x = f32::NAN),
+                    2 => row.fill(f32::NEG_INFINITY),
+                    3 => row.iter_mut().enumerate().for_each(|(j, x)| *x = if j % 2 == 0 { -0.0 } else { 0.0 }),
+                    4 => row[d - 1] = f32::INFINITY,
+                    5 => row[d / 2] = f32::NAN,
+                    _ => {}
+                }
+            }
+            let t = Tensor::from_vec(v, (40, 1, d), &dev)?;
+            let want = t.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+            assert_eq!(argmax(&t)?, want, "rows of {d}");
+            assert_eq!(argmax(&t.narrow(0, 3, 1)?)?, want[3..4], "one row of {d}");
+        }
+        let t = Tensor::randn(0f32, 1.0, (6, 40), &dev)?.narrow(1, 5, 30)?;
+        assert_eq!(argmax(&t)?, t.argmax(D::Minus1)?.to_vec1::<u32>()?, "strided");
         Ok(())
     }
 
