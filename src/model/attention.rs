@@ -290,6 +290,17 @@ mod cpu {
         v_head: usize,
     }
 
+    /// The data of one call: queries, keys, values and mask from their start offsets, and each
+    /// query's visible keys `lo..hi` (by sequence, then query).
+    #[derive(Clone, Copy)]
+    struct Inputs<'a> {
+        q: &'a [f32],
+        k: &'a [f32],
+        v: &'a [f32],
+        mask: &'a [f32],
+        ranges: &'a [(usize, usize)],
+    }
+
     pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scores: Scores) -> Result<Tensor> {
         let q = q.contiguous()?;
         let mask = mask.contiguous()?;
@@ -305,6 +316,17 @@ mod cpu {
         let isa = Isa::detected();
         let d = Dims { h, kv_h, t, total, hd, scores, isa, k_seq: kst[0], k_head: kst[1], v_seq: vst[0], v_head: vst[1] };
         let (qv, kv, vv, mv) = (&slice(&qs)?[qo..], &slice(&ks)?[ko..], &slice(&vs)?[vo..], &slice(&ms)?[mo..]);
+        // Each query's visible keys lie in lo..hi (a query always sees itself): found once for
+        // all the heads, in parallel for a long prefill's mask.
+        let ranges: Vec<(usize, usize)> = mv[..b * t * total]
+            .par_chunks(total)
+            .with_min_len((1 << 16) / total + 1)
+            .map(|m| {
+                let lo = m.iter().position(|&m| m != f32::NEG_INFINITY).unwrap_or(0);
+                (lo, m.iter().rposition(|&m| m != f32::NEG_INFINITY).map_or(0, |j| j + 1))
+            })
+            .collect();
+        let x = Inputs { q: qv, k: kv, v: vv, mask: mv, ranges: &ranges };
         let mut out = vec![0f32; b * t * h * hd];
         let optr = SendPtr(out.as_mut_ptr());
         (0..b * h).into_par_iter().for_each(|bh| {
@@ -313,10 +335,10 @@ mod cpu {
             unsafe {
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => head_avx512(bh, d, qv, kv, vv, mv, optr.get()),
+                    Isa::Avx512 => head_avx512(bh, d, x, optr.get()),
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => head_avx2(bh, d, qv, kv, vv, mv, optr.get()),
-                    _ => head(bh, d, qv, kv, vv, mv, optr.get()),
+                    Isa::Avx2 => head_avx2(bh, d, x, optr.get()),
+                    _ => head(bh, d, x, optr.get()),
                 }
             }
         });
@@ -325,14 +347,14 @@ mod cpu {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,fma")]
-    unsafe fn head_avx512(bh: usize, d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: *mut f32) {
-        head(bh, d, q, k, v, mask, out)
+    unsafe fn head_avx512(bh: usize, d: Dims, x: Inputs, out: *mut f32) {
+        head(bh, d, x, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn head_avx2(bh: usize, d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: *mut f32) {
-        head(bh, d, q, k, v, mask, out)
+    unsafe fn head_avx2(bh: usize, d: Dims, x: Inputs, out: *mut f32) {
+        head(bh, d, x, out)
     }
 
     /// Sixteen independent partial sums, so the compiler vectorises the dot product.
@@ -470,7 +492,8 @@ mod cpu {
     /// step), each key row is read once, as it lies in the cache. Both sum a score in the same
     /// order, so a query gets the same output whichever path runs it.
     #[inline(always)]
-    unsafe fn head(bh: usize, d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: *mut f32) {
+    unsafe fn head(bh: usize, d: Dims, x: Inputs, out: *mut f32) {
+        let Inputs { q, k, v, mask, ranges } = x;
         let (bi, head) = (bh / d.h, bh % d.h);
         let kvh = head / (d.h / d.kv_h);
         let (kbase, vbase) = (bi * d.k_seq + kvh * d.k_head, bi * d.v_seq + kvh * d.v_head);
@@ -488,12 +511,7 @@ mod cpu {
         let mut ps = vec![f32::NEG_INFINITY; QUERIES * ld];
         let qrow = |i: usize| &q[((bi * d.h + head) * d.t + i) * d.hd..][..d.hd];
         let mrow = |i: usize| &mask[(bi * d.t + i) * d.total..][..d.total];
-        // Query i's visible keys lie in lo..hi (a query always sees itself).
-        let range = |i: usize| {
-            let m = mrow(i);
-            let lo = m.iter().position(|&m| m != f32::NEG_INFINITY).unwrap_or(0);
-            (lo, m.iter().rposition(|&m| m != f32::NEG_INFINITY).map_or(0, |j| j + 1))
-        };
+        let range = |i: usize| ranges[bi * d.t + i];
         let score = |i: usize, j: usize, dot: f32| match mrow(i)[j] {
             f32::NEG_INFINITY => f32::NEG_INFINITY,
             m => d.scores.apply(dot) + m,
