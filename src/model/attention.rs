@@ -561,46 +561,97 @@ mod cpu {
                     }
                 }
             }
-            for (qi, &(lo, hi)) in ranges[..nq].iter().enumerate() {
-                let i = i0 + qi;
-                weighted_values(d, v, vbase, mrow(i), lo, hi, &mut ps[qi * ld..][..ld], out.add(((bi * d.t + i) * d.h + head) * d.hd));
+            // Each query's softmax, then the values weighted by it, OUTS outputs at a time: with
+            // AVX-512 and many queries (a prefill), a whole block for the group's queries at
+            // once, each row of values loaded once for all of them.
+            let inv: [f32; QUERIES] = std::array::from_fn(|qi| if qi < nq { softmax_weights(d, &mut ps[qi * ld..][..ld], ranges[qi]) } else { 0.0 });
+            let outs: [*mut f32; QUERIES] = std::array::from_fn(|qi| out.wrapping_add(((bi * d.t + i0 + qi) * d.h + head) * d.hd));
+            for c0 in (0..d.hd).step_by(OUTS) {
+                match d.isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 if kt.is_some() && c0 + OUTS <= d.hd => weighted_block4_avx512(d, v, vbase, &ranges[..nq], &ps, ld, &inv, c0, &outs),
+                    _ => {
+                        for (qi, &range) in ranges[..nq].iter().enumerate() {
+                            weighted_block(d, v, vbase, mrow(i0 + qi), range, &ps[qi * ld..][..ld], inv[qi], c0, outs[qi]);
+                        }
+                    }
+                }
             }
         }
     }
 
-    /// A query's output `out [hd]`: the softmax of its scores `p[lo..hi]` (masked ones −∞;
-    /// replaced by their exponentials) and the sum of the values weighted by it.
+    /// A query's softmax: its scores `p[lo..hi]` (masked ones −∞) replaced by their
+    /// exponentials; returns the reciprocal of their sum, by which each is weighted.
+    #[inline(always)]
+    fn softmax_weights(d: Dims, p: &mut [f32], (lo, hi): (usize, usize)) -> f32 {
+        let max = p[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        1.0 / softmax_exp(d.isa, &mut p[lo..hi], max)
+    }
+
+    /// A query's outputs `out[c0..c0 + OUTS]` (fewer in a narrower last block): the sum of its
+    /// visible values weighted by `p[j] · inv`, in the order of the keys, held in registers (a
+    /// whole block and a narrower one in separate loops, so that the first keeps its sums there).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn weighted_values(d: Dims, v: &[f32], vbase: usize, mrow: &[f32], lo: usize, hi: usize, p: &mut [f32], out: *mut f32) {
-        let max = p[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let sum = softmax_exp(d.isa, &mut p[lo..hi], max);
-        let o = std::slice::from_raw_parts_mut(out, d.hd);
-        let inv = 1.0 / sum;
-        // The weighted sum of values, OUTS outputs at a time held in registers (a whole block
-        // and a narrower last one in separate loops, so that the first keeps its sums there).
-        for c0 in (0..d.hd).step_by(OUTS) {
-            let width = OUTS.min(d.hd - c0);
-            let mut acc = [0f32; OUTS];
-            let visible = (lo..hi).filter(|&j| p[j] != 0.0);
-            let fetch = |j: usize| {
-                if c0 == 0 && mrow.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY) {
-                    prefetch_row(v, vbase + (j + AHEAD) * d.hd, d.hd);
-                }
-            };
-            if width == OUTS {
-                for j in visible {
-                    fetch(j);
-                    let row: &[f32; OUTS] = v[vbase + j * d.hd + c0..][..OUTS].try_into().unwrap();
-                    add_scaled(&mut acc, p[j] * inv, row.iter());
-                }
-            } else {
-                for j in visible {
-                    fetch(j);
-                    add_scaled(&mut acc, p[j] * inv, v[vbase + j * d.hd + c0..][..width].iter());
+    unsafe fn weighted_block(d: Dims, v: &[f32], vbase: usize, mrow: &[f32], (lo, hi): (usize, usize), p: &[f32], inv: f32, c0: usize, out: *mut f32) {
+        let width = OUTS.min(d.hd - c0);
+        let mut acc = [0f32; OUTS];
+        let visible = (lo..hi).filter(|&j| p[j] != 0.0);
+        let fetch = |j: usize| {
+            if c0 == 0 && mrow.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY) {
+                prefetch_row(v, vbase + (j + AHEAD) * d.hd, d.hd);
+            }
+        };
+        if width == OUTS {
+            for j in visible {
+                fetch(j);
+                let row: &[f32; OUTS] = v[vbase + j * d.hd + c0..][..OUTS].try_into().unwrap();
+                add_scaled(&mut acc, p[j] * inv, row.iter());
+            }
+        } else {
+            for j in visible {
+                fetch(j);
+                add_scaled(&mut acc, p[j] * inv, v[vbase + j * d.hd + c0..][..width].iter());
+            }
+        }
+        std::slice::from_raw_parts_mut(out.add(c0), width).copy_from_slice(&acc[..width]);
+    }
+
+    /// [`weighted_block`] of a whole block for the queries of `ranges` (at most `QUERIES`; their
+    /// weights are rows of `p`, `ld` apart) with AVX-512: each row of values is loaded once
+    /// for all of them, and each query's sums take exactly the multiply-adds, in the same order,
+    /// that it takes alone.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weighted_block4_avx512(d: Dims, v: &[f32], vbase: usize, ranges: &[(usize, usize)], p: &[f32], ld: usize, inv: &[f32; QUERIES], c0: usize, outs: &[*mut f32; QUERIES]) {
+        use std::arch::x86_64::*;
+        let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+        let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+        let mut acc = [[_mm512_setzero_ps(); OUTS / 16]; QUERIES];
+        for j in lo..hi {
+            if c0 == 0 && j + AHEAD < hi {
+                prefetch_row(v, vbase + (j + AHEAD) * d.hd, d.hd);
+            }
+            let row = v[vbase + j * d.hd + c0..][..OUTS].as_ptr();
+            let vals: [__m512; OUTS / 16] = std::array::from_fn(|c| _mm512_loadu_ps(row.add(16 * c)));
+            for (qi, acc) in acc.iter_mut().enumerate() {
+                let Some(&(qlo, qhi)) = ranges.get(qi) else { break };
+                let w = p[qi * ld + j];
+                // Only the query's visible keys (its row of p holds others' leftovers outside
+                // qlo..qhi), and as alone, none whose weight is 0.
+                if (qlo..qhi).contains(&j) && w != 0.0 {
+                    let w = _mm512_set1_ps(w * inv[qi]);
+                    for (a, &x) in acc.iter_mut().zip(&vals) {
+                        *a = _mm512_fmadd_ps(w, x, *a);
+                    }
                 }
             }
-            o[c0..c0 + width].copy_from_slice(&acc[..width]);
+        }
+        for (acc, &out) in acc.iter().zip(outs).take(ranges.len()) {
+            for (c, &a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add(c0 + 16 * c), a);
+            }
         }
     }
 }
