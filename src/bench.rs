@@ -1,7 +1,7 @@
 //! `neurosteer bench`: prefill and decode throughput on random models of real shapes (or on a
 //! given model), against the floors they should be measured by: the memory-bandwidth floor
-//! (weight bytes read per step / measured bandwidth) and the compute floor (matrix flops per step /
-//! measured peak multiply-add throughput).
+//! ((weight bytes + the KV cache's bytes) read per step / measured bandwidth) and the compute
+//! floor (matrix flops per step / measured peak multiply-add throughput).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -49,7 +49,11 @@ pub struct BenchRow {
     pub decode_tokens_per_s: f64,
     /// Bytes of weights read per decode step.
     pub weight_bytes: u64,
-    /// `weight_bytes / bandwidth`: the fastest a decode step can read its weights, in ms.
+    /// Bytes of the KV cache (keys and values of every cached position) at the median decode
+    /// step, which its attention reads.
+    pub kv_bytes: u64,
+    /// `(weight_bytes + kv_bytes) / bandwidth`: the fastest a decode step can read its weights
+    /// and its KV cache, in ms.
     pub floor_ms: f64,
     /// Matrix flops of one decode step / peak FMA throughput, in ms (null where not measured).
     pub compute_floor_ms: Option<f64>,
@@ -409,17 +413,20 @@ pub fn measure(model: &Model, batch: usize, prompt_tokens: usize, new_tokens: us
     model.device.synchronize()?;
     let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
     let mut steps = Vec::with_capacity(new_tokens);
+    let mut kv = Vec::with_capacity(new_tokens);
     for _ in 0..new_tokens {
         let next: Vec<Vec<u32>> = crate::generate::argmax(&logits)?.into_iter().map(|t| vec![t]).collect();
         let t = Instant::now();
         logits = model.forward(&next, &vec![vec![true]; batch], &mut cache, &mut hooks, LogitsAt::Last)?;
         model.device.synchronize()?;
         steps.push(t.elapsed().as_secs_f64() * 1e3);
+        kv.push(cache.bytes());
     }
     steps.sort_by(|a, b| a.total_cmp(b));
     let decode_step_ms = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN);
     let wb = weight_bytes(model);
-    let floor_ms = wb as f64 / (floors.bandwidth_gb_s * 1e9) * 1e3;
+    let kv_bytes = kv.get(kv.len() / 2).copied().unwrap_or(0);
+    let floor_ms = (wb + kv_bytes) as f64 / (floors.bandwidth_gb_s * 1e9) * 1e3;
     let compute_floor_ms = floors.peak_gflops.map(|g| 2.0 * batch as f64 * matrix_params(model) as f64 / (g * 1e9) * 1e3);
     Ok(BenchRow {
         model: model.info.source.clone(),
@@ -432,6 +439,7 @@ pub fn measure(model: &Model, batch: usize, prompt_tokens: usize, new_tokens: us
         decode_step_ms,
         decode_tokens_per_s: batch as f64 / decode_step_ms * 1e3,
         weight_bytes: wb,
+        kv_bytes,
         floor_ms,
         compute_floor_ms,
         over_floor: decode_step_ms / floor_ms.max(compute_floor_ms.unwrap_or(0.0)),

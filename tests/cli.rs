@@ -245,6 +245,15 @@ fn bench_rows_and_experiment_timing() {
     // Per batch size: plain, +delta, +replace.
     assert_eq!(rows.len(), 6);
     assert!(rows.iter().all(|r| r["decode_step_ms"].as_f64().unwrap() > 0.0 && r["floor_ms"].as_f64().unwrap() > 0.0));
+    // The median step's KV cache: 2 layers, keys and values of 64 floats, 8 + 2 positions per
+    // sequence; the floor reads it and the weights at the measured bandwidth.
+    let bandwidth = report["bandwidth_gb_s"].as_f64().unwrap();
+    for r in rows {
+        let batch = r["batch"].as_u64().unwrap();
+        assert_eq!(r["kv_bytes"].as_u64(), Some(2 * 2 * 64 * 4 * 10 * batch), "{r}");
+        let bytes = (r["weight_bytes"].as_u64().unwrap() + r["kv_bytes"].as_u64().unwrap()) as f64;
+        assert!((r["floor_ms"].as_f64().unwrap() - bytes / (bandwidth * 1e9) * 1e3).abs() < 1e-9, "{r}");
+    }
     let e = &report["experiments"][0];
     assert_eq!((e["prompts"].as_u64(), e["batch"].as_u64(), e["d_sae"].as_u64()), (Some(3), Some(2), Some(64)));
     assert_eq!(e["transcoder_dtype"], "bf16");

@@ -70,6 +70,14 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Bytes of the keys and values cached so far, over every layer and sequence (what a step's
+    /// attention reads, at most).
+    pub fn bytes(&self) -> u64 {
+        // A buffer's bytes per slot: all its dimensions but the slots' (the third).
+        let slot = |t: &Tensor| t.dims().iter().enumerate().filter(|&(i, _)| i != 2).map(|(_, &d)| d).product::<usize>() * t.dtype().size_in_bytes();
+        self.layers.iter().flatten().map(|(k, v)| ((slot(k) + slot(v)) * self.len()) as u64).sum()
+    }
+
     /// The largest position any sequence has reached.
     pub fn max_position(&self) -> usize {
         self.next_pos.iter().copied().max().unwrap_or(0)
@@ -767,6 +775,24 @@ mod tests {
         assert_eq!(slots(&vb), [1.0, 1.0, 1.0, 1.0, 2.0, 2.0]);
         assert_eq!(slots(&ka), [1.0, 1.0, 1.0, 1.0, 3.0, 3.0]);
         assert_eq!(slots(&va), [1.0, 1.0, 1.0, 1.0, 3.0, 3.0]);
+    }
+
+    /// The cache's bytes count the slots in use, not its capacity, over layers, sequences, heads,
+    /// keys and values, also once it has grown.
+    #[test]
+    fn cache_bytes_count_the_slots_in_use() {
+        let dev = Device::Cpu;
+        let (layers, b, kv_h, hd) = (2, 2, 3, 4);
+        let mut cache = KvCache::new(layers, b, 8);
+        assert_eq!(cache.bytes(), 0);
+        for (t, total) in [(5usize, 5u64), (4, 9)] {
+            cache.begin_step(&vec![vec![true; t]; b], None, &dev).unwrap();
+            for l in 0..layers {
+                let kv = || Tensor::zeros((b, kv_h, t, hd), DType::F32, &dev).unwrap();
+                cache.append(l, kv(), kv()).unwrap();
+            }
+            assert_eq!(cache.bytes(), (layers * 2 * b * kv_h * hd * 4) as u64 * total);
+        }
     }
 
     /// The fused CPU attention and the tensor-op path agree, with a scale and a soft cap.
