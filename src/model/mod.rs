@@ -134,15 +134,40 @@ pub fn available_memory() -> Option<u64> {
 }
 
 /// A zeroed buffer of `len` elements for a large array (packed weights, a tensor as read from a
-/// checkpoint). Its memory comes zeroed from the allocator (fresh pages, not written) and, on
-/// Linux, is advised for transparent huge pages before anything writes it (many distributions
-/// enable them only on request): the kernel then backs it with 2 MiB pages, so streaming it
-/// misses the TLB far less often and filling it takes 512 times fewer page faults. Elsewhere, or
-/// where the advice is refused, it is an ordinary buffer.
+/// checkpoint). Its memory comes zeroed from the allocator (fresh pages, not written). With
+/// `NEUROSTEER_HUGE_PAGES=1`, on Linux, it is also advised for transparent huge pages before
+/// anything writes it (see [`huge_pages_wanted`]).
 pub fn zeroed_buffer<T: bytemuck::Zeroable + Clone>(len: usize) -> Vec<T> {
+    zeroed_buffer_with(len, huge_pages_wanted())
+}
+
+/// Whether large buffers ask for transparent huge pages: only when the environment says
+/// `NEUROSTEER_HUGE_PAGES=1`. 2 MiB pages make streaming the weights miss the TLB far less often
+/// and filling them take 512 times fewer page faults, which pays where memory is already backed
+/// (a process run again at once: GPT-2's `generate` 1.13-1.24 s against 1.34-1.42 s, Llama-3.2-1B
+/// f32's bench 6.3-8.0 s against 10.7-13.2 s). But a virtual machine whose host takes back free
+/// memory (free page reporting, as on the development machine) hands out 2 MiB blocks that the
+/// host must back anew as they are cleared, while small pages mostly come from memory still
+/// backed: there a first run after other work took 4.1-4.4 s against 1.3-1.5 s for GPT-2, and
+/// no less for Llama-3.2-1B or Llama-3.1-8B.
+fn huge_pages_wanted() -> bool {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| match std::env::var("NEUROSTEER_HUGE_PAGES") {
+        Ok(v) if v == "1" => true,
+        Ok(v) if v == "0" || v.is_empty() => false,
+        Ok(v) => {
+            eprintln!("warning: NEUROSTEER_HUGE_PAGES={v:?} is neither 1 nor 0; huge pages stay off");
+            false
+        }
+        Err(_) => false,
+    })
+}
+
+/// [`zeroed_buffer`], advised for huge pages (on Linux) when `huge`.
+fn zeroed_buffer_with<T: bytemuck::Zeroable + Clone>(len: usize, huge: bool) -> Vec<T> {
     let v: Vec<T> = bytemuck::zeroed_vec(len);
     #[cfg(target_os = "linux")]
-    {
+    if huge {
         const HUGE: usize = 2 << 20;
         let start = v.as_ptr() as usize;
         let (from, to) = (start.next_multiple_of(HUGE), (start + std::mem::size_of_val(v.as_slice())) / HUGE * HUGE);
@@ -152,6 +177,8 @@ pub fn zeroed_buffer<T: bytemuck::Zeroable + Clone>(len: usize) -> Vec<T> {
             unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = huge;
     v
 }
 
@@ -658,7 +685,7 @@ fn sibling_tokenizer(path: &Path, vocab: usize) -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use super::zeroed_buffer;
+    use super::zeroed_buffer_with;
 
     /// One number from /proc/vmstat.
     #[cfg(target_os = "linux")]
@@ -683,15 +710,18 @@ mod tests {
         0
     }
 
-    /// A zeroed buffer holds zeros of its length, and on Linux with transparent huge pages
-    /// enabled, a large one, once written, is backed by them (unless the kernel found no free
-    /// 2 MiB page: then the test says so and checks nothing more).
+    /// A zeroed buffer holds zeros of its length, with huge pages asked for or not. On Linux
+    /// with transparent huge pages enabled, a large one asked for them, once written, is backed
+    /// by them (unless the kernel found no free 2 MiB page: then the test says so and checks
+    /// nothing more); where the kernel gives them only on request, one not asked for is not.
     #[test]
     fn zeroed_buffers_are_zero_and_in_huge_pages() {
-        for len in [0usize, 1, 1000, (2 << 20) / 4 + 3] {
-            assert!(zeroed_buffer::<f32>(len) == vec![0f32; len]);
-            let b = zeroed_buffer::<half::bf16>(len);
-            assert!(b.len() == len && b.iter().all(|v| v.to_bits() == 0));
+        for huge in [false, true] {
+            for len in [0usize, 1, 1000, (2 << 20) / 4 + 3] {
+                assert!(zeroed_buffer_with::<f32>(len, huge) == vec![0f32; len]);
+                let b = zeroed_buffer_with::<half::bf16>(len, huge);
+                assert!(b.len() == len && b.iter().all(|v| v.to_bits() == 0));
+            }
         }
         #[cfg(target_os = "linux")]
         {
@@ -700,9 +730,15 @@ mod tests {
                 eprintln!("*** SKIPPED *** the huge-page check: transparent huge pages are off here");
                 return;
             }
-            let fallbacks = vmstat("thp_fault_fallback");
             // 64 MiB: above any size glibc serves from its heaps, so fresh pages.
-            let mut v = zeroed_buffer::<f32>(16 << 20);
+            if mode.contains("[madvise]") {
+                let mut v = zeroed_buffer_with::<f32>(16 << 20, false);
+                v.fill(1.0);
+                let huge = huge_kib_at(v.as_ptr() as usize + v.len() * 2);
+                assert!(huge == 0, "a 64 MiB zeroed buffer not asked for huge pages has {huge} KiB in them");
+            }
+            let fallbacks = vmstat("thp_fault_fallback");
+            let mut v = zeroed_buffer_with::<f32>(16 << 20, true);
             v.fill(1.0);
             let huge = huge_kib_at(v.as_ptr() as usize + v.len() * 2);
             if vmstat("thp_fault_fallback") > fallbacks {
