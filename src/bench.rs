@@ -49,8 +49,8 @@ pub struct BenchRow {
     pub decode_tokens_per_s: f64,
     /// Bytes of weights read per decode step.
     pub weight_bytes: u64,
-    /// Bytes of the KV cache (keys and values of every cached position) at the median decode
-    /// step, which its attention reads.
+    /// Bytes of the KV cache (keys and values of every cached position) after the middle decode
+    /// step, which its attention reads (at most: sliding-window layers read fewer).
     pub kv_bytes: u64,
     /// `(weight_bytes + kv_bytes) / bandwidth`: the fastest a decode step can read its weights
     /// and its KV cache, in ms.

@@ -306,7 +306,7 @@ mod cpu {
         k: &'a [f32],
         v: &'a [f32],
         mask: &'a [f32],
-        ranges: &'a [(usize, usize)],
+        visible: &'a [(usize, usize)],
     }
 
     pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scores: Scores) -> Result<Tensor> {
@@ -326,15 +326,19 @@ mod cpu {
         let (qv, kv, vv, mv) = (&slice(&qs)?[qo..], &slice(&ks)?[ko..], &slice(&vs)?[vo..], &slice(&ms)?[mo..]);
         // Each query's visible keys lie in lo..hi (a query always sees itself): found once for
         // all the heads, in parallel for a long prefill's mask.
-        let ranges: Vec<(usize, usize)> = mv[..b * t * total]
-            .par_chunks(total)
-            .with_min_len((1 << 16) / total + 1)
-            .map(|m| {
-                let lo = m.iter().position(|&m| m != f32::NEG_INFINITY).unwrap_or(0);
-                (lo, m.iter().rposition(|&m| m != f32::NEG_INFINITY).map_or(0, |j| j + 1))
-            })
-            .collect();
-        let x = Inputs { q: qv, k: kv, v: vv, mask: mv, ranges: &ranges };
+        let visible: Vec<(usize, usize)> = if total == 0 {
+            vec![(0, 0); b * t]
+        } else {
+            mv[..b * t * total]
+                .par_chunks(total)
+                .with_min_len((1 << 16) / total + 1)
+                .map(|m| {
+                    let lo = m.iter().position(|&m| m != f32::NEG_INFINITY).unwrap_or(0);
+                    (lo, m.iter().rposition(|&m| m != f32::NEG_INFINITY).map_or(0, |j| j + 1))
+                })
+                .collect()
+        };
+        let x = Inputs { q: qv, k: kv, v: vv, mask: mv, visible: &visible };
         let mut out = vec![0f32; b * t * h * hd];
         let optr = SendPtr(out.as_mut_ptr());
         (0..b * h).into_par_iter().for_each(|bh| {
@@ -502,7 +506,7 @@ mod cpu {
     /// order, so a query gets the same output whichever path runs it.
     #[inline(always)]
     unsafe fn head(bh: usize, d: Dims, x: Inputs, out: *mut f32) {
-        let Inputs { q, k, v, mask, ranges } = x;
+        let Inputs { q, k, v, mask, visible } = x;
         let (bi, head) = (bh / d.h, bh % d.h);
         let kvh = head / (d.h / d.kv_h);
         let (kbase, vbase) = (bi * d.k_seq + kvh * d.k_head, bi * d.v_seq + kvh * d.v_head);
@@ -520,7 +524,7 @@ mod cpu {
         let mut ps = vec![f32::NEG_INFINITY; QUERIES * ld];
         let qrow = |i: usize| &q[((bi * d.h + head) * d.t + i) * d.hd..][..d.hd];
         let mrow = |i: usize| &mask[(bi * d.t + i) * d.total..][..d.total];
-        let range = |i: usize| ranges[bi * d.t + i];
+        let range = |i: usize| visible[bi * d.t + i];
         let score = |i: usize, j: usize, dot: f32| match mrow(i)[j] {
             f32::NEG_INFINITY => f32::NEG_INFINITY,
             m => d.scores.apply(dot) + m,
@@ -528,12 +532,12 @@ mod cpu {
         for i0 in (0..d.t).step_by(QUERIES) {
             let nq = QUERIES.min(d.t - i0);
             let ranges: [(usize, usize); QUERIES] = std::array::from_fn(|qi| if qi < nq { range(i0 + qi) } else { (0, 0) });
+            // The keys any query of the group sees.
+            let (lo, hi) = (ranges[..nq].iter().map(|r| r.0).min().unwrap_or(0), ranges[..nq].iter().map(|r| r.1).max().unwrap_or(0));
             match &kt {
                 Some(kt) => {
-                    // The group's keys; each query keeps the scores of its visible ones (a short
-                    // group repeats its last query in the four-query kernel).
-                    let lo = ranges[..nq].iter().map(|r| r.0).min().unwrap_or(0);
-                    let hi = ranges[..nq].iter().map(|r| r.1).max().unwrap_or(0);
+                    // Each query keeps the scores of its visible keys (a short group repeats its
+                    // last query in the four-query kernel).
                     let rows: [&[f32]; QUERIES] = std::array::from_fn(|qi| qrow(i0 + qi.min(nq - 1)));
                     for j0 in (lo / KEYS * KEYS..hi).step_by(KEYS) {
                         let dots = match d.isa {
@@ -576,11 +580,15 @@ mod cpu {
             let outs: [*mut f32; QUERIES] = std::array::from_fn(|qi| out.wrapping_add(((bi * d.t + i0 + qi) * d.h + head) * d.hd));
             for c0 in (0..d.hd).step_by(OUTS) {
                 match d.isa {
+                    // SAFETY: AVX-512 was detected; each query's outputs (hd of them, from outs[qi])
+                    // are its own, and c0 + OUTS ≤ hd.
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 if kt.is_some() && c0 + OUTS <= d.hd => weighted_block4_avx512(d, v, vbase, &ranges[..nq], &ps, ld, &inv, c0, &outs),
+                    Isa::Avx512 if kt.is_some() && c0 + OUTS <= d.hd => weighted_block4_avx512(d, v, vbase, &ranges[..nq], (lo, hi), &ps, ld, &inv, c0, &outs),
                     _ => {
+                        // A decode step fetched the values with the keys; a prefill fetches them here.
                         for (qi, &range) in ranges[..nq].iter().enumerate() {
-                            weighted_block(d, v, vbase, mrow(i0 + qi), range, &ps[qi * ld..][..ld], inv[qi], c0, outs[qi]);
+                            let fetch = kt.is_some().then(|| mrow(i0 + qi));
+                            weighted_block(d, v, vbase, fetch, range, &ps[qi * ld..][..ld], inv[qi], c0, outs[qi]);
                         }
                     }
                 }
@@ -599,14 +607,15 @@ mod cpu {
     /// A query's outputs `out[c0..c0 + OUTS]` (fewer in a narrower last block): the sum of its
     /// visible values weighted by `p[j] · inv`, in the order of the keys, held in registers (a
     /// whole block and a narrower one in separate loops, so that the first keeps its sums there).
+    /// With `fetch` (the query's mask row), the value rows ahead are asked for meanwhile.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn weighted_block(d: Dims, v: &[f32], vbase: usize, mrow: &[f32], (lo, hi): (usize, usize), p: &[f32], inv: f32, c0: usize, out: *mut f32) {
+    unsafe fn weighted_block(d: Dims, v: &[f32], vbase: usize, fetch: Option<&[f32]>, (lo, hi): (usize, usize), p: &[f32], inv: f32, c0: usize, out: *mut f32) {
         let width = OUTS.min(d.hd - c0);
         let mut acc = [0f32; OUTS];
         let visible = (lo..hi).filter(|&j| p[j] != 0.0);
         let fetch = |j: usize| {
-            if c0 == 0 && mrow.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY) {
+            if c0 == 0 && fetch.is_some_and(|m| m.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY)) {
                 prefetch_row(v, vbase + (j + AHEAD) * d.hd, d.hd);
             }
         };
@@ -625,17 +634,15 @@ mod cpu {
         std::slice::from_raw_parts_mut(out.add(c0), width).copy_from_slice(&acc[..width]);
     }
 
-    /// [`weighted_block`] of a whole block for the queries of `ranges` (at most `QUERIES`; their
-    /// weights are rows of `p`, `ld` apart) with AVX-512: each row of values is loaded once
-    /// for all of them, and each query's sums take exactly the multiply-adds, in the same order,
-    /// that it takes alone.
+    /// [`weighted_block`] of a whole block for the queries of `ranges` (at most `QUERIES`, seeing
+    /// keys within `lo..hi` together; their weights are rows of `p`, `ld` apart) with AVX-512:
+    /// each row of values is loaded once for all of them, and each query's sums take exactly the
+    /// multiply-adds, in the same order, that it takes alone.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn weighted_block4_avx512(d: Dims, v: &[f32], vbase: usize, ranges: &[(usize, usize)], p: &[f32], ld: usize, inv: &[f32; QUERIES], c0: usize, outs: &[*mut f32; QUERIES]) {
+    unsafe fn weighted_block4_avx512(d: Dims, v: &[f32], vbase: usize, ranges: &[(usize, usize)], (lo, hi): (usize, usize), p: &[f32], ld: usize, inv: &[f32; QUERIES], c0: usize, outs: &[*mut f32; QUERIES]) {
         use std::arch::x86_64::*;
-        let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
-        let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
         let mut acc = [[_mm512_setzero_ps(); OUTS / 16]; QUERIES];
         for j in lo..hi {
             if c0 == 0 && j + AHEAD < hi {
@@ -643,8 +650,7 @@ mod cpu {
             }
             let row = v[vbase + j * d.hd + c0..][..OUTS].as_ptr();
             let vals: [__m512; OUTS / 16] = std::array::from_fn(|c| _mm512_loadu_ps(row.add(16 * c)));
-            for (qi, acc) in acc.iter_mut().enumerate() {
-                let Some(&(qlo, qhi)) = ranges.get(qi) else { break };
+            for (qi, (acc, &(qlo, qhi))) in acc.iter_mut().zip(ranges).enumerate() {
                 let w = p[qi * ld + j];
                 // Only the query's visible keys (its row of p holds others' leftovers outside
                 // qlo..qhi), and as alone, none whose weight is 0.

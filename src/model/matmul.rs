@@ -3,7 +3,7 @@
 //! half-precision weights converted to f32 in registers (never a widened copy of the matrix).
 //!
 //! With AVX-512 (detected at run time) the weights are re-laid out once, at load, as panels of 32
-//! rows ([`Packed`]), and one blocked kernel ([`gemm512`]) runs every product: decode (a few rows,
+//! rows ([`Packed`]), and one blocked kernel (`gemm512`) runs every product: decode (a few rows,
 //! bound by reading the weights once, output columns split across threads) and prefill (many
 //! rows, bound by arithmetic). Every output element is summed in the same order whatever `m`, so
 //! a batch row gets exactly what the same row alone gets.

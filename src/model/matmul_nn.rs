@@ -4,7 +4,7 @@
 //!
 //! Each task owns a block of output columns and walks `W` row by row: row `q`'s slice of the
 //! block is widened to f32 in a small stack buffer (never a widened copy of the matrix) and added,
-//! times `x[i, q]`, into the accumulators of a tile of up to [`ROWS`] rows of `x`. A zero `x[i, q]`
+//! times `x[i, q]`, into the accumulators of a tile of up to `ROWS` rows of `x`. A zero `x[i, q]`
 //! adds nothing and is skipped, so decoding sparse feature activations reads only the decoder rows
 //! of active features. Every output element is summed over `q` in increasing order with separate
 //! multiplies and adds, whatever the tile, the thread count or the instruction set, so a batch row

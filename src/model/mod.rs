@@ -136,7 +136,7 @@ pub fn available_memory() -> Option<u64> {
 /// A zeroed buffer of `len` elements for a large array (packed weights, a tensor as read from a
 /// checkpoint). Its memory comes zeroed from the allocator (fresh pages, not written). With
 /// `NEUROSTEER_HUGE_PAGES=1`, on Linux, it is also advised for transparent huge pages before
-/// anything writes it (see [`huge_pages_wanted`]).
+/// anything writes it (why only then: `huge_pages_wanted`).
 pub fn zeroed_buffer<T: bytemuck::Zeroable + Clone>(len: usize) -> Vec<T> {
     zeroed_buffer_with(len, huge_pages_wanted())
 }

@@ -6,8 +6,8 @@
 //! `½(1 + tanh(u)) = σ(2u)`. With AVX-512 sixteen lanes at a time use a polynomial `exp` (relative
 //! error about 2e-7); elsewhere, and on other devices or dtypes, the plain formulas. The norms
 //! ([`normalize`], [`scale_rows`], [`center_rows`]) run one row at a time, blocks of rows in
-//! parallel; on other devices or dtypes they are tensor ops. So is the greedy choice of the
-//! next token ([`argmax`]).
+//! parallel; on other devices or dtypes they are tensor ops. The greedy choice of the next token
+//! ([`argmax`]) also runs rows in parallel on the CPU, and is candle's op elsewhere.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Storage, Tensor, D};
@@ -308,7 +308,7 @@ pub fn argmax(x: &Tensor) -> Result<Vec<u32>> {
         Ok(if src.len() > d {
             src.par_chunks(d).map(row_argmax).collect()
         } else {
-            vec![row_argmax(src)]
+            src.chunks(d).map(row_argmax).collect()
         })
     })
 }
@@ -412,8 +412,8 @@ mod tests {
     }
 
     /// The parallel argmax equals candle's on rows with ties (the first is taken), NaN (never
-    /// taken unless first), infinities and signed zeros, rows shorter and longer than sixteen,
-    /// one row and many, and a strided view.
+    /// taken unless first), infinities and signed zeros (−0 then 0 after −1: the −0), rows
+    /// shorter and longer than sixteen, one row, many and none, and a strided view.
     #[test]
     fn argmax_is_candles() -> Result<()> {
         let dev = Device::Cpu;
@@ -424,7 +424,11 @@ mod tests {
                     0 => row[0] = f32::NAN,
                     1 => row.iter_mut().step_by(3).for_each(|x| *x = f32::NAN),
                     2 => row.fill(f32::NEG_INFINITY),
-                    3 => row.iter_mut().enumerate().for_each(|(j, x)| *x = if j % 2 == 0 { -0.0 } else { 0.0 }),
+                    3 => row.iter_mut().enumerate().for_each(|(j, x)| *x = match j {
+                        0 => -1.0,
+                        j if j % 2 == 1 => -0.0,
+                        _ => 0.0,
+                    }),
                     4 => row[d - 1] = f32::INFINITY,
                     5 => row[d / 2] = f32::NAN,
                     _ => {}
@@ -434,6 +438,7 @@ mod tests {
             let want = t.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
             assert_eq!(argmax(&t)?, want, "rows of {d}");
             assert_eq!(argmax(&t.narrow(0, 3, 1)?)?, want[3..4], "one row of {d}");
+            assert!(argmax(&t.narrow(0, 0, 0)?)?.is_empty(), "no rows of {d}");
         }
         let t = Tensor::randn(0f32, 1.0, (6, 40), &dev)?.narrow(1, 5, 30)?;
         assert_eq!(argmax(&t)?, t.argmax(D::Minus1)?.to_vec1::<u32>()?, "strided");

@@ -294,7 +294,7 @@ impl Edit for Steering {
 
     /// Delta keeps the steered features' contributions, replace each source's decoded features;
     /// seed-compat rewrites the MLP input here. On the CPU a prefill's positions go through the
-    /// transcoder [`ROWS`] at a time: each position's result is its own, and the feature
+    /// transcoder `ROWS` at a time: each position's result is its own, and the feature
     /// activations held at once stay a few tensors of `ROWS × d_sae` (8 prompts of 200 tokens
     /// would otherwise hold 1,600 rows of every feature in each).
     fn read(&self, point: HookPoint, x: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
