@@ -557,16 +557,16 @@ mod cpu {
                     // Each key's value is fetched along with it, for the weighted sum that
                     // follows: two streams from memory at once instead of one after the other,
                     // both asked for from their first row.
+                    let fetch = |j: usize| {
+                        prefetch_row(k, kbase + j * d.hd, d.hd);
+                        prefetch_row(v, vbase + j * d.hd, d.hd);
+                    };
                     for (qi, &(lo, hi)) in ranges[..nq].iter().enumerate() {
                         let m = mrow(i0 + qi);
-                        for j in lo..(lo + AHEAD).min(hi) {
-                            prefetch_row(k, kbase + j * d.hd, d.hd);
-                            prefetch_row(v, vbase + j * d.hd, d.hd);
-                        }
+                        (lo..(lo + AHEAD).min(hi)).for_each(fetch);
                         for j in lo..hi {
                             if m.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY) {
-                                prefetch_row(k, kbase + (j + AHEAD) * d.hd, d.hd);
-                                prefetch_row(v, vbase + (j + AHEAD) * d.hd, d.hd);
+                                fetch(j + AHEAD);
                             }
                             ps[qi * ld + j] = score(i0 + qi, j, dot(qrow(i0 + qi), &k[kbase + j * d.hd..][..d.hd]));
                         }

@@ -194,17 +194,25 @@ fn map_rows(x: &Tensor, d: usize, f: impl Fn(usize, &[f32], &mut [f32]) + Sync) 
     })
 }
 
-/// `Σ f(x)` over a row in f32, sixteen partial sums at a time (vectorised).
-#[inline]
-fn row_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut lanes = [0f32; 16];
+/// A row folded into sixteen lanes (lane `l` takes elements `l`, `l + 16`, ..., each from
+/// `init` by `op`; vectorised), and the elements past the last whole sixteen.
+#[inline(always)]
+fn lanes(row: &[f32], init: f32, op: impl Fn(f32, f32) -> f32) -> ([f32; 16], &[f32]) {
+    let mut lanes = [init; 16];
     let mut chunks = row.chunks_exact(16);
     for c in &mut chunks {
         for (l, &v) in lanes.iter_mut().zip(c) {
-            *l += f(v);
+            *l = op(*l, v);
         }
     }
-    lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
+    (lanes, chunks.remainder())
+}
+
+/// `Σ f(x)` over a row in f32, sixteen partial sums at a time (vectorised).
+#[inline]
+fn row_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let (sums, rest) = lanes(row, 0.0, |a, v| a + f(v));
+    sums.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
 }
 
 /// A row's mean, or 0 without `center`.
@@ -319,14 +327,8 @@ fn row_argmax(row: &[f32]) -> u32 {
     if row[0].is_nan() {
         return 0;
     }
-    let mut lanes = [row[0]; 16];
-    let mut chunks = row.chunks_exact(16);
-    for c in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = l.max(v);
-        }
-    }
-    let max = chunks.remainder().iter().chain(&lanes).fold(row[0], |a, &b| a.max(b));
+    let (maxima, rest) = lanes(row, row[0], f32::max);
+    let max = rest.iter().chain(&maxima).fold(row[0], |a, &b| a.max(b));
     row.iter().position(|&v| v == max).expect("the maximum is one of the row's values") as u32
 }
 
