@@ -30,7 +30,8 @@ pub enum Preset {
     Llama31_8b,
 }
 
-/// One measured configuration.
+/// One measured configuration (see [`measure_rows`]: its decode steps alternate with the other
+/// rows' and with bandwidth probes).
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
     pub model: String,
@@ -52,15 +53,32 @@ pub struct BenchRow {
     /// Bytes of the KV cache (keys and values of every cached position) after the middle decode
     /// step, which its attention reads (at most: sliding-window layers read fewer).
     pub kv_bytes: u64,
-    /// `(weight_bytes + kv_bytes) / bandwidth`: the fastest a decode step can read its weights
-    /// and its KV cache, in ms.
+    /// Read bandwidth, GB/s: the median of the probes taken between the steps.
+    pub bandwidth_gb_s: f64,
+    /// `(weight_bytes + kv_bytes) / bandwidth_gb_s`: the fastest a decode step can read its
+    /// weights and its KV cache, in ms.
     pub floor_ms: f64,
     /// Matrix flops of one decode step / peak FMA throughput, in ms (null where not measured).
     pub compute_floor_ms: Option<f64>,
-    /// `decode_step_ms / max(floor_ms, compute_floor_ms)`.
+    /// Each step over the larger of its floors (the bandwidth floor at the bandwidth probed just
+    /// before it, the compute floor): the median over steps.
     pub over_floor: f64,
-    /// The process's peak resident memory so far, GiB (null where the system does not say).
+    /// Decode tokens/s over unsteered batch 1's, each step against batch 1's step of the same
+    /// cycle: the median over steps (null for a steered row, or when batch 1 is not measured).
+    pub vs_batch1: Option<f64>,
+    /// A steered row's step over the unsteered step at its batch size in the same cycle, minus 1:
+    /// the median over steps (null for an unsteered row).
+    pub steer_overhead: Option<f64>,
+    /// A row of a model in another dtype (`--also-dtype`): its step over the same row's step in
+    /// the first dtype, in the same cycle: the median over steps (null for the first dtype).
+    pub vs_dtype: Option<f64>,
+    /// The process's peak resident memory after this row's prefill, GiB (null where the system
+    /// does not say).
     pub peak_rss_gib: Option<f64>,
+    /// Every decode step's time, ms, in order.
+    pub steps_ms: Vec<f64>,
+    /// The bandwidth probed before each cycle of steps, GB/s.
+    pub probes_gb_s: Vec<f64>,
 }
 
 /// A timed run of the original experiment's shape: `prompts` prompts of `prompt_tokens` tokens,
@@ -158,8 +176,6 @@ pub fn time_experiment(
 /// Everything `bench` measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
-    /// Measured read bandwidth of the device, GB/s.
-    pub bandwidth_gb_s: f64,
     /// Measured peak multiply-add throughput (CPU), GFLOP/s.
     pub peak_gflops: Option<f64>,
     /// The CPU kernels' instruction set.
@@ -345,11 +361,21 @@ pub fn weight_bytes(model: &Model) -> u64 {
     matrix_params(model) * model.dtype.size_in_bytes() as u64
 }
 
-/// Measures read bandwidth, GB/s. On the CPU every thread sums its share of a 512 MiB buffer
-/// with 64 independent lanes (so the adds vectorise and memory, not arithmetic, is the limit); on a
-/// GPU a 1 GiB copy-scale (read + write). Best of 3.
-pub fn measure_bandwidth(device: &Device) -> Result<f64> {
-    if !device.is_cpu() {
+/// A read-bandwidth probe. On the CPU one call sums a 128 MiB buffer (four times a large L3),
+/// every thread its share, with 64 independent lanes (so the adds vectorise and memory, not
+/// arithmetic, is the limit): cheap enough to take between decode steps. A GPU's bandwidth does
+/// not drift, so it is measured once: the best of 3 copy-scales of 1 GiB (read + write).
+pub enum Probe {
+    Cpu(Vec<f32>),
+    Fixed(f64),
+}
+
+impl Probe {
+    pub fn new(device: &Device) -> Result<Probe> {
+        if device.is_cpu() {
+            let n = 32 * 1024 * 1024;
+            return Ok(Probe::Cpu((0..n).map(|i| (i % 7) as f32).collect()));
+        }
         let n = 256 * 1024 * 1024;
         let x = Tensor::ones(n, DType::F32, device)?;
         let mut best = f64::MAX;
@@ -361,15 +387,18 @@ pub fn measure_bandwidth(device: &Device) -> Result<f64> {
             best = best.min(t.elapsed().as_secs_f64());
             drop(y);
         }
-        return Ok((2 * n * 4) as f64 / best / 1e9);
+        Ok(Probe::Fixed((2 * n * 4) as f64 / best / 1e9))
     }
-    let n: usize = 128 * 1024 * 1024;
-    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
-    let threads = rayon::current_num_threads().max(1);
-    let mut best = f64::MAX;
-    for _ in 0..3 {
+
+    /// The read bandwidth now, GB/s.
+    pub fn sample(&self) -> Result<f64> {
+        let buf = match self {
+            Probe::Fixed(gb_s) => return Ok(*gb_s),
+            Probe::Cpu(buf) => buf,
+        };
+        let threads = rayon::current_num_threads().max(1);
         let t = Instant::now();
-        buf.par_chunks(n.div_ceil(threads)).for_each(|part| {
+        buf.par_chunks(buf.len().div_ceil(threads)).for_each(|part| {
             let mut lanes = [0f32; 64];
             for c in part.chunks_exact(64) {
                 for (l, v) in lanes.iter_mut().zip(c) {
@@ -378,9 +407,8 @@ pub fn measure_bandwidth(device: &Device) -> Result<f64> {
             }
             std::hint::black_box(lanes);
         });
-        best = best.min(t.elapsed().as_secs_f64());
+        Ok((buf.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9)
     }
-    Ok((n * 4) as f64 / best / 1e9)
 }
 
 /// The process's peak resident set (VmHWM), in GiB, where /proc says.
@@ -391,60 +419,125 @@ pub fn peak_rss_gib() -> Option<f64> {
     Some(kb / (1024.0 * 1024.0))
 }
 
-/// The floors a decode step is measured against.
-#[derive(Debug, Clone, Copy)]
-pub struct Floors {
-    pub bandwidth_gb_s: f64,
-    pub peak_gflops: Option<f64>,
+/// A configuration to time: one of [`measure_rows`]'s models (its index), a batch size, plain
+/// (`steered == None`) or with `hooks` steering it (`steered` names the mode, appended to the
+/// model's name).
+pub struct RowSpec {
+    pub model: usize,
+    pub batch: usize,
+    pub hooks: Hooks,
+    pub steered: Option<String>,
 }
 
-/// Times prefill (after an untimed one) and `new_tokens` cached decode steps at `batch`.
-pub fn measure(model: &Model, batch: usize, prompt_tokens: usize, new_tokens: usize, hooks: &Hooks, floors: Floors) -> Result<BenchRow> {
-    let vocab = model.info.vocab_size as u32;
-    let tokens: Vec<Vec<u32>> =
-        (0..batch).map(|b| (0..prompt_tokens).map(|i| ((i * 7919 + b * 104729) as u32) % vocab).collect()).collect();
-    let valid = vec![vec![true; prompt_tokens]; batch];
-    let mut hooks = hooks.clone();
-    // One untimed prefill first: the process's first pass pays for fresh memory and idle threads.
-    model.forward(&tokens, &valid, &mut model.new_cache(batch, prompt_tokens), &mut hooks, LogitsAt::Last)?;
-    let mut cache = model.new_cache(batch, prompt_tokens + new_tokens);
-    let t = Instant::now();
-    let mut logits = model.forward(&tokens, &valid, &mut cache, &mut hooks, LogitsAt::Last)?;
-    model.device.synchronize()?;
-    let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
-    let mut steps = Vec::with_capacity(new_tokens);
-    let mut kv = Vec::with_capacity(new_tokens);
-    for _ in 0..new_tokens {
-        let next: Vec<Vec<u32>> = crate::generate::argmax(&logits)?.into_iter().map(|t| vec![t]).collect();
-        let t = Instant::now();
-        logits = model.forward(&next, &vec![vec![true]; batch], &mut cache, &mut hooks, LogitsAt::Last)?;
-        model.device.synchronize()?;
-        steps.push(t.elapsed().as_secs_f64() * 1e3);
-        kv.push(cache.bytes());
+/// The median (the mean of the middle two for an even count); NaN for none.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-    steps.sort_by(|a, b| a.total_cmp(b));
-    let decode_step_ms = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN);
-    let wb = weight_bytes(model);
-    let kv_bytes = kv.get(kv.len() / 2).copied().unwrap_or(0);
-    let floor_ms = (wb + kv_bytes) as f64 / (floors.bandwidth_gb_s * 1e9) * 1e3;
-    let compute_floor_ms = floors.peak_gflops.map(|g| 2.0 * batch as f64 * matrix_params(model) as f64 / (g * 1e9) * 1e3);
-    Ok(BenchRow {
-        model: model.info.source.clone(),
-        dtype: model.dtype.as_str().to_string(),
-        batch,
-        prompt_tokens,
-        new_tokens,
-        prefill_ms,
-        prefill_tokens_per_s: (batch * prompt_tokens) as f64 / prefill_ms * 1e3,
-        decode_step_ms,
-        decode_tokens_per_s: batch as f64 / decode_step_ms * 1e3,
-        weight_bytes: wb,
-        kv_bytes,
-        floor_ms,
-        compute_floor_ms,
-        over_floor: decode_step_ms / floor_ms.max(compute_floor_ms.unwrap_or(0.0)),
-        peak_rss_gib: peak_rss_gib(),
-    })
+}
+
+/// A row being timed: its prefilled cache and hooks, the logits its next step starts from.
+struct Running {
+    cache: crate::model::KvCache,
+    hooks: Hooks,
+    logits: Tensor,
+    prefill_ms: f64,
+    peak_rss_gib: Option<f64>,
+    steps_ms: Vec<f64>,
+    kv_bytes: Vec<u64>,
+}
+
+/// Times every spec: each row's prefill (after an untimed one: a process's first pass at a size
+/// pays for fresh memory and idle threads), then `new_tokens` cycles, each of which probes the
+/// read bandwidth and runs one cached decode step of every row in turn. On a machine whose memory
+/// speed drifts, rows timed one after another are not comparable; a cycle's steps are
+/// milliseconds apart, so the ratios between rows (to batch 1, to the unsteered step) and to the
+/// floors are taken step by step, within a cycle, and their medians reported. `models` are one
+/// model in one or more dtypes (the first is the one others are compared with), all on one device.
+pub fn measure_rows(models: &[&Model], specs: &[RowSpec], prompt_tokens: usize, new_tokens: usize, peak_gflops: Option<f64>) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::with_capacity(specs.len());
+    for s in specs {
+        let model = models[s.model];
+        let vocab = model.info.vocab_size as u32;
+        let tokens: Vec<Vec<u32>> =
+            (0..s.batch).map(|b| (0..prompt_tokens).map(|i| ((i * 7919 + b * 104729) as u32) % vocab).collect()).collect();
+        let valid = vec![vec![true; prompt_tokens]; s.batch];
+        let mut hooks = s.hooks.clone();
+        model.forward(&tokens, &valid, &mut model.new_cache(s.batch, prompt_tokens), &mut hooks, LogitsAt::Last)?;
+        let mut cache = model.new_cache(s.batch, prompt_tokens + new_tokens);
+        let t = Instant::now();
+        let logits = model.forward(&tokens, &valid, &mut cache, &mut hooks, LogitsAt::Last)?;
+        model.device.synchronize()?;
+        let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
+        rows.push(Running { cache, hooks, logits, prefill_ms, peak_rss_gib: peak_rss_gib(), steps_ms: Vec::new(), kv_bytes: Vec::new() });
+    }
+    let device = &models[0].device;
+    let probe = Probe::new(device)?;
+    let mut probes = Vec::with_capacity(new_tokens);
+    for _ in 0..new_tokens {
+        probes.push(probe.sample()?);
+        for (s, r) in specs.iter().zip(&mut rows) {
+            let next: Vec<Vec<u32>> = crate::generate::argmax(&r.logits)?.into_iter().map(|t| vec![t]).collect();
+            let t = Instant::now();
+            r.logits = models[s.model].forward(&next, &vec![vec![true]; s.batch], &mut r.cache, &mut r.hooks, LogitsAt::Last)?;
+            device.synchronize()?;
+            r.steps_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            r.kv_bytes.push(r.cache.bytes());
+        }
+    }
+    let bandwidth_gb_s = median(probes.clone());
+    // The median over steps of `f(step)`.
+    let per_step = |f: &dyn Fn(usize) -> f64| median((0..new_tokens).map(f).collect());
+    // The row of `model` at `batch`, steered as `steered`.
+    let find = |model: usize, batch: usize, steered: Option<&String>| {
+        specs.iter().position(|p| p.model == model && p.batch == batch && p.steered.as_ref() == steered)
+    };
+    Ok(specs
+        .iter()
+        .zip(&rows)
+        .map(|(s, r)| {
+            let model = models[s.model];
+            let wb = weight_bytes(model);
+            let kv_bytes = r.kv_bytes.get(r.kv_bytes.len() / 2).copied().unwrap_or(0);
+            let floor = |bw: f64| (wb + kv_bytes) as f64 / (bw * 1e9) * 1e3;
+            let compute_floor_ms = peak_gflops.map(|g| 2.0 * s.batch as f64 * matrix_params(model) as f64 / (g * 1e9) * 1e3);
+            let decode_step_ms = median(r.steps_ms.clone());
+            let batch1 = find(s.model, 1, None).filter(|_| s.steered.is_none());
+            let plain = find(s.model, s.batch, None).filter(|_| s.steered.is_some());
+            let first_dtype = find(0, s.batch, s.steered.as_ref()).filter(|_| s.model > 0);
+            // The median over steps of this row's step over row `o`'s.
+            let ratio = |o: usize| per_step(&|t| r.steps_ms[t] / rows[o].steps_ms[t]);
+            BenchRow {
+                model: match &s.steered {
+                    Some(mode) => format!("{} +{mode}", model.info.source),
+                    None => model.info.source.clone(),
+                },
+                dtype: model.dtype.as_str().to_string(),
+                batch: s.batch,
+                prompt_tokens,
+                new_tokens,
+                prefill_ms: r.prefill_ms,
+                prefill_tokens_per_s: (s.batch * prompt_tokens) as f64 / r.prefill_ms * 1e3,
+                decode_step_ms,
+                decode_tokens_per_s: s.batch as f64 / decode_step_ms * 1e3,
+                weight_bytes: wb,
+                kv_bytes,
+                bandwidth_gb_s,
+                floor_ms: floor(bandwidth_gb_s),
+                compute_floor_ms,
+                over_floor: per_step(&|t| r.steps_ms[t] / floor(probes[t]).max(compute_floor_ms.unwrap_or(0.0))),
+                vs_batch1: batch1.map(|b| per_step(&|t| s.batch as f64 * rows[b].steps_ms[t] / r.steps_ms[t])),
+                steer_overhead: plain.map(|p| ratio(p) - 1.0),
+                vs_dtype: first_dtype.map(ratio),
+                peak_rss_gib: r.peak_rss_gib,
+                steps_ms: r.steps_ms.clone(),
+                probes_gb_s: probes.clone(),
+            }
+        })
+        .collect())
 }
 
 /// A random transcoder for `model`'s `layer` with `d_sae` features, about 2% of which fire on

@@ -10,7 +10,7 @@ use neurosteer::generate::{generate, GenerateOptions};
 use neurosteer::hooks::Hooks;
 use neurosteer::classify::{Selection, Statistic};
 use neurosteer::experiment::{self, ClassifyJob, DatasetSpec, SteerJob, TraceJob};
-use neurosteer::model::{LoadOptions, Model, Placement};
+use neurosteer::model::{DTypeChoice, LoadOptions, Model, Placement};
 use neurosteer::transcoder::splice::{SteerMode, Steering};
 use neurosteer::transcoder::Transcoder;
 use neurosteer::{demo, evaluate, transcoder};
@@ -523,6 +523,10 @@ struct BenchArgs {
     /// Batch sizes (comma-separated or repeated).
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8])]
     batch: Vec<usize>,
+    /// Also build each model in these weight dtypes (comma-separated) and time their rows in the
+    /// same cycles, each step against the same row's step in --dtype.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "DTYPE")]
+    also_dtype: Vec<DTypeChoice>,
     /// Write the results as JSON here.
     #[arg(long, default_value = "bench.json")]
     out: PathBuf,
@@ -681,7 +685,7 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
 fn print_bench_row(row: &bench::BenchRow) {
     let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
     println!(
-        "{:<34} {:>5} {:>5} {:>10.1} {:>10.1} {:>9.2} {:>9.1} {:>8.2} {:>9} {:>7.2} {:>6}",
+        "{:<34} {:>5} {:>5} {:>10.1} {:>10.1} {:>9.2} {:>9.1} {:>6.1} {:>8.2} {:>9} {:>7.2} {:>6} {:>8} {:>7} {:>6}",
         row.model,
         row.dtype,
         row.batch,
@@ -689,9 +693,13 @@ fn print_bench_row(row: &bench::BenchRow) {
         row.prefill_tokens_per_s,
         row.decode_step_ms,
         row.decode_tokens_per_s,
+        row.bandwidth_gb_s,
         row.floor_ms,
         opt(row.compute_floor_ms, 2),
         row.over_floor,
+        opt(row.vs_batch1, 2),
+        opt(row.steer_overhead.map(|o| 100.0 * o), 1),
+        opt(row.vs_dtype, 2),
         opt(row.peak_rss_gib, 2)
     );
 }
@@ -707,15 +715,19 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         bail!("--steer-features: the random transcoder needs at least 1 feature");
     }
     let device = neurosteer::model::parse_device(&a.model.placement.device)?;
-    eprintln!("measuring memory bandwidth and peak multiply-add throughput ...");
-    let floors = bench::Floors {
-        bandwidth_gb_s: bench::measure_bandwidth(&device)?,
-        peak_gflops: device.is_cpu().then(neurosteer::model::matmul::peak_gflops),
-    };
-    println!(
-        "{:<34} {:>5} {:>5} {:>10} {:>10} {:>9} {:>9} {:>8} {:>9} {:>7} {:>6}",
-        "model", "dtype", "batch", "prefill ms", "prefill/s", "decode ms", "decode/s", "floor ms", "flop floor", "x floor", "RSS GiB"
-    );
+    let dtypes: Vec<DTypeChoice> = std::iter::once(a.model.placement.dtype).chain(a.also_dtype.iter().copied()).collect();
+    // Random weights are "stored" in f32, so `auto` keeps f32 for them; a checkpoint's `auto` is
+    // known once it is read.
+    let preset_dtype = |choice: DTypeChoice| choice.resolve(candle_core::DType::F32, 0, &device);
+    for (i, &d) in dtypes.iter().enumerate().skip(1) {
+        if dtypes[..i].iter().any(|&e| e == d || (a.model.model.is_none() && preset_dtype(e) == preset_dtype(d))) {
+            bail!("--also-dtype: {} is already among the dtypes to time", format!("{d:?}").to_lowercase());
+        }
+    }
+    let peak_gflops = device.is_cpu().then(|| {
+        eprintln!("measuring peak multiply-add throughput ...");
+        neurosteer::model::matmul::peak_gflops()
+    });
     let sources: Vec<Option<Preset>> = match &a.model.model {
         Some(_) => vec![None],
         None => a.preset.iter().copied().map(Some).collect(),
@@ -723,73 +735,94 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut experiments = Vec::new();
     for source in sources {
-        let model = match (source, &a.model.model) {
-            (Some(p), _) => {
-                // Random weights are "stored" in f32, so `auto` keeps f32 for them.
-                let dtype = a.model.placement.dtype.resolve(candle_core::DType::F32, 0, &device);
-                eprintln!("building a random {p:?} model in {dtype:?} ...");
-                let mut model = bench::random_model(p, dtype, &device)?;
-                model.transcoder_dtype = a.model.placement.transcoder_dtype.resolve(dtype);
-                model
+        let mut models = Vec::new();
+        for &choice in &dtypes {
+            let placement = Placement { dtype: choice, ..a.model.placement.clone() };
+            let model = match (source, &a.model.model) {
+                (Some(p), _) => {
+                    let dtype = preset_dtype(choice);
+                    eprintln!("building a random {p:?} model in {dtype:?} ...");
+                    let mut model = bench::random_model(p, dtype, &device)?;
+                    model.transcoder_dtype = placement.transcoder_dtype.resolve(dtype);
+                    model
+                }
+                (None, Some(m)) => Model::load(m, &placement.load_options(a.model.tokenizer.clone(), false)?)?,
+                (None, None) => unreachable!("a model or presets"),
+            };
+            if models.iter().any(|m: &Model| m.dtype == model.dtype) {
+                bail!("--also-dtype: {} is loaded in {} already (--dtype auto)", model.info.source, model.dtype.as_str());
             }
-            (None, Some(m)) => Model::load(m, &a.model.placement.load_options(a.model.tokenizer.clone(), false)?)?,
-            (None, None) => unreachable!("a model or presets"),
-        };
-        if a.prompt_tokens == 0 || a.prompt_tokens + a.new_tokens > model.info.n_ctx {
-            bail!(
-                "--prompt-tokens {} plus --new-tokens {} must fit the model's context of {} (and --prompt-tokens be at least 1)",
-                a.prompt_tokens,
-                a.new_tokens,
-                model.info.n_ctx
-            );
+            if a.prompt_tokens == 0 || a.prompt_tokens + a.new_tokens > model.info.n_ctx {
+                bail!(
+                    "--prompt-tokens {} plus --new-tokens {} must fit the model's context of {} (and --prompt-tokens be at least 1)",
+                    a.prompt_tokens,
+                    a.new_tokens,
+                    model.info.n_ctx
+                );
+            }
+            models.push(model);
         }
         let prompt = a.prompt_tokens;
-        for &batch in &a.batch {
-            let row = bench::measure(&model, batch, prompt, a.new_tokens, &Hooks::none(), floors)?;
-            print_bench_row(&row);
-            rows.push(row);
-            if let Some(d_sae) = a.steer_features {
-                let layer = model.info.n_layers / 2;
-                let tc = experiment::place_for(&model, std::sync::Arc::new(bench::random_transcoder(&model, layer, d_sae)?))?;
-                let features: Vec<usize> = (0..d_sae).step_by(10).collect();
-                for mode in [SteerMode::Delta, SteerMode::Replace] {
-                    let mut hooks = Hooks::none();
-                    hooks.edit(std::sync::Arc::new(Steering::new(tc.clone(), features.clone(), 0.5, mode)?));
-                    let mut row = bench::measure(&model, batch, prompt, a.new_tokens, &hooks, floors)?;
-                    row.model = format!("{} +{mode}", row.model);
-                    print_bench_row(&row);
-                    rows.push(row);
+        let mut specs = Vec::new();
+        for (mi, model) in models.iter().enumerate() {
+            let steer = match a.steer_features {
+                Some(d_sae) => {
+                    let tc = bench::random_transcoder(model, model.info.n_layers / 2, d_sae)?;
+                    Some((experiment::place_for(model, std::sync::Arc::new(tc))?, (0..d_sae).step_by(10).collect::<Vec<usize>>()))
+                }
+                None => None,
+            };
+            for &batch in &a.batch {
+                specs.push(bench::RowSpec { model: mi, batch, hooks: Hooks::none(), steered: None });
+                if let Some((tc, features)) = &steer {
+                    for mode in [SteerMode::Delta, SteerMode::Replace] {
+                        let mut hooks = Hooks::none();
+                        hooks.edit(std::sync::Arc::new(Steering::new(tc.clone(), features.clone(), 0.5, mode)?));
+                        specs.push(bench::RowSpec { model: mi, batch, hooks, steered: Some(mode.to_string()) });
+                    }
                 }
             }
         }
+        eprintln!("prefilling {} rows, then {} cycles of one decode step each ...", specs.len(), a.new_tokens);
+        let model_rows = bench::measure_rows(&models.iter().collect::<Vec<_>>(), &specs, prompt, a.new_tokens, peak_gflops)?;
+        if rows.is_empty() {
+            println!(
+                "{:<34} {:>5} {:>5} {:>10} {:>10} {:>9} {:>9} {:>6} {:>8} {:>9} {:>7} {:>6} {:>8} {:>7} {:>6}",
+                "model", "dtype", "batch", "prefill ms", "prefill/s", "decode ms", "decode/s", "GB/s", "floor ms", "flop floor",
+                "x floor", "x b1", "steer +%", "x dtype", "RSS GiB"
+            );
+        }
+        model_rows.iter().for_each(print_bench_row);
+        rows.extend(model_rows);
         if let Some(prompts) = a.experiment {
             let d_sae = a.steer_features.unwrap_or(65536);
             let batch = a.batch.iter().copied().max().unwrap_or(1);
-            eprintln!("timing the experiment's shape: {prompts} prompts, {d_sae}-feature transcoder at layer 0, batch {batch} ...");
-            let tc = experiment::place_for(&model, std::sync::Arc::new(bench::random_transcoder(&model, 0, d_sae)?))?;
-            let e = bench::time_experiment(&model, tc, prompts, prompt, a.new_tokens, batch)?;
-            println!(
-                "experiment: {} prompts x {} configurations ({} generated), {} new tokens: {:.1} s, {:.1} tokens/s",
-                e.prompts,
-                e.configs.len(),
-                e.configs.iter().filter(|c| c.same_as.is_none()).count(),
-                e.new_tokens,
-                e.total_s,
-                e.tokens_per_s
-            );
-            experiments.push(e);
+            for model in &models {
+                eprintln!("timing the experiment's shape in {}: {prompts} prompts, {d_sae}-feature transcoder at layer 0, batch {batch} ...", model.dtype.as_str());
+                let tc = experiment::place_for(model, std::sync::Arc::new(bench::random_transcoder(model, 0, d_sae)?))?;
+                let e = bench::time_experiment(model, tc, prompts, prompt, a.new_tokens, batch)?;
+                println!(
+                    "experiment ({}): {} prompts x {} configurations ({} generated), {} new tokens: {:.1} s, {:.1} tokens/s",
+                    e.dtype,
+                    e.prompts,
+                    e.configs.len(),
+                    e.configs.iter().filter(|c| c.same_as.is_none()).count(),
+                    e.new_tokens,
+                    e.total_s,
+                    e.tokens_per_s
+                );
+                experiments.push(e);
+            }
         }
     }
     let threads = rayon::current_num_threads();
     println!(
-        "measured read bandwidth: {:.1} GB/s; peak multiply-add: {}; {threads} threads; kernels: {:?}",
-        floors.bandwidth_gb_s,
-        floors.peak_gflops.map_or("-".into(), |g| format!("{g:.0} GFLOP/s")),
+        "peak multiply-add: {}; {threads} threads; kernels: {:?}",
+        peak_gflops.map_or("-".into(), |g| format!("{g:.0} GFLOP/s")),
         neurosteer::model::matmul::Isa::detected()
     );
     let report = bench::BenchReport {
-        bandwidth_gb_s: floors.bandwidth_gb_s,
-        peak_gflops: floors.peak_gflops,
+        peak_gflops,
         isa: format!("{:?}", neurosteer::model::matmul::Isa::detected()),
         threads,
         rows,

@@ -226,9 +226,11 @@ fn invalid_inputs_are_refused() {
     assert_clean_error(&run(&["generate", "--model", d.to_str().unwrap(), "--prompt", "x"]), &["weight_map", "../../etc/passwd"]);
 }
 
-/// `bench` on a given model: one row per batch size and, with `--experiment`, the experiment's
-/// shape timed per configuration (strength 1 not generated again in delta mode), with a bf16
-/// transcoder; the JSON holds both.
+/// `bench` on a given model in f32 and (`--also-dtype`) bf16: one row per batch size and
+/// steering mode and, with `--experiment`, the experiment's shape timed per configuration
+/// (strength 1 not generated again in delta mode), with a bf16 transcoder; the JSON holds both.
+/// Every ratio is the median of step-by-step ratios within a cycle (recomputed here from the
+/// steps and probes the JSON keeps).
 #[test]
 fn bench_rows_and_experiment_timing() {
     let Some(shared) = common::shared() else { return };
@@ -236,25 +238,64 @@ fn bench_rows_and_experiment_timing() {
     let out_file = d.join("bench.json");
     let out = run(&[
         "bench", "--model", shared.join("fixtures/tiny-gpt2").to_str().unwrap(), "--batch", "1,2", "--prompt-tokens", "8",
-        "--new-tokens", "3", "--experiment", "3", "--steer-features", "64", "--transcoder-dtype", "bf16", "--out",
-        out_file.to_str().unwrap(),
+        "--new-tokens", "3", "--experiment", "3", "--steer-features", "64", "--transcoder-dtype", "bf16", "--dtype", "f32",
+        "--also-dtype", "bf16", "--out", out_file.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report = common::json(&out_file);
     let rows = report["rows"].as_array().unwrap();
-    // Per batch size: plain, +delta, +replace.
-    assert_eq!(rows.len(), 6);
-    assert!(rows.iter().all(|r| r["decode_step_ms"].as_f64().unwrap() > 0.0 && r["floor_ms"].as_f64().unwrap() > 0.0));
-    // The median step's KV cache: 2 layers, keys and values of 64 floats, 8 + 2 positions per
-    // sequence; the floor reads it and the weights at the measured bandwidth.
-    let bandwidth = report["bandwidth_gb_s"].as_f64().unwrap();
-    for r in rows {
+    // Per dtype, per batch size: plain, +delta, +replace.
+    assert_eq!(rows.len(), 12);
+    let dtypes: Vec<&str> = rows.iter().map(|r| r["dtype"].as_str().unwrap()).collect();
+    assert_eq!(dtypes, [["f32"; 6], ["bf16"; 6]].concat());
+    let f64s = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<f64>>();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let probes = f64s(&rows[0]["probes_gb_s"]);
+    assert_eq!(probes.len(), 3);
+    let steps: Vec<Vec<f64>> = rows.iter().map(|r| f64s(&r["steps_ms"])).collect();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+    for (i, r) in rows.iter().enumerate() {
         let batch = r["batch"].as_u64().unwrap();
+        assert_eq!(steps[i].len(), 3, "{r}");
+        assert_eq!(f64s(&r["probes_gb_s"]), probes, "{r}");
+        assert!(close(r["decode_step_ms"].as_f64().unwrap(), median(steps[i].clone())), "{r}");
+        // The median step's KV cache: 2 layers, keys and values of 64 floats, 8 + 2 positions
+        // per sequence; the floor reads it and the weights at the median probed bandwidth, and
+        // each step is set against the bandwidth probed before it.
         assert_eq!(r["kv_bytes"].as_u64(), Some(2 * 2 * 64 * 4 * 10 * batch), "{r}");
         let bytes = (r["weight_bytes"].as_u64().unwrap() + r["kv_bytes"].as_u64().unwrap()) as f64;
-        assert!((r["floor_ms"].as_f64().unwrap() - bytes / (bandwidth * 1e9) * 1e3).abs() < 1e-9, "{r}");
+        let bandwidth = r["bandwidth_gb_s"].as_f64().unwrap();
+        assert!(close(bandwidth, median(probes.clone())), "{r}");
+        assert!(close(r["floor_ms"].as_f64().unwrap(), bytes / (bandwidth * 1e9) * 1e3), "{r}");
+        let flops = r["compute_floor_ms"].as_f64().unwrap();
+        let over: Vec<f64> = (0..3).map(|t| steps[i][t] / (bytes / (probes[t] * 1e9) * 1e3).max(flops)).collect();
+        assert!(close(r["over_floor"].as_f64().unwrap(), median(over)), "{r}");
+        // Plain rows (0 and 3 of each dtype) against batch 1's step of the same cycle; steered
+        // ones against the plain step at their batch size; bf16 rows against the same f32 row
+        // (with half its weight bytes).
+        let (first, plain) = (i / 6 * 6, i / 3 * 3);
+        let ratio = |o: usize| median((0..3).map(|t| steps[i][t] / steps[o][t]).collect());
+        if i == plain {
+            let want = median((0..3).map(|t| batch as f64 * steps[first][t] / steps[i][t]).collect());
+            assert!(close(r["vs_batch1"].as_f64().unwrap(), want), "{r}");
+            assert!(r["steer_overhead"].is_null(), "{r}");
+        } else {
+            assert!(r["vs_batch1"].is_null(), "{r}");
+            assert!(close(r["steer_overhead"].as_f64().unwrap(), ratio(plain) - 1.0), "{r}");
+        }
+        if i < 6 {
+            assert!(r["vs_dtype"].is_null(), "{r}");
+        } else {
+            assert!(close(r["vs_dtype"].as_f64().unwrap(), ratio(i - 6)), "{r}");
+            assert_eq!(2 * r["weight_bytes"].as_u64().unwrap(), rows[i - 6]["weight_bytes"].as_u64().unwrap(), "{r}");
+        }
     }
-    let e = &report["experiments"][0];
+    let experiments = report["experiments"].as_array().unwrap();
+    assert_eq!(experiments.iter().map(|e| e["dtype"].as_str().unwrap()).collect::<Vec<_>>(), ["f32", "bf16"]);
+    let e = &experiments[0];
     assert_eq!((e["prompts"].as_u64(), e["batch"].as_u64(), e["d_sae"].as_u64()), (Some(3), Some(2), Some(64)));
     assert_eq!(e["transcoder_dtype"], "bf16");
     let configs = e["configs"].as_array().unwrap();
@@ -263,6 +304,8 @@ fn bench_rows_and_experiment_timing() {
     assert_eq!(configs[1]["same_as"], "Base");
     assert!(e["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert_clean_error(&run(&["bench", "--model", "x", "--experiment", "0"]), &["--experiment"]);
+    let tiny = shared.join("fixtures/tiny-gpt2");
+    assert_clean_error(&run(&["bench", "--model", tiny.to_str().unwrap(), "--dtype", "bf16", "--also-dtype", "bf16"]), &["--also-dtype", "bf16"]);
     std::fs::remove_dir_all(&d).ok();
 }
 
