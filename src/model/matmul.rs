@@ -487,17 +487,27 @@ fn tile<T: Elem>(isa: Isa, x: &[f32], w: &[T], ld: usize, kb: usize, mt: usize, 
     }
 }
 
-/// A weight element: how to read it as f32, one at a time or a vector at a time.
-trait Elem: Copy + Send + Sync + 'static {
+/// A weight element: how to read it as f32, one at a time, a slice at a time or a vector at a
+/// time.
+pub(super) trait Elem: Copy + Send + Sync + 'static {
     fn f32(self) -> f32;
+    /// `dst[i] = src[i]` as f32.
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.f32();
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> x86::__m512;
+    /// The lanes of `mask` (the others zero and not read).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512;
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> x86::__m256;
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     pub use std::arch::x86_64::*;
 
     #[inline]
@@ -507,8 +517,18 @@ mod x86 {
     }
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn bf16x16_masked(p: *const u16, mask: u16) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p as *const i16))))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn f16x16(p: *const u16) -> __m512 {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn f16x16_masked(p: *const u16, mask: u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
     }
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -569,10 +589,18 @@ impl Elem for f32 {
     fn f32(self) -> f32 {
         self
     }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const Self) -> x86::__m512 {
         x86::f32x16(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512 {
+        x86::f32x16_masked(p, mask)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -581,18 +609,28 @@ impl Elem for f32 {
     }
 }
 
-/// bf16 and f16: widened by the `x86` helpers named.
+/// bf16 and f16: widened by the `x86` helpers named, a slice by the `half` crate's conversion.
 macro_rules! half_elem {
-    ($t:ty, $x16:ident, $x8:ident) => {
+    ($t:ty, $x16:ident, $x16m:ident, $x8:ident) => {
         impl Elem for $t {
             #[inline(always)]
             fn f32(self) -> f32 {
                 self.to_f32()
             }
+            #[inline(always)]
+            fn widen(src: &[Self], dst: &mut [f32]) {
+                use half::slice::HalfFloatSliceExt;
+                src.convert_to_f32_slice(dst);
+            }
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
             unsafe fn load16(p: *const Self) -> x86::__m512 {
                 x86::$x16(p as *const u16)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[inline(always)]
+            unsafe fn load16_masked(p: *const Self, mask: u16) -> x86::__m512 {
+                x86::$x16m(p as *const u16, mask)
             }
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
@@ -602,8 +640,8 @@ macro_rules! half_elem {
         }
     };
 }
-half_elem!(bf16, bf16x16, bf16x8);
-half_elem!(f16, f16x16, f16x8);
+half_elem!(bf16, bf16x16, bf16x16_masked, bf16x8);
+half_elem!(f16, f16x16, f16x16_masked, f16x8);
 
 /// AVX2: 8 lanes per step, the remainder one element at a time.
 #[cfg(target_arch = "x86_64")]
@@ -1013,11 +1051,7 @@ fn large(x: &[f32], m: usize, k: usize, w: Weights, n: usize, y: &mut [f32], ldy
         )
     };
     fn widen<T: Elem>(src: &[T], dst: &mut [f32]) {
-        dst.par_chunks_mut(4096).zip(src.par_chunks(4096)).for_each(|(d, s)| {
-            for (d, s) in d.iter_mut().zip(s) {
-                *d = s.f32();
-            }
-        });
+        dst.par_chunks_mut(4096).zip(src.par_chunks(4096)).for_each(|(d, s)| T::widen(s, d));
     }
     match w {
         Weights::F32(w) => run(w, 0, n, y),
