@@ -60,8 +60,8 @@ pub struct BenchRow {
     pub floor_ms: f64,
     /// Matrix flops of one decode step / peak FMA throughput, in ms (null where not measured).
     pub compute_floor_ms: Option<f64>,
-    /// Each step over the larger of its floors (the bandwidth floor at the bandwidth probed just
-    /// before it, the compute floor): the median over steps.
+    /// Each step over the larger of its floors (the bandwidth floor at its cycle's probed
+    /// bandwidth, the compute floor): the median over steps.
     pub over_floor: f64,
     /// Decode tokens/s over unsteered batch 1's, each step against batch 1's step of the same
     /// cycle: the median over steps (null for a steered row, or when batch 1 is not measured).
@@ -72,12 +72,14 @@ pub struct BenchRow {
     /// A row of a model in another dtype (`--also-dtype`): its step over the same row's step in
     /// the first dtype, in the same cycle: the median over steps (null for the first dtype).
     pub vs_dtype: Option<f64>,
-    /// The process's peak resident memory after this row's prefill, GiB (null where the system
-    /// does not say).
+    /// The process's peak resident memory so far once this row is prefilled, GiB: every model
+    /// timed together and every earlier row's cache included (null where the system does not
+    /// say).
     pub peak_rss_gib: Option<f64>,
     /// Every decode step's time, ms, in order.
     pub steps_ms: Vec<f64>,
-    /// The bandwidth probed before each cycle of steps, GB/s.
+    /// The bandwidth probed at the start of each cycle of steps, GB/s (on a GPU, one measurement
+    /// repeated).
     pub probes_gb_s: Vec<f64>,
 }
 
@@ -452,10 +454,11 @@ struct Running {
 
 /// Times every spec: each row's prefill (after an untimed one: a process's first pass at a size
 /// pays for fresh memory and idle threads), then `new_tokens` cycles, each of which probes the
-/// read bandwidth and runs one cached decode step of every row in turn. On a machine whose memory
-/// speed drifts, rows timed one after another are not comparable; a cycle's steps are
-/// milliseconds apart, so the ratios between rows (to batch 1, to the unsteered step) and to the
-/// floors are taken step by step, within a cycle, and their medians reported. `models` are one
+/// read bandwidth and runs one cached decode step of every row in turn (in reverse order every
+/// other cycle). On a machine whose memory speed drifts, rows timed one after another are not
+/// comparable; a cycle's steps lie one cycle apart at most, so the ratios between rows (to
+/// batch 1, to the unsteered step, to another dtype) and to the floors are taken step by step,
+/// within a cycle, and their medians reported. `models` are one
 /// model in one or more dtypes (the first is the one others are compared with), all on one device.
 pub fn measure_rows(models: &[&Model], specs: &[RowSpec], prompt_tokens: usize, new_tokens: usize, peak_gflops: Option<f64>) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::with_capacity(specs.len());
@@ -477,9 +480,13 @@ pub fn measure_rows(models: &[&Model], specs: &[RowSpec], prompt_tokens: usize, 
     let device = &models[0].device;
     let probe = Probe::new(device)?;
     let mut probes = Vec::with_capacity(new_tokens);
-    for _ in 0..new_tokens {
+    for cycle in 0..new_tokens {
         probes.push(probe.sample()?);
-        for (s, r) in specs.iter().zip(&mut rows) {
+        // Every other cycle in reverse order, so that a drift within a cycle, and the probe's
+        // evicting the caches before its first step, fall on every row alike.
+        let order: Vec<usize> = if cycle % 2 == 0 { (0..specs.len()).collect() } else { (0..specs.len()).rev().collect() };
+        for i in order {
+            let (s, r) = (&specs[i], &mut rows[i]);
             let next: Vec<Vec<u32>> = crate::generate::argmax(&r.logits)?.into_iter().map(|t| vec![t]).collect();
             let t = Instant::now();
             r.logits = models[s.model].forward(&next, &vec![vec![true]; s.batch], &mut r.cache, &mut r.hooks, LogitsAt::Last)?;

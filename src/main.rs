@@ -750,7 +750,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                 (None, None) => unreachable!("a model or presets"),
             };
             if models.iter().any(|m: &Model| m.dtype == model.dtype) {
-                bail!("--also-dtype: {} is loaded in {} already (--dtype auto)", model.info.source, model.dtype.as_str());
+                bail!("--also-dtype: {} is loaded in {} already (`auto` chose it)", model.info.source, model.dtype.as_str());
             }
             if a.prompt_tokens == 0 || a.prompt_tokens + a.new_tokens > model.info.n_ctx {
                 bail!(

@@ -492,11 +492,7 @@ fn tile<T: Elem>(isa: Isa, x: &[f32], w: &[T], ld: usize, kb: usize, mt: usize, 
 pub(super) trait Elem: Copy + Send + Sync + 'static {
     fn f32(self) -> f32;
     /// `dst[i] = src[i]` as f32.
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.f32();
-        }
-    }
+    fn widen(src: &[Self], dst: &mut [f32]);
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> x86::__m512;
     /// The lanes of `mask` (the others zero and not read).
@@ -609,9 +605,9 @@ impl Elem for f32 {
     }
 }
 
-/// bf16 and f16: widened by the `x86` helpers named, a slice by the `half` crate's conversion.
+/// bf16 and f16: widened by the `x86` helpers named, a slice by `$widen`.
 macro_rules! half_elem {
-    ($t:ty, $x16:ident, $x16m:ident, $x8:ident) => {
+    ($t:ty, $x16:ident, $x16m:ident, $x8:ident, $widen:expr) => {
         impl Elem for $t {
             #[inline(always)]
             fn f32(self) -> f32 {
@@ -619,8 +615,7 @@ macro_rules! half_elem {
             }
             #[inline(always)]
             fn widen(src: &[Self], dst: &mut [f32]) {
-                use half::slice::HalfFloatSliceExt;
-                src.convert_to_f32_slice(dst);
+                $widen(src, dst)
             }
             #[cfg(target_arch = "x86_64")]
             #[inline(always)]
@@ -640,8 +635,17 @@ macro_rules! half_elem {
         }
     };
 }
-half_elem!(bf16, bf16x16, bf16x16_masked, bf16x8);
-half_elem!(f16, f16x16, f16x16_masked, f16x8);
+// bf16 is the top half of an f32: a shift, as the vector helpers widen it (the `half` crate's
+// conversion also quiets signalling NaNs); f16 by the `half` crate's vectorised conversion.
+half_elem!(bf16, bf16x16, bf16x16_masked, bf16x8, |src: &[bf16], dst: &mut [f32]| {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits((s.to_bits() as u32) << 16);
+    }
+});
+half_elem!(f16, f16x16, f16x16_masked, f16x8, |src: &[f16], dst: &mut [f32]| {
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(dst)
+});
 
 /// AVX2: 8 lanes per step, the remainder one element at a time.
 #[cfg(target_arch = "x86_64")]

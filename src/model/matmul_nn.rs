@@ -128,8 +128,8 @@ mod tiles512 {
     /// Output columns per register tile (two vectors).
     const NR: usize = 32;
     /// Listed `q` per chunk: a task copies a chunk's weight rows (its slice of them, up to 256
-    /// columns: at most 32 KB) into a buffer, row after row, while fetching the next chunk's
-    /// into L2, then runs every tile of the group over the buffer 32 columns at a time.
+    /// columns: at most 32 KB) into a buffer, row after row, while fetching the next chunk's,
+    /// then runs every tile of the group over the buffer 32 columns at a time.
     const CHUNK: usize = 32;
 
     /// The `q` of `x [rows, k]` (rows ≤ 32) where some row is not zero, with the mask of those
@@ -186,34 +186,37 @@ mod tiles512 {
         // Columns per task: whole register tiles, at most 256, about four tasks per thread.
         let cols = n.div_ceil(4 * threads).next_multiple_of(NR).min(256);
         let tasks = n.div_ceil(cols);
+        // Every group's chunks in order, (group, first and end entry): a group with no `q` runs
+        // one empty chunk, which writes its zeros.
+        let chunks: Vec<(usize, usize, usize)> = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(g, gr)| (0..gr.list.len().div_ceil(CHUNK).max(1)).map(move |c| (g, c * CHUNK, ((c + 1) * CHUNK).min(gr.list.len()))))
+            .collect();
         let out = SendPtr(y.as_mut_ptr());
         let task = |c: usize| {
             let (j0, j1) = (c * cols, ((c + 1) * cols).min(n));
             let width = j1 - j0;
             let mut buf: Vec<T> = Vec::with_capacity(CHUNK * width);
-            // Every group's chunks in order; a group with no `q` runs one empty chunk, which
-            // writes its zeros.
-            let chunks: Vec<(usize, usize, usize)> = groups
-                .iter()
-                .enumerate()
-                .flat_map(|(g, gr)| (0..gr.list.len().div_ceil(CHUNK).max(1)).map(move |c| (g, c * CHUNK, ((c + 1) * CHUNK).min(gr.list.len()))))
-                .collect();
             for (ci, &(g, e0, e1)) in chunks.iter().enumerate() {
                 let (gr, list) = (&groups[g], &groups[g].list[e0..e1]);
                 let (i0, rows) = (gr.i0, gr.rows);
                 let next = chunks.get(ci + 1).map_or(&[][..], |&(g, e0, e1)| &groups[g].list[e0..e1]);
                 // The chunk's rows of w (their columns j0..j1), one after another; the next
-                // chunk's are fetched meanwhile.
+                // chunk's are fetched meanwhile, every cache line of them.
                 buf.clear();
-                for (e, &(q, _)) in list.iter().enumerate() {
+                for e in 0..list.len().max(next.len()) {
                     if let Some(&(ahead, _)) = next.get(e) {
-                        let p = w[ahead as usize * n + j0..].as_ptr() as *const i8;
-                        for line in (0..width * std::mem::size_of::<T>()).step_by(64) {
+                        let p = w[ahead as usize * n + j0..].as_ptr();
+                        let (start, end) = (p as usize & !63, p as usize + width * std::mem::size_of::<T>());
+                        for line in (start..end).step_by(64) {
                             // SAFETY: SSE is part of x86_64; a prefetch reads nothing.
-                            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line)) };
+                            unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
                         }
                     }
-                    buf.extend_from_slice(&w[q as usize * n + j0..][..width]);
+                    if let Some(&(q, _)) = list.get(e) {
+                        buf.extend_from_slice(&w[q as usize * n + j0..][..width]);
+                    }
                 }
                 for t0 in (0..rows).step_by(ROWS) {
                     let tr = ROWS.min(rows - t0);
@@ -291,7 +294,7 @@ mod tiles512 {
                 continue;
             }
             let wp = a.w.add(e * a.ld);
-            let w = [T::load16_masked(wp, m0), T::load16_masked(wp.add(16), m1)];
+            let w = [T::load16_masked(wp, m0), T::load16_masked(wp.wrapping_add(16), m1)];
             let xe = a.x.add(e * GROUP);
             if mask == all {
                 for (r, acc) in acc.iter_mut().enumerate() {

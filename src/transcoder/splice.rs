@@ -72,6 +72,9 @@ pub struct Steering {
     subset: Option<Subset>,
     /// For replace and seed-compat: a per-feature scale `[d_sae]` (1 outside S).
     scale: Option<Tensor>,
+    /// For replace: each source's skip matrix transposed, `W_skip.T [d_in, d_out]`, contiguous
+    /// (so that a step reads it in place instead of copying a transposed view).
+    skips: Vec<Option<Tensor>>,
 }
 
 /// `W_enc[:, S]` `[d_in, |S|]`, `b_enc[S]`, `threshold[S]`, and `W_dec[S]` `[|S|, d_out]` for every
@@ -180,6 +183,10 @@ impl Steering {
                 (None, Some(Tensor::from_vec(scale, d_sae, &device)?))
             }
         };
+        let skips = match mode {
+            SteerMode::Replace => sources.iter().map(|t| t.w_skip.as_ref().map(|w| Ok(w.t()?.contiguous()?)).transpose()).collect::<Result<_>>()?,
+            _ => Vec::new(),
+        };
         if mode == SteerMode::SeedCompat {
             eprintln!(
                 "warning: --mode seed-compat reproduces the original notebook's hook, which is not a \
@@ -187,7 +194,7 @@ impl Steering {
                  to compare with results made by that notebook"
             );
         }
-        Ok(Self { sources, steered, mode, strength, features, inputs, output, subset, scale })
+        Ok(Self { sources, steered, mode, strength, features, inputs, output, subset, scale, skips })
     }
 
     /// The layer whose features are steered.
@@ -242,8 +249,8 @@ impl Steering {
         let mut parts = Vec::with_capacity(1 + t.w_dec_next.len());
         for (j, w) in std::iter::once(&t.w_dec).chain(&t.w_dec_next).enumerate() {
             let mut y = sparse_decode(&f, w)?;
-            if let (0, Some(w_skip)) = (j, &t.w_skip) {
-                y = (y + linear_in(x, &w_skip.t()?)?)?;
+            if let (0, Some(skip)) = (j, &self.skips[i]) {
+                y = (y + linear_in(x, skip)?)?;
             }
             parts.push(y);
         }
