@@ -131,6 +131,8 @@ mod tiles512 {
     /// columns: at most 32 KB) into a buffer, row after row, while fetching the next chunk's,
     /// then runs every tile of the group over the buffer 32 columns at a time.
     const CHUNK: usize = 32;
+    // A chunk's entries are numbered in a byte.
+    const _: () = assert!(CHUNK <= 256);
 
     /// The `q` of `x [rows, k]` (rows ≤ 32) where some row is not zero, with the mask of those
     /// rows (bit `r` for row `r`): sixteen `q` compared at a time, then only the `q` found looked
@@ -220,10 +222,16 @@ mod tiles512 {
                 }
                 for t0 in (0..rows).step_by(ROWS) {
                     let tr = ROWS.min(rows - t0);
+                    // The chunk's entries where some row of the tile is not zero, and those rows.
+                    let (mut sel, mut count) = ([(0u8, 0u8); CHUNK], 0);
+                    for (e, &(_, mask)) in list.iter().enumerate() {
+                        let rows = (mask >> t0) as u8 & (((1u32 << tr) - 1) as u8);
+                        sel[count] = (e as u8, rows);
+                        count += (rows != 0) as usize;
+                    }
                     for j in (0..width).step_by(NR) {
                         let args = Args {
-                            list,
-                            shift: t0 as u32,
+                            sel: &sel[..count],
                             first: e0 == 0,
                             x: gr.xt.as_ptr().wrapping_add(e0 * GROUP + t0),
                             rows: tr,
@@ -256,13 +264,12 @@ mod tiles512 {
         }
     }
 
-    /// One register tile's work over one chunk: rows `shift..shift + rows` of the group (their
-    /// values at the chunk's `q` at `x`, [`GROUP`] apart) times the chunk's weight rows (`w`,
-    /// `ld` apart, `cols` ≤ 32 columns) over the chunk's `list`, started from zero (`first`) or
-    /// from what y holds, written to y (`n` apart).
+    /// One register tile's work over one chunk: `rows` rows of the group (their values at the
+    /// chunk's `q` at `x`, [`GROUP`] apart) times the chunk's weight rows (`w`, `ld` apart,
+    /// `cols` ≤ 32 columns) over the chunk's entries `sel` lists (each with the tile's rows not
+    /// zero there), started from zero (`first`) or from what y holds, written to y (`n` apart).
     struct Args<'a, T> {
-        list: &'a [(u32, u32)],
-        shift: u32,
+        sel: &'a [(u8, u8)],
         first: bool,
         x: *const f32,
         rows: usize,
@@ -288,11 +295,8 @@ mod tiles512 {
                 *acc = [_mm512_maskz_loadu_ps(m0, *y), _mm512_maskz_loadu_ps(m1, y.wrapping_add(16))];
             }
         }
-        for (e, &(_, mask)) in a.list.iter().enumerate() {
-            let mask = (mask >> a.shift) as u8 & all;
-            if mask == 0 {
-                continue;
-            }
+        for &(e, mask) in a.sel {
+            let e = e as usize;
             let wp = a.w.add(e * a.ld);
             let w = [T::load16_masked(wp, m0), T::load16_masked(wp.wrapping_add(16), m1)];
             let xe = a.x.add(e * GROUP);
