@@ -225,9 +225,9 @@ mod tiles512 {
                     // The chunk's entries where some row of the tile is not zero, and those rows.
                     let (mut sel, mut count) = ([(0u8, 0u8); CHUNK], 0);
                     for (e, &(_, mask)) in list.iter().enumerate() {
-                        let rows = (mask >> t0) as u8 & (((1u32 << tr) - 1) as u8);
-                        sel[count] = (e as u8, rows);
-                        count += (rows != 0) as usize;
+                        let live = (mask >> t0) as u8 & (((1u32 << tr) - 1) as u8);
+                        sel[count] = (e as u8, live);
+                        count += (live != 0) as usize;
                     }
                     for j in (0..width).step_by(NR) {
                         let args = Args {
