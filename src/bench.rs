@@ -460,10 +460,10 @@ struct Running {
 /// batch 1, to the unsteered step, to another dtype) and to the floors are taken step by step,
 /// within a cycle, and their medians reported. `models` are one
 /// model in one or more dtypes (the first is the one others are compared with), all on one device.
-pub fn measure_rows(models: &[&Model], specs: &[RowSpec], prompt_tokens: usize, new_tokens: usize, peak_gflops: Option<f64>) -> Result<Vec<BenchRow>> {
+pub fn measure_rows(models: &[Model], specs: &[RowSpec], prompt_tokens: usize, new_tokens: usize, peak_gflops: Option<f64>) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::with_capacity(specs.len());
     for s in specs {
-        let model = models[s.model];
+        let model = &models[s.model];
         let vocab = model.info.vocab_size as u32;
         let tokens: Vec<Vec<u32>> =
             (0..s.batch).map(|b| (0..prompt_tokens).map(|i| ((i * 7919 + b * 104729) as u32) % vocab).collect()).collect();
@@ -506,7 +506,7 @@ pub fn measure_rows(models: &[&Model], specs: &[RowSpec], prompt_tokens: usize, 
         .iter()
         .zip(&rows)
         .map(|(s, r)| {
-            let model = models[s.model];
+            let model = &models[s.model];
             let wb = weight_bytes(model);
             let kv_bytes = r.kv_bytes.get(r.kv_bytes.len() / 2).copied().unwrap_or(0);
             let floor = |bw: f64| (wb + kv_bytes) as f64 / (bw * 1e9) * 1e3;

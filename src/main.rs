@@ -784,7 +784,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             }
         }
         eprintln!("prefilling {} rows, then {} cycles of one decode step each ...", specs.len(), a.new_tokens);
-        let model_rows = bench::measure_rows(&models.iter().collect::<Vec<_>>(), &specs, prompt, a.new_tokens, peak_gflops)?;
+        let model_rows = bench::measure_rows(&models, &specs, prompt, a.new_tokens, peak_gflops)?;
         if rows.is_empty() {
             println!(
                 "{:<34} {:>5} {:>5} {:>10} {:>10} {:>9} {:>9} {:>6} {:>8} {:>9} {:>7} {:>6} {:>8} {:>7} {:>6}",
