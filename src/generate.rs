@@ -142,7 +142,7 @@ pub fn prefill_each(
         return Ok(());
     }
     let mut cache = model.new_cache(tokens.len(), capacity);
-    let prefix = model.forward_prefix(tokens, valid, &mut cache, shared)?;
+    let prefix = model.forward_prefix(tokens, valid, &mut cache, &mut Hooks::none(), shared)?;
     let mut go = |h: usize, hooks: &Hooks, mut cache: KvCache| {
         let mut hooks = hooks.clone();
         let logits = model.forward_from(&prefix, &mut cache, &mut hooks, LogitsAt::Last)?;

@@ -440,12 +440,12 @@ impl Model {
         self.run(Input::Tokens(&ids), &step, cache, hooks, Output::Logits(logits_at))
     }
 
-    /// The first `blocks` blocks of a forward step over `tokens` (as [`Model::forward`]), with no
-    /// hooks, from which [`Model::forward_from`] goes on (with this cache, or a
-    /// [`KvCache::fork`] of it).
-    pub fn forward_prefix(&self, tokens: &[Vec<u32>], valid: &[Vec<bool>], cache: &mut KvCache, blocks: usize) -> Result<Prefix> {
+    /// The first `blocks` blocks of a forward step over `tokens` (as [`Model::forward`]), with
+    /// `hooks` (their hook points in those blocks), from which [`Model::forward_from`] goes on
+    /// (with this cache, or a [`KvCache::fork`] of it).
+    pub fn forward_prefix(&self, tokens: &[Vec<u32>], valid: &[Vec<bool>], cache: &mut KvCache, hooks: &mut Hooks, blocks: usize) -> Result<Prefix> {
         let (step, ids) = self.begin_step(tokens, valid, cache)?;
-        let x = self.run(Input::Tokens(&ids), &step, cache, &mut Hooks::none(), Output::Resid(blocks))?;
+        let x = self.run(Input::Tokens(&ids), &step, cache, hooks, Output::Resid(blocks))?;
         Ok(Prefix { step, blocks, x })
     }
 
