@@ -6,6 +6,10 @@
 //! linearly over the last 20% of steps), λ warms up over the first 5%, batches are drawn from a
 //! shuffled activation buffer, and features that stayed dead for `resample_every` steps are
 //! re-initialised towards badly reconstructed tokens during the first half.
+//!
+//! On the CPU a step (forward pass, gradient, Adam) is written out by hand, its batch-sized buffers
+//! allocated once; elsewhere (a GPU) it is candle's autograd and `AdamW`, against which the
+//! tests check the CPU step.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var, D};
@@ -305,7 +309,7 @@ impl Adam {
 }
 
 /// Training on the CPU: the forward pass, its gradient written out and Adam, in fused passes
-/// over buffers allocated once, with `gemm` for the products.
+/// over batch-sized buffers allocated once, with `gemm` for the products.
 struct CpuTrainer<'a> {
     shape: Shape,
     /// The training buffer, `[n, d_in]` and `[n, d_out]`.
