@@ -391,7 +391,8 @@ impl<'a> CpuTrainer<'a> {
         // Decoder: c · fᵀ r, plus the norms' gradient w · (Σ_b f_bi) · W_dec[i] / ‖W_dec[i]‖.
         product(&mut g.w_dec, s.d_sae, s.d_out, b, (&buf.f, 1, s.d_sae), (&buf.r, s.d_out, 1), c);
         g.w_dec.par_chunks_mut(s.d_out).zip(p.w_dec.par_chunks(s.d_out)).enumerate().for_each(|(i, (g, w_row))| {
-            let k = w * buf.fsum[i] / buf.norms[i];
+            // (A zero row has no gradient of its norm: left at the product's.)
+            let k = if buf.norms[i] > 0.0 { w * buf.fsum[i] / buf.norms[i] } else { 0.0 };
             for (g, &v) in g.iter_mut().zip(w_row) {
                 *g += k * v;
             }
