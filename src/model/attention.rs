@@ -491,14 +491,6 @@ mod cpu {
         s.map(|v| std::mem::transmute::<__m512, [f32; KEYS]>(v))
     }
 
-    /// `acc += w · row` over the first `row.len()` outputs (a whole block stays in registers).
-    #[inline(always)]
-    fn add_scaled<'a>(acc: &mut [f32; OUTS], w: f32, row: impl Iterator<Item = &'a f32>) {
-        for (a, &v) in acc.iter_mut().zip(row) {
-            *a = w.mul_add(v, *a);
-        }
-    }
-
     /// One sequence and query head, every query of the step. With many queries (a prefill), the
     /// keys are first transposed to `[hd][total]`, so that the scores are summed 16 keys at a
     /// time without horizontal sums (for four queries at once with AVX-512); with few (a decode
@@ -605,33 +597,41 @@ mod cpu {
     }
 
     /// A query's outputs `out[c0..c0 + OUTS]` (fewer in a narrower last block): the sum of its
-    /// visible values weighted by `p[j] · inv`, in the order of the keys, held in registers (a
-    /// whole block and a narrower one in separate loops, so that the first keeps its sums there).
-    /// With `fetch` (the query's mask row), the value rows ahead are asked for meanwhile.
+    /// visible values weighted by `p[j] · inv`, in the order of the keys. With `fetch` (the
+    /// query's mask row), the value rows ahead are asked for meanwhile.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn weighted_block(d: Dims, v: &[f32], vbase: usize, fetch: Option<&[f32]>, (lo, hi): (usize, usize), p: &[f32], inv: f32, c0: usize, out: *mut f32) {
+    unsafe fn weighted_block(d: Dims, v: &[f32], vbase: usize, fetch: Option<&[f32]>, range: (usize, usize), p: &[f32], inv: f32, c0: usize, out: *mut f32) {
+        // A block of a width known here keeps its sums in registers (a narrow head's, 8 to 32
+        // wide, as much as a whole block); any other width sums in memory.
         let width = OUTS.min(d.hd - c0);
-        let mut acc = [0f32; OUTS];
-        let visible = (lo..hi).filter(|&j| p[j] != 0.0);
-        let fetch = |j: usize| {
+        let sums = match width {
+            OUTS => weighted_sums::<OUTS>(d, v, vbase, fetch, range, p, inv, c0, OUTS),
+            32 => weighted_sums::<32>(d, v, vbase, fetch, range, p, inv, c0, 32),
+            16 => weighted_sums::<16>(d, v, vbase, fetch, range, p, inv, c0, 16),
+            8 => weighted_sums::<8>(d, v, vbase, fetch, range, p, inv, c0, 8),
+            _ => weighted_sums::<OUTS>(d, v, vbase, fetch, range, p, inv, c0, width),
+        };
+        std::slice::from_raw_parts_mut(out.add(c0), width).copy_from_slice(&sums[..width]);
+    }
+
+    /// [`weighted_block`]'s sums of the first `width` (at most `W`) outputs from `c0`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn weighted_sums<const W: usize>(d: Dims, v: &[f32], vbase: usize, fetch: Option<&[f32]>, (lo, hi): (usize, usize), p: &[f32], inv: f32, c0: usize, width: usize) -> [f32; OUTS] {
+        let mut acc = [0f32; W];
+        for j in (lo..hi).filter(|&j| p[j] != 0.0) {
             if c0 == 0 && fetch.is_some_and(|m| m.get(j + AHEAD).is_some_and(|&m| m != f32::NEG_INFINITY)) {
                 prefetch_row(v, vbase + (j + AHEAD) * d.hd, d.hd);
             }
-        };
-        if width == OUTS {
-            for j in visible {
-                fetch(j);
-                let row: &[f32; OUTS] = v[vbase + j * d.hd + c0..][..OUTS].try_into().unwrap();
-                add_scaled(&mut acc, p[j] * inv, row.iter());
-            }
-        } else {
-            for j in visible {
-                fetch(j);
-                add_scaled(&mut acc, p[j] * inv, v[vbase + j * d.hd + c0..][..width].iter());
+            let w = p[j] * inv;
+            for (a, &x) in acc.iter_mut().zip(&v[vbase + j * d.hd + c0..][..width]) {
+                *a = w.mul_add(x, *a);
             }
         }
-        std::slice::from_raw_parts_mut(out.add(c0), width).copy_from_slice(&acc[..width]);
+        let mut sums = [0f32; OUTS];
+        sums[..W].copy_from_slice(&acc);
+        sums
     }
 
     /// [`weighted_block`] of a whole block for the queries of `ranges` (at most `QUERIES`, seeing
