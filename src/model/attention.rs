@@ -843,12 +843,13 @@ mod tests {
     /// The fused CPU attention against tensor ops through a cache: a left-padded prefill, a
     /// decode step with one sequence finished (a padding slot), a second multi-token step (whose
     /// visible keys then have a hole), another decode step; grouped queries, head widths with
-    /// and without a tail (7, 24, 80, 130), key counts across several blocks. And each query of
+    /// and without a tail (7, 8, 24, 32, 80, 130: the value sums' blocks of 8, 16, 32 and 64
+    /// outputs, and others), key counts across several blocks. And each query of
     /// a multi-token step (keys transposed) gets bit for bit what it gets alone (a decode step).
     #[test]
     fn fused_attention_matches_tensor_ops_through_a_cache() {
         let dev = Device::Cpu;
-        for (hd, softcap) in [(7, None), (24, Some(2.0)), (80, None), (130, None)] {
+        for (hd, softcap) in [(7, None), (8, None), (24, Some(2.0)), (32, None), (80, None), (130, None)] {
             let scores = Scores { scale: 1.0 / (hd as f32).sqrt(), softcap };
             let (b, h, kv_h) = (2, 4, 2);
             let mut cache = KvCache::new(1, b, 8);
