@@ -12,7 +12,7 @@
 //! tests check the CPU step.
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Layout, Storage, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::ProgressStyle;
 use rand::seq::SliceRandom;
@@ -114,6 +114,7 @@ pub fn collect_activations(model: &Model, texts: &[String], layer: usize, max_to
 
 /// Trains a transcoder on `(x, y)` activations; the last 10% of tokens are held out.
 pub fn train(x: &Tensor, y: &Tensor, opts: &TrainOptions, meta: TranscoderMeta) -> Result<(Transcoder, TrainReport)> {
+    opts.check()?;
     let dev = x.device().clone();
     let (n, d_in) = x.dims2()?;
     let d_out = y.dim(1)?;
@@ -122,7 +123,8 @@ pub fn train(x: &Tensor, y: &Tensor, opts: &TrainOptions, meta: TranscoderMeta) 
     if n_train < opts.batch_tokens.min(64) {
         bail!("only {n} tokens: too few to train on");
     }
-    let (x_train, y_train) = (x.narrow(0, 0, n_train)?, y.narrow(0, 0, n_train)?);
+    let host = |t: &Tensor| t.narrow(0, 0, n_train)?.to_dtype(DType::F32)?.contiguous();
+    let (x_train, y_train) = (host(x)?, host(y)?);
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
 
     let mean_x = x_train.mean_keepdim(0)?;
@@ -131,12 +133,11 @@ pub fn train(x: &Tensor, y: &Tensor, opts: &TrainOptions, meta: TranscoderMeta) 
     let variance = variance.max(1e-12);
     let shape = Shape { d_in, d_sae: opts.d_sae, d_out };
     let init = Params::init(shape, variance, mean_x.flatten_all()?.to_vec1()?, mean_y.flatten_all()?.to_vec1()?, &mut rng);
-    let (x_host, y_host);
-    let mut trainer: Box<dyn Trainer> = if dev.is_cpu() {
-        (x_host, y_host) = (x_train.flatten_all()?.to_vec1::<f32>()?, y_train.flatten_all()?.to_vec1::<f32>()?);
-        Box::new(CpuTrainer::new(init, shape, &x_host, &y_host, variance))
-    } else {
-        Box::new(CandleTrainer::new(&init, shape, x_train, y_train, variance)?)
+    // On the CPU the trainer reads the activations where they lie (no copy).
+    let storages = dev.is_cpu().then(|| (x_train.storage_and_layout(), y_train.storage_and_layout()));
+    let mut trainer: Box<dyn Trainer + '_> = match &storages {
+        Some(((xs, xl), (ys, yl))) => Box::new(CpuTrainer::new(init, shape, cpu_f32(xs, xl, n_train * d_in)?, cpu_f32(ys, yl, n_train * d_out)?, variance)),
+        None => Box::new(CandleTrainer::new(&init, shape, x_train.clone(), y_train.clone(), variance)?),
     };
 
     let resampled = optimise(trainer.as_mut(), shape, n_train, variance, opts, &mut rng)?;
@@ -161,6 +162,14 @@ pub fn train(x: &Tensor, y: &Tensor, opts: &TrainOptions, meta: TranscoderMeta) 
     let tc = Transcoder { log_frequency: Some(freq.iter().map(|&f| (f + 1e-10).log10() as f32).collect()), ..tc };
     let report = TrainReport { train_tokens: n_train, heldout_tokens: n_held, fve, l0, dead, resampled, options: opts.clone() };
     Ok((tc, report))
+}
+
+/// The first `len` f32 values of a contiguous CPU tensor's storage, from its start.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, len: usize) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(c) => Ok(&c.as_slice::<f32>()?[layout.start_offset()..][..len]),
+        _ => bail!("training activations are not on the CPU"),
+    }
 }
 
 /// The optimisation: `opts.steps` steps over shuffled batches of the `n_train` training rows,
@@ -197,9 +206,10 @@ fn optimise(trainer: &mut dyn Trainer, shape: Shape, n_train: usize, variance: f
                 if !dead.is_empty() {
                     let mut p = trainer.params()?;
                     let (xb, yb) = trainer.rows(rows)?;
-                    resample_dead(&mut p, shape, &xb, &yb, &dead, &fired_since, rng);
-                    trainer.set_params(p)?;
-                    resampled += dead.len();
+                    if resample_dead(&mut p, shape, &xb, &yb, &dead, &fired_since, rng) {
+                        trainer.set_params(p)?;
+                        resampled += dead.len();
+                    }
                 }
             }
             fired_since.iter_mut().for_each(|f| *f = false);
@@ -211,7 +221,6 @@ fn optimise(trainer: &mut dyn Trainer, shape: Shape, n_train: usize, variance: f
     }
     bar.finish_and_clear();
     Ok(resampled)
-
 }
 
 /// Widths of the transcoder being trained.
@@ -336,6 +345,8 @@ struct Buffers {
     /// `‖W_dec[i]‖` and `Σ_b f_bi`, `[d_sae]` each.
     norms: Vec<f32>,
     fsum: Vec<f32>,
+    /// Each row's squared error, `[batch]`.
+    sse: Vec<f64>,
 }
 
 impl Buffers {
@@ -357,18 +368,15 @@ impl Buffers {
             }
         });
         product(&mut self.r, b, s.d_out, s.d_sae, (&self.f, s.d_sae, 1), (&p.w_dec, s.d_out, 1), 1.0);
-        self.r
-            .par_chunks_mut(s.d_out)
-            .zip(rows)
-            .map(|(r, &row)| {
-                let mut sse = 0f64;
-                for ((v, &c), &t) in r.iter_mut().zip(&p.b_dec_out).zip(&y[row as usize * s.d_out..][..s.d_out]) {
-                    *v = *v + c - t;
-                    sse += (*v as f64) * (*v as f64);
-                }
-                sse
-            })
-            .sum()
+        self.sse.resize(b, 0.0);
+        self.r.par_chunks_mut(s.d_out).zip(&mut self.sse).zip(rows).for_each(|((r, sse), &row)| {
+            *sse = 0.0;
+            for ((v, &c), &t) in r.iter_mut().zip(&p.b_dec_out).zip(&y[row as usize * s.d_out..][..s.d_out]) {
+                *v = *v + c - t;
+                *sse += (*v as f64) * (*v as f64);
+            }
+        });
+        self.sse.iter().sum()
     }
 }
 
@@ -391,15 +399,16 @@ impl<'a> CpuTrainer<'a> {
         // Decoder: c · fᵀ r, plus the norms' gradient w · (Σ_b f_bi) · W_dec[i] / ‖W_dec[i]‖.
         product(&mut g.w_dec, s.d_sae, s.d_out, b, (&buf.f, 1, s.d_sae), (&buf.r, s.d_out, 1), c);
         g.w_dec.par_chunks_mut(s.d_out).zip(p.w_dec.par_chunks(s.d_out)).enumerate().for_each(|(i, (g, w_row))| {
-            // (A zero row has no gradient of its norm: left at the product's.)
-            let k = if buf.norms[i] > 0.0 { w * buf.fsum[i] / buf.norms[i] } else { 0.0 };
+            let k = w * buf.fsum[i] / buf.norms[i];
             for (g, &v) in g.iter_mut().zip(w_row) {
                 *g += k * v;
             }
         });
         column_sums(&buf.r, s.d_out, &mut g.b_dec_out);
         g.b_dec_out.iter_mut().for_each(|v| *v *= c);
-        // Pre-activations: (c · r W_decᵀ + w · ‖W_dec[i]‖) where the feature fired, else 0.
+        // Pre-activations: (c · r W_decᵀ + w · ‖W_dec[i]‖) where the feature fired, else 0 (a
+        // pre-activation of exactly 0 counts as not fired, as in PyTorch; candle's autograd lets
+        // it through).
         buf.df.resize(b * s.d_sae, 0.0);
         product(&mut buf.df, b, s.d_sae, s.d_out, (&buf.r, s.d_out, 1), (&p.w_dec, 1, s.d_out), c);
         buf.df.par_chunks_mut(s.d_sae).zip(buf.f.par_chunks(s.d_sae)).for_each(|(df, f)| {
@@ -445,12 +454,16 @@ impl Trainer for CpuTrainer<'_> {
 /// `dst [m, n] = scale · a · b`, for `a [m, k]` and `b [k, n]` given as slices with their row and
 /// column strides.
 fn product(dst: &mut [f32], m: usize, n: usize, k: usize, a: (&[f32], usize, usize), b: (&[f32], usize, usize), scale: f32) {
-    let last = |(v, rs, cs): (&[f32], usize, usize), rows: usize, cols: usize| (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs < v.len().max(1);
-    assert!(dst.len() >= m * n && last(a, m, k) && last(b, k, n), "product: a slice is too short for its shape");
-    if m * n == 0 {
+    // Whether a `rows × cols` view with these strides lies in its slice (an empty view always does).
+    let fits = |(v, rs, cs): (&[f32], usize, usize), rows: usize, cols: usize| {
+        rows == 0 || cols == 0 || (rows - 1).checked_mul(rs).zip((cols - 1).checked_mul(cs)).and_then(|(r, c)| r.checked_add(c)).is_some_and(|last| last < v.len())
+    };
+    assert!(m.checked_mul(n).is_some_and(|mn| mn <= dst.len()) && fits(a, m, k) && fits(b, k, n), "product: a slice is too short for its shape");
+    if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: every element read or written lies in its slice (checked above).
+    // SAFETY: every element read or written lies in its slice (checked above); with k = 0 gemm
+    // reads neither a nor b and writes zeros.
     unsafe {
         gemm::gemm(
             m,
@@ -476,22 +489,17 @@ fn product(dst: &mut [f32], m: usize, n: usize, k: usize, a: (&[f32], usize, usi
     }
 }
 
-/// `out[j] = Σ_i a[i][j]` over the rows of `a` (`cols` wide).
+/// `out[j] = Σ_i a[i][j]` over the rows of `a` (`cols` wide), each sum in row order (blocks of
+/// columns in parallel).
 fn column_sums(a: &[f32], cols: usize, out: &mut Vec<f32>) {
-    let sums = a
-        .par_chunks(cols * 64)
-        .map(|rows| {
-            let mut s = vec![0f32; cols];
-            for row in rows.chunks_exact(cols) {
-                s.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
-            }
-            s
-        })
-        .reduce(|| vec![0f32; cols], |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        });
-    *out = sums;
+    const BLOCK: usize = 16;
+    out.clear();
+    out.resize(cols, 0.0);
+    out.par_chunks_mut(BLOCK).enumerate().for_each(|(bi, sums)| {
+        for row in a.chunks_exact(cols) {
+            sums.iter_mut().zip(&row[bi * BLOCK..]).for_each(|(s, &v)| *s += v);
+        }
+    });
 }
 
 /// Training with candle's autograd and `AdamW` (on a GPU).
@@ -579,13 +587,18 @@ pub fn fidelity(tc: &Transcoder, x: &Tensor, y: &Tensor) -> Result<(f64, f64, Ve
 
 /// Re-initialises the features `dead` (which did not fire; `fired` says which did) from a batch
 /// `(x, y)` of rows: each one's encoder towards the input of a token drawn with probability
-/// proportional to its squared error, its decoder towards that token's residual error.
-fn resample_dead(p: &mut Params, s: Shape, x: &[f32], y: &[f32], dead: &[usize], fired: &[bool], rng: &mut rand::rngs::StdRng) {
+/// proportional to its squared error, its decoder towards that token's residual error. Returns
+/// false, changing nothing, when every token of the batch is reconstructed exactly (there is no
+/// error to aim at, and a decoder row of zero would have no norm gradient).
+fn resample_dead(p: &mut Params, s: Shape, x: &[f32], y: &[f32], dead: &[usize], fired: &[bool], rng: &mut rand::rngs::StdRng) -> bool {
     let rows: Vec<u32> = (0..(x.len() / s.d_in) as u32).collect();
     let mut buf = Buffers::default();
     buf.forward(p, s, x, y, &rows);
     let loss: Vec<f32> = buf.r.chunks_exact(s.d_out).map(|r| r.iter().map(|v| v * v).sum()).collect();
     let total: f64 = loss.iter().map(|&l| l as f64).sum();
+    if total <= 0.0 {
+        return false;
+    }
     // The mean norm of the encoder columns of features that fired.
     let column_norm = |i: usize| p.w_enc.chunks_exact(s.d_sae).map(|row| row[i] * row[i]).sum::<f32>().sqrt();
     let alive: Vec<f32> = (0..s.d_sae).filter(|&i| fired[i]).map(column_norm).collect();
@@ -608,13 +621,14 @@ fn resample_dead(p: &mut Params, s: Shape, x: &[f32], y: &[f32], dead: &[usize],
         }
         p.b_enc[i] = 0.0;
     }
+    true
 }
 
 /// Collects activations of `opts.layer` over `texts`, trains, and saves the transcoder (with
 /// its held-out log10 frequencies) to `out` in neurosteer's format (its folder is created first,
 /// so that a folder that cannot be made fails before the training, not after).
 pub fn train_for_model(model: &Model, texts: &[String], opts: &TrainOptions, max_tokens: usize, out: &std::path::Path) -> Result<TrainReport> {
-    opts.check()?;
+    opts.check()?; // (before collecting activations; `train` checks again)
     if opts.layer >= model.info.n_layers {
         anyhow::bail!("--layer {}: the model has {} layers", opts.layer, model.info.n_layers);
     }
@@ -674,8 +688,6 @@ mod tests {
         a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
     }
 
-    /// The CPU step's gradient is candle's autograd gradient of the same loss, and its Adam steps
-    /// move the parameters as candle-nn's `AdamW` does.
     /// `n` tokens of [`mlp_data`], their output variance, and initial parameters whose first
     /// four features never fire (their biases far below any pre-activation), the others'
     /// biases varied.
@@ -691,6 +703,8 @@ mod tests {
         (x, y, variance, init)
     }
 
+    /// The CPU step's gradient is candle's autograd gradient of the same loss, and its Adam steps
+    /// move the parameters as candle-nn's `AdamW` does.
     #[test]
     fn cpu_steps_match_candle_autograd() {
         let s = Shape { d_in: 12, d_sae: 40, d_out: 10 };
@@ -747,6 +761,71 @@ mod tests {
         assert!(fired[..4].iter().all(|&f| f), "resampled features fire: {fired:?}");
     }
 
+    /// A trainer that only records what the loop asks of it; feature 0 never fires, feature 1
+    /// only at the first step.
+    struct Recorder {
+        calls: Vec<(f64, f64)>,
+        resets: Vec<usize>,
+    }
+
+    impl Trainer for Recorder {
+        fn step(&mut self, rows: &[u32], lambda: f64, lr: f64) -> Result<(f64, Vec<bool>)> {
+            assert_eq!(rows.len(), 10);
+            let first = self.calls.is_empty();
+            self.calls.push((lambda, lr));
+            Ok((1.0, vec![false, first, true]))
+        }
+        fn params(&self) -> Result<Params> {
+            let s = Shape { d_in: 1, d_sae: 3, d_out: 1 };
+            Ok(Params { w_enc: vec![1.0, 1.0, 1.0], ..Params::init(s, 1.0, vec![0.0], vec![0.0], &mut rand::rngs::StdRng::seed_from_u64(0)) })
+        }
+        fn set_params(&mut self, _: Params) -> Result<()> {
+            self.resets.push(self.calls.len());
+            Ok(())
+        }
+        fn rows(&self, rows: &[u32]) -> Result<(Vec<f32>, Vec<f32>)> {
+            Ok((rows.iter().map(|&r| r as f32).collect(), rows.iter().map(|&r| 1.0 + r as f32).collect()))
+        }
+    }
+
+    /// The loop's schedules: λ warms up over the first 5% of steps, the learning rate decays
+    /// linearly over the last 20%, and features dead over a whole period are resampled at the
+    /// period's end in the first half only (feature 1, which fired at the first step, first
+    /// counts as dead in the second period).
+    #[test]
+    fn the_loop_keeps_its_schedules() {
+        let opts = TrainOptions { d_sae: 3, l1_coefficient: 2.0, lr: 0.1, steps: 100, batch_tokens: 10, resample_every: 20, ..Default::default() };
+        let mut rec = Recorder { calls: Vec::new(), resets: Vec::new() };
+        let s = Shape { d_in: 1, d_sae: 3, d_out: 1 };
+        let resampled = optimise(&mut rec, s, 35, 1.0, &opts, &mut rand::rngs::StdRng::seed_from_u64(0)).unwrap();
+        assert_eq!(rec.calls.len(), 100);
+        for (step, &(lambda, lr)) in rec.calls.iter().enumerate() {
+            let warm = ((step + 1) as f64 / 5.0).min(1.0);
+            assert!((lambda - 2.0 * warm).abs() < 1e-12, "step {step}: λ {lambda}");
+            let want_lr = if step < 80 { 0.1 } else { 0.1 * (100 - step) as f64 / 20.0 };
+            assert!((lr - want_lr).abs() < 1e-12, "step {step}: lr {lr}");
+        }
+        // Periods end after steps 20, 40, 60, 80, 100; only those before step 50 resample.
+        assert_eq!(rec.resets, [20, 40]);
+        assert_eq!(resampled, 1 + 2, "feature 0 in both periods, feature 1 in the second");
+    }
+
+    /// `product` refuses views that do not fit their slices, and with k = 0 writes zeros.
+    #[test]
+    fn products_check_their_shapes() {
+        let mut dst = vec![f32::NAN; 6];
+        product(&mut dst, 2, 3, 0, (&[], 0, 1), (&[], 3, 1), 1.0);
+        assert_eq!(dst, [0.0; 6]);
+        let (a, b) = ([1.0f32, 2.0, 3.0, 4.0], [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0]);
+        product(&mut dst, 2, 3, 2, (&a, 2, 1), (&b, 3, 1), 2.0);
+        assert_eq!(dst, [6.0, 4.0, 4.0, 14.0, 8.0, 8.0]);
+        for (m, n, k, a_len) in [(1, 1, 1, 0), (2, 3, 2, 3), (usize::MAX, 2, 2, 4)] {
+            let a = vec![1.0f32; a_len];
+            let caught = std::panic::catch_unwind(|| product(&mut [0.0; 6], m, n, k, (&a, k, 1), (&b, n, 1), 1.0));
+            assert!(caught.is_err(), "{m}x{k} from {a_len} values accepted");
+        }
+    }
+
     /// A dead feature is re-initialised from the one token that is badly reconstructed: its
     /// encoder along the token's centred input (at a fifth of the live features' mean encoder
     /// norm), its decoder along a fifth of the token's error, its bias zero; the others stay.
@@ -764,7 +843,11 @@ mod tests {
         y[3 * s.d_out..][..s.d_out].iter_mut().zip(error).for_each(|(v, e)| *v += e);
         let (dead, fired) = ([2usize, 6], [true, true, false, true, true, true, false, true]);
         let before = p.clone();
-        resample_dead(&mut p, s, &x, &y, &dead, &fired, &mut rand::rngs::StdRng::seed_from_u64(2));
+        let before_perfect = p.clone();
+        // A batch reconstructed exactly leaves nothing to aim at: nothing changes.
+        assert!(!resample_dead(&mut p, s, &x, &buf.r.clone(), &dead, &fired, &mut rand::rngs::StdRng::seed_from_u64(2)));
+        assert_eq!(p, before_perfect);
+        assert!(resample_dead(&mut p, s, &x, &y, &dead, &fired, &mut rand::rngs::StdRng::seed_from_u64(2)));
         let column = |p: &Params, i: usize| p.w_enc.iter().skip(i).step_by(s.d_sae).copied().collect::<Vec<f32>>();
         let norm = |v: &[f32]| v.iter().map(|v| v * v).sum::<f32>().sqrt();
         let alive: Vec<usize> = (0..s.d_sae).filter(|&i| fired[i]).collect();
