@@ -223,7 +223,9 @@ impl Llama2cTokenizer {
     }
 
     /// Encodes like run.c's `encode` without BOS/EOS: a dummy-prefix space, code points or
-    /// byte fallback, then greedy merges by best score.
+    /// byte fallback, then greedy merges: each time the adjacent pair whose merged piece has the
+    /// best score (the first such pair on a tie) is merged. Each pair's merge is looked up once,
+    /// and again only when a merge beside it changes it.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut tokens = Vec::new();
         if text.is_empty() {
@@ -242,13 +244,19 @@ impl Llama2cTokenizer {
                 None => tokens.extend(s.iter().map(|&b| if (b as usize + 3) < self.pieces.len() { b as u32 + 3 } else { 0 })),
             }
         }
+        // merges[i]: the score and id of the piece that tokens i and i + 1 merge into, if any.
+        let mut merged = Vec::new();
+        let mut merge = |a: u32, b: u32| {
+            merged.clear();
+            merged.extend_from_slice(&self.pieces[a as usize]);
+            merged.extend_from_slice(&self.pieces[b as usize]);
+            self.lookup.get(&merged).map(|&id| (self.scores[id as usize], id))
+        };
+        let mut merges: Vec<Option<(f32, u32)>> = tokens.windows(2).map(|w| merge(w[0], w[1])).collect();
         loop {
             let mut best: Option<(f32, usize, u32)> = None;
-            for i in 0..tokens.len().saturating_sub(1) {
-                let mut merged = self.pieces[tokens[i] as usize].clone();
-                merged.extend_from_slice(&self.pieces[tokens[i + 1] as usize]);
-                if let Some(&id) = self.lookup.get(&merged) {
-                    let score = self.scores[id as usize];
+            for (i, &m) in merges.iter().enumerate() {
+                if let Some((score, id)) = m {
                     if best.is_none_or(|(s, _, _)| score > s) {
                         best = Some((score, i, id));
                     }
@@ -257,6 +265,13 @@ impl Llama2cTokenizer {
             let Some((_, i, id)) = best else { break };
             tokens[i] = id;
             tokens.remove(i + 1);
+            merges.remove(i);
+            if i > 0 {
+                merges[i - 1] = merge(tokens[i - 1], tokens[i]);
+            }
+            if i < merges.len() {
+                merges[i] = merge(tokens[i], tokens[i + 1]);
+            }
         }
         tokens
     }
@@ -308,6 +323,57 @@ mod tests {
         let t = Llama2cTokenizer { pieces, scores, lookup };
         assert_eq!(t.encode("aé b"), vec![6, 0, 0, 3, 5]);
         assert_eq!(t.decode(&[6, 0, 5]), "ab");
+    }
+
+    /// Merges as run.c does, rescanning every pair after each merge: random texts over a
+    /// vocabulary of random pieces and scores (with ties), against that plain loop.
+    #[test]
+    fn merges_match_the_plain_loop() {
+        fn plain(t: &Llama2cTokenizer, mut tokens: Vec<u32>) -> Vec<u32> {
+            loop {
+                let mut best: Option<(f32, usize, u32)> = None;
+                for i in 0..tokens.len().saturating_sub(1) {
+                    let mut merged = t.pieces[tokens[i] as usize].clone();
+                    merged.extend_from_slice(&t.pieces[tokens[i + 1] as usize]);
+                    if let Some(&id) = t.lookup.get(&merged) {
+                        let score = t.scores[id as usize];
+                        if best.is_none_or(|(s, _, _)| score > s) {
+                            best = Some((score, i, id));
+                        }
+                    }
+                }
+                let Some((_, i, id)) = best else { return tokens };
+                tokens[i] = id;
+                tokens.remove(i + 1);
+            }
+        }
+        let mut seed = 12345u64;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let alphabet = b" abc";
+        let mut pieces: Vec<Vec<u8>> = ["<unk>", "<s>", "</s>"].iter().map(|p| p.as_bytes().to_vec()).collect();
+        pieces.extend(alphabet.iter().map(|&c| vec![c]));
+        while pieces.len() < 60 {
+            let len = 2 + next(4) as usize;
+            let p: Vec<u8> = (0..len).map(|_| alphabet[next(4) as usize]).collect();
+            if !pieces.contains(&p) {
+                pieces.push(p);
+            }
+        }
+        let scores: Vec<f32> = (0..pieces.len()).map(|_| next(8) as f32).collect();
+        let lookup = pieces.iter().enumerate().map(|(i, p)| (p.clone(), i as u32)).collect();
+        let t = Llama2cTokenizer { pieces, scores, lookup };
+        let mut merged_any = false;
+        for _ in 0..300 {
+            let text: String = (0..1 + next(40)).map(|_| alphabet[next(4) as usize] as char).collect();
+            let start: Vec<u32> = std::iter::once(3).chain(text.bytes().map(|b| 3 + alphabet.iter().position(|&c| c == b).unwrap() as u32)).collect();
+            let want = plain(&t, start.clone());
+            merged_any |= want.len() < start.len();
+            assert_eq!(t.encode(&text), want, "{text:?}");
+        }
+        assert!(merged_any);
     }
 
     /// A NaN merge score (which would make the merge order arbitrary) is refused, naming the piece.
