@@ -539,8 +539,17 @@ mod cpu {
                             _ => std::array::from_fn(|qi| if qi < nq { dot_keys(rows[qi], &kt[j0..], ld) } else { [0.0; KEYS] }),
                         };
                         for (qi, &(qlo, qhi)) in ranges[..nq].iter().enumerate() {
-                            for j in j0.max(qlo)..(j0 + KEYS).min(qhi) {
-                                ps[qi * ld + j] = score(i0 + qi, j, dots[qi][j - j0]);
+                            let (a, b) = (j0.max(qlo), (j0 + KEYS).min(qhi));
+                            match (d.isa, d.scores.softcap) {
+                                // SAFETY: AVX-512 was detected; keys a..b lie within the mask row
+                                // (b ≤ qhi ≤ total) and within ps's row (b ≤ ld).
+                                #[cfg(target_arch = "x86_64")]
+                                (Isa::Avx512, None) if a < b => scores16_avx512(&dots[qi], &mrow(i0 + qi)[j0..b], d.scores.scale, a - j0, &mut ps[qi * ld + j0..qi * ld + b]),
+                                _ => {
+                                    for j in a..b {
+                                        ps[qi * ld + j] = score(i0 + qi, j, dots[qi][j - j0]);
+                                    }
+                                }
                             }
                         }
                     }
@@ -575,7 +584,12 @@ mod cpu {
                     // SAFETY: AVX-512 was detected; each query's outputs (hd of them, from outs[qi])
                     // are its own, and c0 + OUTS ≤ hd.
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 if kt.is_some() && c0 + OUTS <= d.hd => weighted_block4_avx512(d, v, vbase, &ranges[..nq], (lo, hi), &ps, ld, &inv, c0, &outs),
+                    Isa::Avx512 if kt.is_some() && c0 + OUTS <= d.hd => weighted_block4_avx512::<{ OUTS / 16 }>(d, v, vbase, &ranges[..nq], (lo, hi), &ps, ld, &inv, c0, &outs, u16::MAX),
+                    // A narrow head's whole block (8, 16 or 32 wide) likewise.
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 if kt.is_some() && c0 == 0 && matches!(d.hd, 8 | 16) => weighted_block4_avx512::<1>(d, v, vbase, &ranges[..nq], (lo, hi), &ps, ld, &inv, c0, &outs, ((1u32 << d.hd) - 1) as u16),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 if kt.is_some() && c0 == 0 && d.hd == 32 => weighted_block4_avx512::<2>(d, v, vbase, &ranges[..nq], (lo, hi), &ps, ld, &inv, c0, &outs, u16::MAX),
                     _ => {
                         // A decode step fetched the values with the keys; a prefill fetches them here.
                         for (qi, &range) in ranges[..nq].iter().enumerate() {
@@ -586,6 +600,23 @@ mod cpu {
                 }
             }
         }
+    }
+
+    /// The scores `scale · dot + mask` (−∞ where the mask is) of keys `from..` of a block of
+    /// [`KEYS`], as `score` forms them one at a time without a soft cap: `mask` and `out` hold
+    /// the block's keys up to the last one written.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores16_avx512(dots: &[f32; KEYS], mask: &[f32], scale: f32, from: usize, out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let to = mask.len().min(out.len());
+        assert!(from < to && to <= KEYS, "scores16: keys {from}..{to} outside a block");
+        let lanes = (((1u32 << to) - 1) & !((1u32 << from) - 1)) as u16;
+        let m = _mm512_maskz_loadu_ps(lanes, mask.as_ptr());
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let s = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(dots.as_ptr()), _mm512_set1_ps(scale)), m);
+        let s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m, ninf), s, ninf);
+        _mm512_mask_storeu_ps(out.as_mut_ptr(), lanes, s);
     }
 
     /// A query's softmax: its scores `p[lo..hi]` (masked ones −∞) replaced by their
@@ -634,22 +665,25 @@ mod cpu {
         sums
     }
 
-    /// [`weighted_block`] of a whole block for the queries of `ranges` (at most `QUERIES`, seeing
+    /// [`weighted_block`] of a block of `V` vectors of outputs from `c0` (the last one's lanes
+    /// `last`: 0xff for a head 8 wide) for the queries of `ranges` (at most `QUERIES`, seeing
     /// keys within `lo..hi` together; their weights are rows of `p`, `ld` apart) with AVX-512:
     /// each row of values is loaded once for all of them, and each query's sums take exactly the
     /// multiply-adds, in the same order, that it takes alone.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn weighted_block4_avx512(d: Dims, v: &[f32], vbase: usize, ranges: &[(usize, usize)], (lo, hi): (usize, usize), p: &[f32], ld: usize, inv: &[f32; QUERIES], c0: usize, outs: &[*mut f32; QUERIES]) {
+    unsafe fn weighted_block4_avx512<const V: usize>(d: Dims, v: &[f32], vbase: usize, ranges: &[(usize, usize)], (lo, hi): (usize, usize), p: &[f32], ld: usize, inv: &[f32; QUERIES], c0: usize, outs: &[*mut f32; QUERIES], last: u16) {
         use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); OUTS / 16]; QUERIES];
+        let lanes = |c: usize| if c + 1 == V { last } else { u16::MAX };
+        let width = 16 * (V - 1) + last.count_ones() as usize;
+        let mut acc = [[_mm512_setzero_ps(); V]; QUERIES];
         for j in lo..hi {
             if c0 == 0 && j + AHEAD < hi {
                 prefetch_row(v, vbase + (j + AHEAD) * d.hd, d.hd);
             }
-            let row = v[vbase + j * d.hd + c0..][..OUTS].as_ptr();
-            let vals: [__m512; OUTS / 16] = std::array::from_fn(|c| _mm512_loadu_ps(row.add(16 * c)));
+            let row = v[vbase + j * d.hd + c0..][..width].as_ptr();
+            let vals: [__m512; V] = std::array::from_fn(|c| _mm512_maskz_loadu_ps(lanes(c), row.add(16 * c)));
             for (qi, (acc, &(qlo, qhi))) in acc.iter_mut().zip(ranges).enumerate() {
                 let w = p[qi * ld + j];
                 // Only the query's visible keys (its row of p holds others' leftovers outside
@@ -664,7 +698,7 @@ mod cpu {
         }
         for (acc, &out) in acc.iter().zip(outs).take(ranges.len()) {
             for (c, &a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(out.add(c0 + 16 * c), a);
+                _mm512_mask_storeu_ps(out.add(c0 + 16 * c), lanes(c), a);
             }
         }
     }
@@ -849,7 +883,7 @@ mod tests {
     #[test]
     fn fused_attention_matches_tensor_ops_through_a_cache() {
         let dev = Device::Cpu;
-        for (hd, softcap) in [(7, None), (8, None), (24, Some(2.0)), (32, None), (80, None), (130, None)] {
+        for (hd, softcap) in [(7, None), (8, None), (16, None), (24, Some(2.0)), (32, None), (80, None), (130, None)] {
             let scores = Scores { scale: 1.0 / (hd as f32).sqrt(), softcap };
             let (b, h, kv_h) = (2, 4, 2);
             let mut cache = KvCache::new(1, b, 8);
