@@ -164,7 +164,7 @@ fn fitted(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result
 
 /// The batches to run `prompts` in (indices): prompts of similar length together, so less
 /// padding (the results are the same).
-fn batches(prompts: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
+pub(crate) fn batches(prompts: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
     order.chunks(batch_size).map(<[usize]>::to_vec).collect()
@@ -176,7 +176,7 @@ fn pad_id(model: &Model) -> u32 {
 }
 
 /// A batch's tokens, left-padded to the longest, and which are real.
-fn padded(model: &Model, prompts: &[&[u32]]) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
+pub(crate) fn padded(model: &Model, prompts: &[&[u32]]) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let pad = pad_id(model);
     prompts

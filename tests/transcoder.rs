@@ -227,3 +227,35 @@ fn bad_log_frequencies_are_refused() {
     assert_eq!(neurosteer::classify::read_frequency(&dir.join("ok.safetensors")).unwrap().len(), d_sae);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Activations collected for training (texts in padded batches, the last one cut at the token
+/// budget) are exactly those of each text run alone, in the texts' order.
+#[test]
+fn collected_activations_are_each_text_alone() {
+    let Some(shared) = common::shared() else { return };
+    use neurosteer::hooks::{HookPoint, Hooks};
+    let model = neurosteer::model::Model::load(shared.join("assets/stories260K/hf").to_str().unwrap(), &neurosteer::model::LoadOptions::default()).unwrap();
+    let texts: Vec<String> = ["Once upon a time there was a little dog.", "", "The sun was hot.", "Tom and Lily went to the park to play on the swings and slides.", "She smiled."]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| model.codec.to_tokens(t).unwrap()).collect();
+    let layer = 2;
+    // The budget ends inside the fourth text.
+    let budget = ids[0].len() + ids[1].len() + ids[2].len() + 5;
+    let (x, y) = neurosteer::transcoder::train::collect_activations(&model, &texts, layer, budget).unwrap();
+    assert_eq!(x.dims(), &[budget, 64]);
+    let (mut want_x, mut want_y) = (Vec::new(), Vec::new());
+    let mut left = budget;
+    for ids in ids.iter().filter(|ids| !ids.is_empty()) {
+        let mut hooks = Hooks::none();
+        hooks.record(HookPoint::Ln2Normalized(layer));
+        hooks.record(HookPoint::MlpOut(layer));
+        model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut model.new_cache(1, ids.len()), &mut hooks, neurosteer::model::LogitsAt::Last).unwrap();
+        let take = ids.len().min(left);
+        left -= take;
+        want_x.extend(flat(&hooks.recorded(HookPoint::Ln2Normalized(layer)).unwrap().squeeze(0).unwrap().narrow(0, 0, take).unwrap()));
+        want_y.extend(flat(&hooks.recorded(HookPoint::MlpOut(layer)).unwrap().squeeze(0).unwrap().narrow(0, 0, take).unwrap()));
+    }
+    assert!(flat(&x) == want_x && flat(&y) == want_y, "batched collection differs from one text at a time");
+}

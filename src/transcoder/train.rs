@@ -83,34 +83,48 @@ pub fn collect_activations(model: &Model, texts: &[String], layer: usize, max_to
     if layer >= model.info.n_layers {
         bail!("layer {layer} does not exist (the model has {} layers)", model.info.n_layers);
     }
-    let (pin, pout) = (HookPoint::Ln2Normalized(layer), HookPoint::MlpOut(layer));
-    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    // Each text's first tokens, up to `max_tokens` in all (attention is causal, so a text's
+    // first tokens alone give what they give within the whole text).
+    let mut docs: Vec<Vec<u32>> = Vec::new();
     let mut n = 0;
     for text in texts {
         if n >= max_tokens {
             break;
         }
         let mut ids = model.codec.to_tokens(text)?;
-        ids.truncate(model.info.n_ctx);
-        if ids.is_empty() {
-            continue;
+        ids.truncate(model.info.n_ctx.min(max_tokens - n));
+        if !ids.is_empty() {
+            n += ids.len();
+            docs.push(ids);
         }
+    }
+    if docs.is_empty() {
+        bail!("no tokens to train on");
+    }
+    let (pin, pout) = (HookPoint::Ln2Normalized(layer), HookPoint::MlpOut(layer));
+    let mut parts: Vec<Option<(Tensor, Tensor)>> = vec![None; docs.len()];
+    // Texts of similar lengths run together, left-padded (a batch gives each text what it gets
+    // alone), through the blocks up to the layer's MLP only.
+    for chunk in crate::generate::batches(&docs, TEXTS_PER_PASS) {
+        let batch: Vec<&[u32]> = chunk.iter().map(|&i| docs[i].as_slice()).collect();
+        let (tokens, valid) = crate::generate::padded(model, &batch);
+        let seq = tokens[0].len();
         let mut hooks = Hooks::none();
         hooks.record(pin);
         hooks.record(pout);
-        // Only the blocks up to the layer's MLP.
-        let mut cache = model.new_cache(1, ids.len());
-        model.forward_prefix(&[ids.clone()], &[vec![true; ids.len()]], &mut cache, &mut hooks, layer + 1)?;
-        let take = ids.len().min(max_tokens - n);
-        xs.push(hooks.recorded(pin).expect("recorded").squeeze(0)?.narrow(0, 0, take)?);
-        ys.push(hooks.recorded(pout).expect("recorded").squeeze(0)?.narrow(0, 0, take)?);
-        n += take;
+        model.forward_prefix(&tokens, &valid, &mut model.new_cache(batch.len(), seq), &mut hooks, layer + 1)?;
+        let (xs, ys) = (hooks.recorded(pin).expect("recorded"), hooks.recorded(pout).expect("recorded"));
+        for (row, &i) in chunk.iter().enumerate() {
+            let len = docs[i].len();
+            parts[i] = Some((xs.get(row)?.narrow(0, seq - len, len)?, ys.get(row)?.narrow(0, seq - len, len)?));
+        }
     }
-    if xs.is_empty() {
-        bail!("no tokens to train on");
-    }
+    let (xs, ys): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().map(|p| p.expect("every text ran")).unzip();
     Ok((Tensor::cat(&xs, 0)?, Tensor::cat(&ys, 0)?))
 }
+
+/// Texts per forward pass when collecting activations.
+const TEXTS_PER_PASS: usize = 8;
 
 /// Trains a transcoder on `(x, y)` activations; the last 10% of tokens are held out.
 pub fn train(x: &Tensor, y: &Tensor, opts: &TrainOptions, meta: TranscoderMeta) -> Result<(Transcoder, TrainReport)> {
