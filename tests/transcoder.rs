@@ -251,7 +251,7 @@ fn collected_activations_are_each_text_alone() {
         let mut hooks = Hooks::none();
         hooks.record(HookPoint::Ln2Normalized(layer));
         hooks.record(HookPoint::MlpOut(layer));
-        model.forward(&[ids.clone()], &[vec![true; ids.len()]], &mut model.new_cache(1, ids.len()), &mut hooks, neurosteer::model::LogitsAt::Last).unwrap();
+        model.forward(std::slice::from_ref(ids), &[vec![true; ids.len()]], &mut model.new_cache(1, ids.len()), &mut hooks, neurosteer::model::LogitsAt::Last).unwrap();
         let take = ids.len().min(left);
         left -= take;
         want_x.extend(flat(&hooks.recorded(HookPoint::Ln2Normalized(layer)).unwrap().squeeze(0).unwrap().narrow(0, 0, take).unwrap()));
