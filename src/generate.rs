@@ -164,7 +164,7 @@ fn fitted(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result
 
 /// The batches to run `prompts` in (indices): prompts of similar length together, so less
 /// padding (the results are the same).
-pub(crate) fn batches(prompts: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
+fn batches(prompts: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
     order.chunks(batch_size).map(<[usize]>::to_vec).collect()

@@ -229,7 +229,9 @@ fn bad_log_frequencies_are_refused() {
 }
 
 /// Activations collected for training (texts in padded batches, the last one cut at the token
-/// budget) are exactly those of each text run alone, in the texts' order.
+/// budget) are those of each text run alone, in the texts' order: exactly with the AVX-512
+/// kernels, whose sums do not depend on the number of rows; within 1e-5 of the largest value
+/// elsewhere (the other kernels switch to `gemm` above 32 rows).
 #[test]
 fn collected_activations_are_each_text_alone() {
     let Some(shared) = common::shared() else { return };
@@ -257,5 +259,12 @@ fn collected_activations_are_each_text_alone() {
         want_x.extend(flat(&hooks.recorded(HookPoint::Ln2Normalized(layer)).unwrap().squeeze(0).unwrap().narrow(0, 0, take).unwrap()));
         want_y.extend(flat(&hooks.recorded(HookPoint::MlpOut(layer)).unwrap().squeeze(0).unwrap().narrow(0, 0, take).unwrap()));
     }
-    assert!(flat(&x) == want_x && flat(&y) == want_y, "batched collection differs from one text at a time");
+    if neurosteer::model::matmul::Packed::supported() {
+        assert!(flat(&x) == want_x && flat(&y) == want_y, "batched collection differs from one text at a time");
+    } else {
+        for (got, want) in [(flat(&x), want_x), (flat(&y), want_y)] {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(common::max_abs_diff(&got, &want) <= 1e-5 * scale, "batched collection differs from one text at a time");
+        }
+    }
 }
