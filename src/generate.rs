@@ -97,7 +97,7 @@ fn generate_under(
 ) -> Result<Vec<Vec<Vec<u32>>>> {
     let prompts = fitted(model, prompts, opts)?;
     let mut outputs = vec![vec![Vec::new(); prompts.len()]; hooks.len()];
-    for chunk in batches(&prompts, opts.batch_size) {
+    for chunk in batches(&prompts, opts.batch_size, None) {
         let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
         let (tokens, valid) = padded(model, &batch);
         let capacity = tokens[0].len() + opts.max_new_tokens + 1;
@@ -162,12 +162,22 @@ fn fitted(model: &Model, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result
     prompts.iter().map(|p| fit_prompt(model, p.clone(), opts)).collect()
 }
 
-/// The batches to run `prompts` in (indices): prompts of similar length together, so less
-/// padding (the results are the same).
-fn batches(prompts: &[Vec<u32>], batch_size: usize) -> Vec<Vec<usize>> {
+/// The batches to run `prompts` in (indices): prompts in order of length (similar lengths
+/// together, so less padding; the results are the same), `batch_size` a batch and, with
+/// `max_positions`, at most that many positions once padded to the longest (a longer prompt
+/// runs alone).
+pub(crate) fn batches(prompts: &[Vec<u32>], batch_size: usize, max_positions: Option<usize>) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
-    order.chunks(batch_size).map(<[usize]>::to_vec).collect()
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for i in order {
+        match out.last_mut() {
+            // In order of length, so prompt i is the batch's longest.
+            Some(b) if b.len() < batch_size && max_positions.is_none_or(|m| (b.len() + 1) * prompts[i].len() <= m) => b.push(i),
+            _ => out.push(vec![i]),
+        }
+    }
+    out
 }
 
 /// The token that pads a batch (and follows a finished sequence): the first EOS id.
@@ -244,4 +254,33 @@ fn last_positions(hooks: &mut Hooks) -> Result<BTreeMap<HookPoint, Tensor>> {
 /// Argmax over the vocabulary of `[batch, 1, vocab]` logits.
 pub fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
     crate::model::pointwise::argmax(logits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batches;
+
+    /// Batches hold every prompt once, in order of length, at most `batch_size` each and, with a
+    /// cap, at most that many padded positions unless a prompt alone is longer.
+    #[test]
+    fn batches_bound_prompts_and_positions() {
+        let prompts: Vec<Vec<u32>> = (0..40).map(|i| vec![0; [3, 700, 40, 512, 5000, 1, 90][i % 7] + i]).collect();
+        for cap in [None, Some(4096)] {
+            let out = batches(&prompts, 8, cap);
+            let flat = out.concat();
+            assert!(flat.windows(2).all(|w| prompts[w[0]].len() <= prompts[w[1]].len()), "not in order of length");
+            let mut seen = flat.clone();
+            seen.sort();
+            assert_eq!(seen, (0..prompts.len()).collect::<Vec<_>>());
+            for b in &out {
+                let longest = b.iter().map(|&i| prompts[i].len()).max().unwrap();
+                assert!(b.len() <= 8 && (b.len() == 1 || cap.is_none_or(|c| b.len() * longest <= c)), "{b:?}");
+            }
+            if cap.is_none() {
+                assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), [8, 8, 8, 8, 8]);
+            }
+        }
+        assert_eq!(batches(&vec![vec![0; 10]; 17], 8, Some(4096)).iter().map(Vec::len).collect::<Vec<_>>(), [8, 8, 1]);
+        assert_eq!(batches(&vec![vec![0; 1000]; 5], 8, Some(4096)).iter().map(Vec::len).collect::<Vec<_>>(), [4, 1]);
+    }
 }

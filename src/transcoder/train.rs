@@ -106,8 +106,7 @@ pub fn collect_activations(model: &Model, texts: &[String], layer: usize, max_to
     // Texts of similar lengths run together, left-padded, through the blocks up to the layer's
     // MLP only. A batch gives each text what it gets alone: bit for bit with the AVX-512
     // kernels (whose sums do not depend on the row count), within rounding elsewhere.
-    let lens: Vec<usize> = docs.iter().map(Vec::len).collect();
-    for chunk in collection_passes(&lens) {
+    for chunk in crate::generate::batches(&docs, TEXTS_PER_PASS, Some(TOKENS_PER_PASS)) {
         let batch: Vec<&[u32]> = chunk.iter().map(|&i| docs[i].as_slice()).collect();
         let (tokens, valid) = crate::generate::padded(model, &batch);
         let seq = tokens[0].len();
@@ -125,26 +124,10 @@ pub fn collect_activations(model: &Model, texts: &[String], layer: usize, max_to
     Ok((Tensor::cat(&xs, 0)?, Tensor::cat(&ys, 0)?))
 }
 
-/// Texts, and padded positions, per forward pass when collecting activations.
+/// Texts, and padded positions, per forward pass when collecting activations (a text longer
+/// than `TOKENS_PER_PASS` runs alone).
 const TEXTS_PER_PASS: usize = 8;
 const TOKENS_PER_PASS: usize = 4096;
-
-/// The passes (indices into `lens`, texts' lengths) that collection runs: texts in order of
-/// length, up to `TEXTS_PER_PASS` a pass and `TOKENS_PER_PASS` positions once padded to the
-/// longest (a longer text runs alone).
-fn collection_passes(lens: &[usize]) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lens.len()).collect();
-    order.sort_by_key(|&i| lens[i]);
-    let mut passes: Vec<Vec<usize>> = Vec::new();
-    for i in order {
-        match passes.last_mut() {
-            // In order of length, so text i is the pass's longest.
-            Some(p) if p.len() < TEXTS_PER_PASS && (p.len() + 1) * lens[i] <= TOKENS_PER_PASS => p.push(i),
-            _ => passes.push(vec![i]),
-        }
-    }
-    passes
-}
 
 /// Trains a transcoder on `(x, y)` activations; the last 10% of tokens are held out.
 pub fn train(x: &Tensor, y: &Tensor, opts: &TrainOptions, meta: TranscoderMeta) -> Result<(Transcoder, TrainReport)> {
@@ -777,23 +760,6 @@ mod tests {
         for (name, (got, want)) in ["W_enc", "b_enc", "W_dec", "b_dec_in", "b_dec_out"].iter().zip(got.parts().into_iter().zip(want.parts())) {
             assert!(max_diff(got, want) <= 1e-5, "{name}: parameters differ by {} after three steps", max_diff(got, want));
         }
-    }
-
-    /// Collection passes hold every text once, at most eight, and at most 4,096 padded
-    /// positions unless a text alone is longer.
-    #[test]
-    fn collection_passes_bound_texts_and_positions() {
-        let lens: Vec<usize> = (0..40).map(|i| [3, 700, 40, 512, 5000, 1, 90][i % 7] + i).collect();
-        let passes = collection_passes(&lens);
-        let mut seen: Vec<usize> = passes.concat();
-        seen.sort();
-        assert_eq!(seen, (0..lens.len()).collect::<Vec<_>>());
-        for p in &passes {
-            let longest = p.iter().map(|&i| lens[i]).max().unwrap();
-            assert!(p.len() <= 8 && (p.len() == 1 || p.len() * longest <= 4096), "{p:?}");
-        }
-        // Short texts fill passes of eight.
-        assert_eq!(collection_passes(&[10; 17]).iter().map(Vec::len).collect::<Vec<_>>(), [8, 8, 1]);
     }
 
     /// The loop resamples features that fired on none of a period's batches (in the first half
