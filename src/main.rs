@@ -675,9 +675,7 @@ fn cmd_activations(a: ActivationsArgs) -> Result<()> {
     tensors.insert("logits".to_string(), logits);
     let n = ids.len();
     tensors.insert("tokens".to_string(), candle_core::Tensor::from_vec(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), n, &candle_core::Device::Cpu)?);
-    let tmp = a.out.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, &a.out).with_context(|| format!("{}: cannot write", a.out.display()))?;
+    neurosteer::report::replace_atomic(&a.out, |tmp| Ok(candle_core::safetensors::save(&tensors, tmp)?))?;
     eprintln!("wrote {} tensors to {}", tensors.len(), a.out.display());
     Ok(())
 }

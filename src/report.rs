@@ -809,18 +809,37 @@ pub fn create_parent(path: &Path) -> Result<()> {
 /// Readers see either the old file or the complete new one, never a partial write. The
 /// temporary file is removed if anything fails.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_atomic(path, |tmp| Ok(fs::write(tmp, bytes)?))
+}
+
+/// [`write_atomic`] for a writer that takes a path: `write` fills the temporary file, which then
+/// replaces the file at `path` (for a symbolic link, the file it points to, and the link stays).
+/// A folder, a device or a pipe at `path` is refused, not replaced.
+pub fn replace_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let path = &regular_target(path, 0)?;
     let tmp = with_suffix(path, ".tmp");
-    let result = (|| -> Result<()> {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        drop(file);
-        commit_tmp(&tmp, path)
-    })();
-    if let Err(err) = result {
+    if let Err(err) = write(&tmp).and_then(|()| commit_tmp(&tmp, path)) {
         let _ = fs::remove_file(&tmp);
         return Err(err.context(format!("writing {}", path.display())));
     }
     Ok(())
+}
+
+/// The file an output at `path` replaces: `path` itself when it is a regular file or does not
+/// exist yet, the end of the chain of symbolic links when it is one.
+fn regular_target(path: &Path, links: usize) -> Result<PathBuf> {
+    let Ok(meta) = fs::symlink_metadata(path) else { return Ok(path.to_path_buf()) };
+    if meta.file_type().is_symlink() {
+        if links >= 40 {
+            bail!("{}: too many levels of symbolic links", path.display());
+        }
+        let target = fs::read_link(path).with_context(|| format!("{}: cannot read the symbolic link", path.display()))?;
+        return regular_target(&path.parent().unwrap_or(Path::new("")).join(target), links + 1);
+    }
+    if !meta.is_file() {
+        bail!("{}: exists and is not a regular file (a folder, device or pipe): not replacing it with an output", path.display());
+    }
+    Ok(path.to_path_buf())
 }
 
 /// Flushes the finished temporary file `tmp` to disk and renames it to `path`, then (on Unix)
@@ -1137,6 +1156,34 @@ short
         no_tmp_files(&dir);
         // A missing folder is an error, and leaves nothing behind.
         assert!(write_atomic(&dir.join("missing").join("x"), b"x").is_err());
+        no_tmp_files(&dir);
+    }
+
+    /// An output at a symbolic link replaces the file it points to (the link stays); a folder or
+    /// a pipe at the output path is refused, not replaced, and nothing is left behind.
+    #[cfg(unix)]
+    #[test]
+    fn write_atomic_follows_links_and_refuses_special_files() {
+        let dir = temp_dir("atomic-special");
+        fs::write(dir.join("target.json"), b"old").unwrap();
+        std::os::unix::fs::symlink("target.json", dir.join("link.json")).unwrap();
+        write_atomic(&dir.join("link.json"), b"new").unwrap();
+        assert!(fs::symlink_metadata(dir.join("link.json")).unwrap().file_type().is_symlink());
+        assert_eq!(fs::read(dir.join("target.json")).unwrap(), b"new");
+        // A dangling link: the file is created where it points.
+        std::os::unix::fs::symlink("made.json", dir.join("dangling.json")).unwrap();
+        write_atomic(&dir.join("dangling.json"), b"made").unwrap();
+        assert_eq!(fs::read(dir.join("made.json")).unwrap(), b"made");
+        fs::create_dir(dir.join("folder")).unwrap();
+        let e = format!("{:#}", write_atomic(&dir.join("folder"), b"x").unwrap_err());
+        assert!(e.contains("folder") && e.contains("not a regular file"), "{e}");
+        assert!(dir.join("folder").is_dir());
+        let fifo = dir.join("pipe");
+        if std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success()) {
+            let e = format!("{:#}", write_atomic(&fifo, b"x").unwrap_err());
+            assert!(e.contains("pipe") && e.contains("not a regular file"), "{e}");
+            assert!(!fs::symlink_metadata(&fifo).unwrap().is_file());
+        }
         no_tmp_files(&dir);
     }
 }

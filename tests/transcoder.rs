@@ -131,6 +131,44 @@ fn own_format_round_trip_is_exact() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// What a load would refuse is not saved (NaN weights, TopK with k = 0, a NaN log frequency),
+/// and leaves no file; a file whose metadata says TopK with k = 0 is refused at load.
+#[test]
+fn saving_and_loading_refuse_what_cannot_run() {
+    let Some(shared) = common::shared() else { return };
+    let dir = tmpdir("refuse");
+    let good = Transcoder::load(&tiny_l1(&shared), None).unwrap();
+    let p = dir.join("tc.safetensors");
+    let save_err = |t: &Transcoder| format!("{:#}", t.save(&p).unwrap_err());
+    let mut t = Transcoder::load(&tiny_l1(&shared), None).unwrap();
+    t.w_dec = (t.w_dec.clone() / 0.0).unwrap();
+    let e = save_err(&t);
+    assert!(e.contains("tc.safetensors") && e.contains("not saved") && e.contains("W_dec"), "{e}");
+    let mut t = Transcoder::load(&tiny_l1(&shared), None).unwrap();
+    t.meta.activation = neurosteer::transcoder::Activation::TopK { k: 0 };
+    assert!(save_err(&t).contains("k = 0"));
+    let mut t = Transcoder::load(&tiny_l1(&shared), None).unwrap();
+    t.log_frequency.as_mut().expect("the fixture has frequencies")[3] = f32::NAN;
+    let e = save_err(&t);
+    assert!(e.contains("feature 3") && e.contains("NaN"), "{e}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "a refused save left a file");
+    // The same file with its metadata edited to TopK, k = 0.
+    good.save(&p).unwrap();
+    let mut tensors = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut md = header.metadata().clone().unwrap();
+    let key = md.keys().next().unwrap().clone();
+    let mut meta: serde_json::Value = serde_json::from_str(&md[&key]).unwrap();
+    meta["activation"] = serde_json::json!({"kind": "top_k", "k": 0});
+    md.insert(key, meta.to_string());
+    let tensors: Vec<(String, Tensor)> = tensors.drain().collect();
+    safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(md), &p).unwrap();
+    let e = err_of(Transcoder::load(&p, None));
+    assert!(e.contains("tc.safetensors") && e.contains("k = 0"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 fn err_of(r: anyhow::Result<Transcoder>) -> String {
     match r {
         Ok(_) => panic!("expected an error"),

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value as J};
 
@@ -48,10 +48,14 @@ fn check_all(file: &Path, t: &Transcoder) -> Result<()> {
     if let Some(ws) = &t.w_skip {
         check_shape(file, "W_skip", ws, &[m.d_out, m.d_in])?;
     }
+    if m.activation == (Activation::TopK { k: 0 }) {
+        return Err(file_err(file, "activation TopK with k = 0 keeps no feature (k must be at least 1)"));
+    }
     if let Some(lf) = &t.log_frequency {
         if lf.len() != m.d_sae {
             return Err(file_err(file, format!("log_frequency has {} values, expected {}", lf.len(), m.d_sae)));
         }
+        check_log_frequency(file, lf.clone())?;
     }
     Ok(())
 }
@@ -369,6 +373,9 @@ pub fn load_neurosteer(path: &Path) -> Result<Transcoder> {
 /// Writes neurosteer's own format atomically: a temp file in the same folder, then a rename.
 pub fn save_neurosteer(t: &Transcoder, path: &Path) -> Result<()> {
     check_all(path, t)?;
+    if let Some(name) = t.first_non_finite()? {
+        return Err(file_err(path, format!("not saved: tensor {name} holds NaN or infinite values")));
+    }
     if !t.w_dec_next.is_empty() {
         return Err(file_err(path, "a cross-layer transcoder cannot be saved in neurosteer's single-layer format"));
     }
@@ -393,16 +400,7 @@ pub fn save_neurosteer(t: &Transcoder, path: &Path) -> Result<()> {
     if let Some(lf) = &t.log_frequency {
         tensors.push(("log_frequency".into(), Tensor::from_slice(lf.as_slice(), lf.len(), &Device::Cpu)?));
     }
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let written = safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(md), &tmp)
-        .map_err(|e| file_err(&tmp, format!("cannot write: {e}")))
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| file_err(path, format!("cannot rename into place: {e}"))));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    crate::report::replace_atomic(path, |tmp| {
+        safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(md), tmp).map_err(|e| file_err(tmp, format!("cannot write: {e}")))
+    })
 }

@@ -105,6 +105,14 @@ impl Activation {
     }
 }
 
+/// Whether every value of `t` is finite.
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    // x − x is 0 for finite x and NaN otherwise.
+    #[allow(clippy::eq_op)]
+    let sum = (t - t)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    Ok(sum.is_finite())
+}
+
 /// Keeps the `k` largest values of each row of `pre [n, width]` and zeroes the others.
 fn top_k(pre: &Tensor, k: usize) -> Result<Tensor> {
     let (n, width) = pre.dims2()?;
@@ -224,19 +232,24 @@ impl Transcoder {
 
     /// Refuses NaN or infinite weights.
     fn check_finite(&self, path: &Path) -> Result<()> {
+        match self.first_non_finite()? {
+            Some(name) => Err(file_err(path, format!("tensor {name} holds NaN or infinite values"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The name of the first weight tensor that holds NaN or infinite values, if any.
+    fn first_non_finite(&self) -> Result<Option<&'static str>> {
         let mut named = vec![("W_enc", &self.w_enc), ("b_enc", &self.b_enc), ("W_dec", &self.w_dec), ("b_dec_in", &self.b_dec_in), ("b_dec_out", &self.b_dec_out)];
         named.extend(self.threshold.iter().map(|t| ("threshold", t)));
         named.extend(self.w_skip.iter().map(|t| ("W_skip", t)));
         named.extend(self.w_dec_next.iter().map(|t| ("W_dec (later layers)", t)));
         for (name, t) in named {
-            // x − x is 0 for finite x and NaN otherwise.
-            #[allow(clippy::eq_op)]
-            let sum = (t - t)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            if !sum.is_finite() {
-                return Err(file_err(path, format!("tensor {name} holds NaN or infinite values")));
+            if !all_finite(t)? {
+                return Ok(Some(name));
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Saves in neurosteer's own `.safetensors` format, atomically (temp file, then rename).

@@ -135,6 +135,11 @@ pub fn train(x: &Tensor, y: &Tensor, opts: &TrainOptions, meta: TranscoderMeta) 
     let dev = x.device().clone();
     let (n, d_in) = x.dims2()?;
     let d_out = y.dim(1)?;
+    for (what, t) in [("inputs", x), ("outputs", y)] {
+        if !super::all_finite(t)? {
+            bail!("the layer-{} MLP {what} collected from the model hold NaN or infinite values: its forward pass overflows", meta.layer);
+        }
+    }
     let n_held = (n / 10).max(1);
     let n_train = n - n_held;
     if n_train < opts.batch_tokens.min(64) {
@@ -173,6 +178,9 @@ pub fn train(x: &Tensor, y: &Tensor, opts: &TrainOptions, meta: TranscoderMeta) 
         w_skip: None,
         log_frequency: None,
     };
+    if let Some(name) = tc.first_non_finite()? {
+        bail!("training diverged: {name} holds NaN or infinite values after {} steps (try a lower --lr)", opts.steps);
+    }
     let (x_held, y_held) = (x.narrow(0, n_train, n_held)?, y.narrow(0, n_train, n_held)?);
     let (fve, l0, freq) = fidelity(&tc, &x_held, &y_held)?;
     let dead = freq.iter().filter(|&&f| f == 0.0).count();
@@ -893,21 +901,42 @@ mod tests {
         let (x, y) = mlp_data(n, d_in, hidden, d_out);
         let (x, y) = (Tensor::from_vec(x, (n, d_in), &Device::Cpu).unwrap(), Tensor::from_vec(y, (n, d_out), &Device::Cpu).unwrap());
         let opts = TrainOptions { d_sae: 64, l1_coefficient: 0.01, lr: 3e-3, steps: 800, batch_tokens: 256, resample_every: 100, ..Default::default() };
-        let meta = TranscoderMeta {
+        let (tc, report) = train(&x, &y, &opts, toy_meta(d_in, opts.d_sae, d_out)).unwrap();
+        assert!(report.fve > 0.9, "held-out FVE {}", report.fve);
+        assert!(report.l0 < opts.d_sae as f64 / 2.0, "L0 {}", report.l0);
+        assert_eq!(tc.w_enc.dims(), [d_in, opts.d_sae]);
+    }
+
+    fn toy_meta(d_in: usize, d_sae: usize, d_out: usize) -> TranscoderMeta {
+        TranscoderMeta {
             layer: 0,
             hook_in: "in".into(),
             hook_out: "out".into(),
             d_in,
-            d_sae: opts.d_sae,
+            d_sae,
             d_out,
             format: "neurosteer".into(),
             activation: Default::default(),
             model_name: None,
             extra: Default::default(),
-        };
-        let (tc, report) = train(&x, &y, &opts, meta).unwrap();
-        assert!(report.fve > 0.9, "held-out FVE {}", report.fve);
-        assert!(report.l0 < opts.d_sae as f64 / 2.0, "L0 {}", report.l0);
-        assert_eq!(tc.w_enc.dims(), [d_in, opts.d_sae]);
+        }
+    }
+
+    /// Training refuses activations that hold NaN (a model whose forward pass overflowed), and
+    /// a run that diverges fails instead of returning NaN weights.
+    #[test]
+    fn non_finite_inputs_and_divergence_fail() {
+        let (n, d_in, hidden, d_out) = (2000, 16, 24, 12);
+        let (mut x, y) = mlp_data(n, d_in, hidden, d_out);
+        let opts = TrainOptions { d_sae: 32, steps: 30, batch_tokens: 256, ..Default::default() };
+        let tensors = |x: &[f32]| (Tensor::from_slice(x, (n, d_in), &Device::Cpu).unwrap(), Tensor::from_slice(&y, (n, d_out), &Device::Cpu).unwrap());
+        let (xt, yt) = tensors(&x);
+        let e = train(&xt, &yt, &TrainOptions { lr: 1e30, ..opts.clone() }, toy_meta(d_in, 32, d_out)).err().expect("lr 1e30 diverges").to_string();
+        assert!(e.contains("diverged") && e.contains("--lr"), "{e}");
+        assert!(train(&xt, &yt, &opts, toy_meta(d_in, 32, d_out)).is_ok());
+        x[5 * d_in + 3] = f32::NAN;
+        let (xt, yt) = tensors(&x);
+        let e = train(&xt, &yt, &opts, toy_meta(d_in, 32, d_out)).err().expect("NaN input").to_string();
+        assert!(e.contains("inputs") && e.contains("NaN"), "{e}");
     }
 }
