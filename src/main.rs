@@ -712,6 +712,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.steer_features == Some(0) {
         bail!("--steer-features: the random transcoder needs at least 1 feature");
     }
+    if a.new_tokens == 0 {
+        bail!("--new-tokens: give at least 1 (the decode steps are what bench times)");
+    }
     let device = neurosteer::model::parse_device(&a.model.placement.device)?;
     let dtypes: Vec<DTypeChoice> = std::iter::once(a.model.placement.dtype).chain(a.also_dtype.iter().copied()).collect();
     // Random weights are "stored" in f32, so `auto` keeps f32 for them; a checkpoint's `auto` is
@@ -780,6 +783,11 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
                     }
                 }
             }
+        }
+        // Every row holds its logits, and the next step's, at once: refuse what cannot fit.
+        let logits_bytes = specs.iter().map(|s| 2 * 4 * s.batch as u64 * models[s.model].info.vocab_size as u64).sum::<u64>();
+        if let Some(free) = neurosteer::model::available_memory().filter(|&free| device.is_cpu() && logits_bytes > free) {
+            bail!("--batch: the rows' logits alone need {:.1} GiB, more than the {:.1} GiB of memory available", logits_bytes as f64 / (1u64 << 30) as f64, free as f64 / (1u64 << 30) as f64);
         }
         eprintln!("prefilling {} rows, then {} cycles of one decode step each ...", specs.len(), a.new_tokens);
         let model_rows = bench::measure_rows(&models, &specs, prompt, a.new_tokens, peak_gflops)?;

@@ -190,6 +190,11 @@ fn invalid_inputs_are_refused() {
         ("layers", Box::new(|c: &mut serde_json::Value| c["num_hidden_layers"] = 1_000_000_000_000u64.into()) as Box<dyn Fn(&mut serde_json::Value)>, "num_hidden_layers"),
         ("positions", Box::new(|c: &mut serde_json::Value| c["max_position_embeddings"] = 1_000_000_000_000_000u64.into()), "max_position_embeddings"),
         ("theta", Box::new(|c: &mut serde_json::Value| c["rope_theta"] = (-1.0).into()), "rope_theta"),
+        // Positive, but its frequencies overflow to ∞ (and the attention to NaN).
+        ("tiny-theta", Box::new(|c: &mut serde_json::Value| c["rope_theta"] = 1e-300.into()), "rope_theta"),
+        // The llama3 rule divides by the factor and by high − low.
+        ("rope-factor", Box::new(|c: &mut serde_json::Value| c["rope_scaling"]["factor"] = 0.0.into()), "rope_scaling"),
+        ("rope-high-low", Box::new(|c: &mut serde_json::Value| c["rope_scaling"]["high_freq_factor"] = c["rope_scaling"]["low_freq_factor"].clone()), "high_freq_factor above"),
         ("eps", Box::new(|c: &mut serde_json::Value| c["rms_norm_eps"] = (-1e-5).into()), "epsilon"),
         ("eos", Box::new(|c: &mut serde_json::Value| c["eos_token_id"] = 99_999_999.into()), "outside the vocabulary"),
         // A shallower config than the checkpoint would run, silently dropping layers.
@@ -224,6 +229,38 @@ fn invalid_inputs_are_refused() {
     index["weight_map"][&first] = "../../etc/passwd".into();
     std::fs::write(&idx, serde_json::to_string(&index).unwrap()).unwrap();
     assert_clean_error(&run(&["generate", "--model", d.to_str().unwrap(), "--prompt", "x"]), &["weight_map", "../../etc/passwd"]);
+}
+
+/// Finite weights whose forward pass overflows f32 (layer 0's q and k scaled by 1e19: scores of
+/// ∞, attention of NaN) fail with one line, and write nothing; so does a strength past f32, and
+/// `bench` without decode steps to time.
+#[test]
+fn overflowing_forward_passes_and_strengths_are_refused() {
+    let Some(shared) = common::shared() else { return };
+    let d = tmpdir("overflow");
+    copy_dir(&shared.join("fixtures/tiny-llama3"), &d);
+    let index = common::json(&d.join("model.safetensors.index.json"));
+    let shard = d.join(index["weight_map"]["model.layers.0.self_attn.q_proj.weight"].as_str().unwrap());
+    let mut tensors = candle_core::safetensors::load(&shard, &candle_core::Device::Cpu).unwrap();
+    for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"] {
+        let t = (&tensors[name] * 1e19).unwrap();
+        tensors.insert(name.to_string(), t);
+    }
+    candle_core::safetensors::save(&tensors, &shard).unwrap();
+    let model = d.to_str().unwrap();
+    let needles = ["NaN or infinite logits", "overflowed"];
+    assert_clean_error(&run(&["generate", "--model", model, "--prompt", "Hello world", "--max-new-tokens", "3"]), &needles);
+    let out = d.join("acts.safetensors");
+    assert_clean_error(&run(&["activations", "--model", model, "--prompt", "Hello world", "--hook", "blocks.0.hook_attn_out", "--out", out.to_str().unwrap()]), &needles);
+    assert!(!out.exists() && !d.join("acts.safetensors.tmp").exists(), "a failed run left an output");
+    let gpt2 = shared.join("fixtures/tiny-gpt2");
+    let tc = shared.join("fixtures/transcoders/tiny-gpt2/layer_01/tiny-gpt2_blocks.1.ln2.hook_normalized_256.pt");
+    assert_clean_error(
+        &run(&["generate", "--model", gpt2.to_str().unwrap(), "--prompt", "hi", "--transcoder", tc.to_str().unwrap(), "--features", "1,2", "--strength", "1e39"]),
+        &["strength 1e39", "f32"],
+    );
+    assert_clean_error(&run(&["bench", "--model", gpt2.to_str().unwrap(), "--new-tokens", "0"]), &["--new-tokens"]);
+    std::fs::remove_dir_all(&d).ok();
 }
 
 /// `bench` on a given model in f32 and (`--also-dtype`) bf16: one row per batch size and

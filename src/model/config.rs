@@ -280,8 +280,10 @@ impl ModelConfig {
         if !(eps.is_finite() && eps > 0.0) {
             bail!("the norm epsilon {eps} must be a positive number");
         }
-        if let Some(theta) = theta.filter(|t| !(t.is_finite() && *t > 0.0)) {
-            bail!("rope_theta {theta} must be a positive number");
+        // Frequencies are theta^(-2i / head_dim): a base of 1 or less makes them 1 or above (or
+        // infinite), nothing a model was trained with.
+        if let Some(theta) = theta.filter(|t| !(t.is_finite() && *t > 1.0)) {
+            bail!("rope_theta {theta:e} must be a number above 1");
         }
         let vocab = match self {
             ModelConfig::Llama(c) => c.vocab_size,
@@ -380,7 +382,21 @@ impl RawLlama {
                 if kind != "llama3" {
                     bail!("rope_scaling of type `{kind}` is not supported (only llama3)");
                 }
-                Some(serde_json::from_value(v).context("rope_scaling (llama3) is incomplete")?)
+                let s: Llama3RopeScaling = serde_json::from_value(v).context("rope_scaling (llama3) is incomplete")?;
+                // Each is a divisor in the llama3 rule; high = low divides by zero.
+                if !(s.factor > 0.0 && s.low_freq_factor > 0.0 && s.high_freq_factor > s.low_freq_factor && s.original_max_position_embeddings > 0)
+                    || !(s.factor.is_finite() && s.high_freq_factor.is_finite())
+                {
+                    bail!(
+                        "rope_scaling (llama3): factor {}, low_freq_factor {}, high_freq_factor {} and original_max_position_embeddings {} \
+                         must be positive, with high_freq_factor above low_freq_factor",
+                        s.factor,
+                        s.low_freq_factor,
+                        s.high_freq_factor,
+                        s.original_max_position_embeddings
+                    );
+                }
+                Some(s)
             }
         };
         Ok(LlamaConfig {

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 pub use attention::KvCache;
 use config::ModelConfig;
@@ -491,17 +492,37 @@ impl Model {
         // longer so). A prefill stays on the calling thread: its ops are large, and its large
         // buffers, allocated on the pool's threads, came from their own heaps with more page
         // faults (seed-compat `steer` 8% slower).
-        if self.device.is_cpu() && step.seq == 1 && rayon::current_thread_index().is_none() {
+        let out = if self.device.is_cpu() && step.seq == 1 && rayon::current_thread_index().is_none() {
             rayon::scope(|_| go())
         } else {
             go()
+        }?;
+        if matches!(output, Output::Logits(_)) && !all_finite(&out)? {
+            bail!("the forward pass gave NaN or infinite logits: an activation overflowed f32 (weights too large, or a steering strength or edit too strong)");
         }
+        Ok(out)
     }
 
     /// A fresh KV cache for `batch` sequences of up to `capacity` tokens (it grows if needed).
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
         KvCache::new(self.info.n_layers, batch, capacity)
     }
+}
+
+/// Whether every value of the f32 tensor `t` is finite (no NaN, no ±∞).
+fn all_finite(t: &Tensor) -> Result<bool> {
+    if !t.device().is_cpu() {
+        // x − x is 0 for finite x and NaN otherwise.
+        #[allow(clippy::eq_op)]
+        return Ok((t - t)?.sum_all()?.to_scalar::<f32>()?.is_finite());
+    }
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { unreachable!("a CPU tensor") };
+    let v = &cpu.as_slice::<f32>()?[layout.start_offset()..][..t.elem_count()];
+    // An exponent of all ones is ±∞ or NaN; or-ing a chunk's flags vectorises.
+    let none_bad = |c: &[f32]| !c.iter().fold(false, |bad, x| bad | (x.to_bits() & 0x7f80_0000 == 0x7f80_0000));
+    Ok(if v.len() < 1 << 20 { none_bad(v) } else { v.par_chunks(1 << 18).all(none_bad) })
 }
 
 fn looks_like_hub_id(spec: &str) -> bool {

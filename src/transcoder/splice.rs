@@ -120,6 +120,10 @@ impl Splice {
     /// `b_dec_W + Σ_{L ≤ W} f_L @ W_dec_L[:, W − L]`, the features of every source layer computed in
     /// the spliced pass, and those of the steered layer in S scaled.
     pub fn steering(&self, features: Vec<usize>, strength: f64, mode: SteerMode) -> Result<Steering> {
+        // The edit runs in f32: a strength past its range would scale features to ±∞.
+        if !(strength as f32).is_finite() {
+            bail!("strength {strength:e} is not a finite f32 (at most about 3.4e38 in size)");
+        }
         let t = self.transcoder();
         if mode != SteerMode::Replace {
             return Steering::build(vec![t.clone()], 0, features, strength, mode);
