@@ -480,6 +480,31 @@ pub fn parse_features(spec: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// [`parse_features`] for steering `tc`: every index in range, none twice, and a classification
+/// file (what `classify` writes) made for a transcoder with `tc`'s layer, input hook point and
+/// number of features (another transcoder's feature indices mean other features).
+pub fn features_for(spec: &str, tc: &crate::transcoder::TranscoderMeta) -> Result<Vec<usize>> {
+    let features = parse_features(spec)?;
+    if let Some((path, _)) = features_file(spec) {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        let made_for = (v["layer"].as_u64(), v["hook_point"].as_str(), v["features"].as_array().map(Vec::len));
+        if let (Some(layer), Some(hook), Some(d_sae)) = made_for {
+            if (layer as usize, hook, d_sae) != (tc.layer, tc.hook_in.as_str(), tc.d_sae) {
+                bail!(
+                    "{}: classifies the {d_sae} features of a transcoder at layer {layer} reading {hook}, not the steered one \
+                     ({} features at layer {} reading {})",
+                    path.display(),
+                    tc.d_sae,
+                    tc.layer,
+                    tc.hook_in
+                );
+            }
+        }
+    }
+    crate::transcoder::splice::check_features(&features, tc.d_sae).with_context(|| format!("--features {spec}"))?;
+    Ok(features)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,6 +527,38 @@ mod tests {
         assert!(parse_features(" ").unwrap_err().to_string().contains("no feature"));
         assert!("top:0".parse::<Selection>().is_err());
         assert!(matches!("top:3".parse::<Selection>(), Ok(Selection::Top(3))));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A classification steers only the transcoder it classified: same layer, input hook point
+    /// and number of features; a bare list is only range-checked.
+    #[test]
+    fn classifications_of_another_transcoder_are_refused() {
+        let dir = std::env::temp_dir().join(format!("neurosteer-made-for-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let neurons = dir.join("neurons.json");
+        let hook = "blocks.1.ln2.hook_normalized";
+        std::fs::write(&neurons, format!(r#"{{"layer": 1, "hook_point": "{hook}", "features": [{{}}, {{}}, {{}}, {{}}], "reasoning": [0, 2]}}"#)).unwrap();
+        let meta = |layer: usize, hook_in: &str, d_sae: usize| crate::transcoder::TranscoderMeta {
+            layer,
+            hook_in: hook_in.into(),
+            hook_out: format!("blocks.{layer}.hook_mlp_out"),
+            d_in: 8,
+            d_sae,
+            d_out: 8,
+            format: "neurosteer".into(),
+            activation: Default::default(),
+            model_name: None,
+            extra: Default::default(),
+        };
+        let spec = neurons.to_str().unwrap();
+        assert_eq!(features_for(spec, &meta(1, hook, 4)).unwrap(), [0, 2]);
+        for other in [meta(2, "blocks.2.ln2.hook_normalized", 4), meta(1, "blocks.1.mlp.hook_in", 4), meta(1, hook, 8)] {
+            let e = features_for(spec, &other).unwrap_err().to_string();
+            assert!(e.contains("neurons.json") && e.contains("not the steered one"), "{e}");
+        }
+        let e = format!("{:#}", features_for("1,3", &meta(1, hook, 3)).unwrap_err());
+        assert!(e.contains("feature 3 is out of range"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

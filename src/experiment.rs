@@ -550,8 +550,7 @@ pub fn run_steer_job(job: &SteerJob, model: &Model, splice: &Splice, transcoder_
     if job.random_controls > MAX_RANDOM_CONTROLS {
         bail!("--random-controls {}: at most {MAX_RANDOM_CONTROLS} (each control set is another full run of every strength)", job.random_controls);
     }
-    let reasoning = classify::parse_features(features)?;
-    crate::transcoder::splice::check_features(&reasoning, transcoder.meta.d_sae).with_context(|| features.to_string())?;
+    let reasoning = classify::features_for(features, &transcoder.meta)?;
     let (items, _) = job.dataset.load(0)?;
     if items.is_empty() {
         bail!("{}: no items to steer", job.dataset.path);

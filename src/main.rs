@@ -462,11 +462,7 @@ impl SteeringArgs {
             let layer = self.layers.get(i).or(self.layers.first()).copied();
             let splice = experiment::load_splice_for(model, path, layer, self.mode)?;
             let features = match self.features.get(i).or(self.features.first()) {
-                Some(f) => {
-                    let features = neurosteer::classify::parse_features(f)?;
-                    transcoder::splice::check_features(&features, splice.transcoder().meta.d_sae).with_context(|| format!("--features {f}"))?;
-                    features
-                }
+                Some(f) => neurosteer::classify::features_for(f, &splice.transcoder().meta)?,
                 None => Vec::new(),
             };
             let strength = self.strengths.get(i).or(self.strengths.first()).copied().unwrap_or(1.0);
@@ -725,10 +721,16 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             bail!("--also-dtype: {} is already among the dtypes to time", format!("{d:?}").to_lowercase());
         }
     }
-    let peak_gflops = device.is_cpu().then(|| {
-        eprintln!("measuring peak multiply-add throughput ...");
-        neurosteer::model::matmul::peak_gflops()
-    });
+    // Measured once, after the first model's rows are known to fit.
+    let peak = std::cell::OnceCell::new();
+    let peak_gflops = || {
+        *peak.get_or_init(|| {
+            device.is_cpu().then(|| {
+                eprintln!("measuring peak multiply-add throughput ...");
+                neurosteer::model::matmul::peak_gflops()
+            })
+        })
+    };
     let sources: Vec<Option<Preset>> = match &a.model.model {
         Some(_) => vec![None],
         None => a.preset.iter().copied().map(Some).collect(),
@@ -790,7 +792,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             bail!("--batch: the rows' logits alone need {:.1} GiB, more than the {:.1} GiB of memory available", logits_bytes as f64 / (1u64 << 30) as f64, free as f64 / (1u64 << 30) as f64);
         }
         eprintln!("prefilling {} rows, then {} cycles of one decode step each ...", specs.len(), a.new_tokens);
-        let model_rows = bench::measure_rows(&models, &specs, prompt, a.new_tokens, peak_gflops)?;
+        let model_rows = bench::measure_rows(&models, &specs, prompt, a.new_tokens, peak_gflops())?;
         if rows.is_empty() {
             println!(
                 "{:<34} {:>5} {:>5} {:>10} {:>10} {:>9} {:>9} {:>6} {:>8} {:>9} {:>7} {:>6} {:>8} {:>7} {:>6}",
@@ -824,11 +826,11 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
     println!(
         "peak multiply-add: {}; {threads} threads; kernels: {:?}",
-        peak_gflops.map_or("-".into(), |g| format!("{g:.0} GFLOP/s")),
+        peak_gflops().map_or("-".into(), |g| format!("{g:.0} GFLOP/s")),
         neurosteer::model::matmul::Isa::detected()
     );
     let report = bench::BenchReport {
-        peak_gflops,
+        peak_gflops: peak_gflops(),
         isa: format!("{:?}", neurosteer::model::matmul::Isa::detected()),
         threads,
         rows,

@@ -233,7 +233,7 @@ fn invalid_inputs_are_refused() {
 
 /// Finite weights whose forward pass overflows f32 (layer 0's q and k scaled by 1e19: scores of
 /// ∞, attention of NaN) fail with one line, and write nothing; so does a strength past f32, and
-/// `bench` without decode steps to time.
+/// `bench` without decode steps to time or with more logits than memory.
 #[test]
 fn overflowing_forward_passes_and_strengths_are_refused() {
     let Some(shared) = common::shared() else { return };
@@ -260,6 +260,8 @@ fn overflowing_forward_passes_and_strengths_are_refused() {
         &["strength 1e39", "f32"],
     );
     assert_clean_error(&run(&["bench", "--model", gpt2.to_str().unwrap(), "--new-tokens", "0"]), &["--new-tokens"]);
+    // Ten million sequences' logits (4 TB) are refused before anything is allocated for them.
+    assert_clean_error(&run(&["bench", "--model", gpt2.to_str().unwrap(), "--batch", "10000000", "--prompt-tokens", "1", "--new-tokens", "1"]), &["--batch", "GiB"]);
     std::fs::remove_dir_all(&d).ok();
 }
 
