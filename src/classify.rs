@@ -336,12 +336,17 @@ fn welch(a: (f64, f64, usize), b: (f64, f64, usize)) -> (f64, f64) {
 
 /// Applies the rule. `styles` must hold `basic`, and `0shot` and/or `fewshot`.
 pub fn classify(styles: &[(String, StyleStats)], log_frequency: &[f32], th: Thresholds) -> Result<Classification> {
-    let get = |name: &str| styles.iter().find(|(n, _)| n == name).map(|(_, s)| s);
-    let basic = get("basic").context("classification needs the `basic` style")?;
+    // A style whose every text was skipped (its prompts too long for the context) has no means
+    // to compare: it counts as absent.
+    let get = |name: &str| styles.iter().find(|(n, s)| n == name && s.n_texts > 0).map(|(_, s)| s);
+    for (name, _) in styles.iter().filter(|(_, s)| s.n_texts == 0) {
+        eprintln!("warning: style `{name}` has no traced texts (were they all skipped?): it takes no part in the classification");
+    }
+    let basic = get("basic").context("classification needs traced texts of the `basic` style")?;
     let zero = get("0shot");
     let few = get("fewshot");
     if zero.is_none() && few.is_none() {
-        bail!("classification needs `0shot` or `fewshot` traces besides `basic`");
+        bail!("classification needs traced texts of `0shot` or `fewshot` besides `basic`");
     }
     let d = basic.mean.len();
     for (name, s) in styles {
@@ -528,6 +533,32 @@ mod tests {
         assert!("top:0".parse::<Selection>().is_err());
         assert!(matches!("top:3".parse::<Selection>(), Ok(Selection::Top(3))));
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A style with no traced texts (all skipped) takes no part: without basic texts there is
+    /// nothing to compare with; an empty few-shot style changes nothing.
+    #[test]
+    fn styles_without_texts_take_no_part() {
+        let style = |texts: &[Vec<Vec<(usize, f32)>>]| {
+            let mut s = StyleStats::new(3);
+            for steps in texts {
+                s.add_text(steps, &vec![None; steps.len()]);
+            }
+            s.finish();
+            s
+        };
+        let basic = style(&[vec![vec![(0, 1.0)]], vec![vec![(1, 1.0)]]]);
+        let zero = style(&[vec![vec![(0, 1.0), (2, 1.0)]], vec![vec![(0, 1.0), (2, 1.0)]]]);
+        let th = Thresholds { alive: -6.0, diff: 1e-3, statistic: Statistic::Mean, select: Selection::Threshold };
+        let freq = [-2.0f32; 3];
+        let run = |styles: Vec<(&str, &StyleStats)>| classify(&styles.into_iter().map(|(n, s)| (n.to_string(), s.clone())).collect::<Vec<_>>(), &freq, th.clone());
+        let alone = run(vec![("basic", &basic), ("0shot", &zero)]).unwrap();
+        assert_eq!(alone.reasoning, [0, 2]);
+        let with_empty = run(vec![("basic", &basic), ("0shot", &zero), ("fewshot", &style(&[]))]).unwrap();
+        assert_eq!(with_empty.reasoning, alone.reasoning);
+        let e = run(vec![("basic", &style(&[])), ("0shot", &zero)]).unwrap_err().to_string();
+        assert!(e.contains("`basic`"), "{e}");
+        assert!(run(vec![("basic", &basic), ("0shot", &style(&[]))]).is_err());
     }
 
     /// A classification steers only the transcoder it classified: same layer, input hook point

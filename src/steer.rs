@@ -217,6 +217,17 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
         completed,
         identical: identical.clone(),
     };
+    // Nothing is written for a run where no item fits.
+    let tokens: Vec<Vec<u32>> = settings.items[done..].iter().map(|it| model.codec.to_tokens(&it.prompt)).collect::<Result<_>>()?;
+    let fits = |toks: &Vec<u32>| toks.len() + settings.max_new_tokens <= model.info.n_ctx;
+    if records.is_empty() && !tokens.iter().any(fits) {
+        bail!(
+            "none of the {} items fits the model's context of {} with {} new tokens: nothing to steer (lower --max-new-tokens)",
+            tokens.len(),
+            model.info.n_ctx,
+            settings.max_new_tokens
+        );
+    }
     if !meta_file.exists() {
         write_atomic(&meta_file, serde_json::to_string_pretty(&meta_for(0, &[]))?.as_bytes())?;
     }
@@ -256,16 +267,15 @@ pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &
         .with_style(ProgressStyle::with_template("steer [{bar:30}] {pos}/{len} items, {elapsed} elapsed, eta {eta}").expect("valid template"));
     bar.set_position(done as u64);
     let resumed_at = done;
-    for chunk in settings.items[done..].chunks(chunk_size) {
+    for (chunk, chunk_tokens) in settings.items[done..].chunks(chunk_size).zip(tokens.chunks(chunk_size)) {
         let mut kept = Vec::new();
         let mut ids = Vec::new();
-        for item in chunk {
-            let toks = model.codec.to_tokens(&item.prompt)?;
-            if toks.len() + settings.max_new_tokens > model.info.n_ctx {
+        for (item, toks) in chunk.iter().zip(chunk_tokens) {
+            if !fits(toks) {
                 skipped.push(item.id.clone());
             } else {
                 kept.push(item);
-                ids.push(toks);
+                ids.push(toks.clone());
             }
         }
         let mut recs: Vec<SteerRecord> = kept

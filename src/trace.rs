@@ -119,13 +119,14 @@ pub fn run_trace(
         feed_last: true,
     };
     let total: usize = manifest.styles.iter().map(|(_, t)| t.len()).sum();
-    let mut skipped_total = 0usize;
+    let mut skipped: Vec<(&str, usize)> = Vec::new();
     let bar = crate::progress::bar(total as u64).with_style(
         ProgressStyle::with_template("trace {msg:>8} [{bar:30}] {pos}/{len} texts, {elapsed} elapsed, eta {eta}")
             .expect("valid template"),
     );
     for (style, texts) in &manifest.styles {
         bar.set_message(style.clone());
+        skipped.push((style, 0));
         let style_dir = dir.join(style);
         std::fs::create_dir_all(&style_dir)?;
         for (k, chunk) in texts.chunks(manifest.shard_size).enumerate() {
@@ -144,7 +145,7 @@ pub fn run_trace(
                         kept.push(t);
                         ids.push(toks);
                     }
-                    Err(_) if !opts.truncate_left => skipped_total += 1,
+                    Err(_) if !opts.truncate_left => skipped.last_mut().expect("this style's count").1 += 1,
                     Err(e) => return Err(e),
                 }
             }
@@ -192,10 +193,13 @@ pub fn run_trace(
         write_summary(&style_dir.join("summary.safetensors"), &summary)?;
     }
     bar.finish_and_clear();
-    if skipped_total > 0 {
+    if skipped.iter().any(|&(_, n)| n > 0) {
+        let per_style: Vec<String> = skipped.iter().map(|(style, n)| format!("{style} {n}")).collect();
         eprintln!(
-            "skipped {skipped_total} texts whose prompt plus {} new tokens exceed the context of {} (--truncate-left cuts them instead)",
-            manifest.max_new_tokens, model.info.n_ctx
+            "skipped texts whose prompt plus {} new tokens exceed the context of {} ({}; --truncate-left cuts them instead)",
+            manifest.max_new_tokens,
+            model.info.n_ctx,
+            per_style.join(", ")
         );
     }
     Ok(())

@@ -188,6 +188,16 @@ fn trace_classify_steer_evaluate_with_crashes() {
     };
     let clean_results = d.join("clean.json");
     ok(steer(&clean_results).output().unwrap());
+    // When no item fits the context, the run fails before writing anything.
+    let none_fit = d.join("none_fit.json");
+    let out = common::bin()
+        .args(["steer", "--model", &f.model, "--transcoder", &f.transcoder, "--features", &s(&chosen), "--dataset", &f.boolq,
+            "--n", "12", "--max-new-tokens", "100000", "--out", &s(&none_fit)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nothing to steer"), "{err}");
+    assert!(!none_fit.exists() && !d.join("none_fit.json.meta.json").exists());
     let results = d.join("results.json");
     let m2 = d.join("results.json.meta.json");
     let killed = kill_when(steer(&results), move || m2.exists());
