@@ -189,6 +189,18 @@ pub fn run(model: &Model, tc: &Transcoder, traces: &Path, cot_styles: &[String],
         toks.truncate(job.top_tokens);
         if toks.is_empty() { untested.push(f) } else { plans.push((f, toks)) }
     }
+    // The traces keep each token's text: under another model's tokenizer the same ids are other
+    // tokens, and injecting them would test other words.
+    for &(t, _) in plans.iter().flat_map(|(_, toks)| toks) {
+        let (traced, here) = (token_text.get(&t).map_or("", String::as_str), model.codec.decode(&[t])?);
+        if traced != here {
+            bail!(
+                "{}: token {t} was `{traced}` when traced but is `{here}` for {}: the traces come from another model's tokenizer",
+                traces.display(),
+                model.info.source
+            );
+        }
+    }
     // Per base text: one prefill of BATCH copies of it, then each chunk of features continues
     // from that cache with its tokens (right-padded by repeating the last one, which causality
     // keeps from touching the positions read) and the cache is cut back.

@@ -139,6 +139,15 @@ fn injection_control_steer_a_named_list_and_report() {
         .unwrap());
     let neurons = d.join("neurons.json");
     ok(common::bin().args(["classify", "--traces", &s(&traces), "--inject", "--inject-texts", "4", "--out", &s(&neurons)]).output().unwrap());
+    // With another model's tokenizer the traced ids are other tokens: refused, nothing written.
+    let other = d.join("other.json");
+    let out = common::bin()
+        .args(["classify", "--traces", &s(&traces), "--inject", "--inject-texts", "4", "--model", &s(&shared.join("fixtures/tiny-llama3")), "--out", &s(&other)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("another model's tokenizer"), "{err}");
+    assert!(!other.exists());
     let n = common::json(&neurons);
     let (reasoning, lexical, nonlexical) = (ids(&n["reasoning"]), ids(&n["lexical"]), ids(&n["reasoning_nonlexical"]));
     let mut union: Vec<usize> = lexical.iter().chain(&nonlexical).copied().collect();
