@@ -139,6 +139,9 @@ pub fn check_fit(model: &Model, tc: &Transcoder, path: &Path) -> Result<()> {
     let hin = model.hook_point(&m.hook_in).with_context(|| format!("{}: input hook", path.display()))?;
     let hout = model.hook_point(&m.hook_out).with_context(|| format!("{}: output hook", path.display()))?;
     let l = m.layer;
+    if let Some(at) = [hin.layer(), hout.layer()].into_iter().flatten().find(|&at| at != l) {
+        bail!("{}: its layer field says {l}, but it hooks layer {at} (`{}` → `{}`)", path.display(), m.hook_in, m.hook_out);
+    }
     if ![ResidMid(l), Ln2Normalized(l), MlpIn(l)].contains(&hin) || ![MlpOut(l), MlpHookOut(l)].contains(&hout) {
         bail!(
             "{}: reads `{}` and writes `{}`; neurosteer splices transcoders that read blocks.L.hook_resid_mid, \

@@ -177,6 +177,9 @@ fn record_id(item: &SteerItem) -> serde_json::Value {
 /// done (the batches up to its last item), and the meta file's count and skipped list are
 /// recomputed from it. A lock file `{out}.lock` keeps a second process off the same output.
 pub fn run_steer(model: &Model, splice: &Splice, settings: SteerSettings, out: &Path) -> Result<Vec<SteerRecord>> {
+    if out.is_dir() {
+        bail!("{}: is a folder; --out takes the path of the results file", out.display());
+    }
     let _lock = crate::report::OutputLock::acquire(out)?;
     let meta_file = meta_path(out);
     if settings.batch_size == 0 {

@@ -147,6 +147,19 @@ fn mismatched_transcoder_and_offline_hub_fail_cleanly() {
     std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
     let out = run(&["transcoder", "info", bad.to_str().unwrap()]);
     assert_clean_error(&out, &["bad.pt"]);
+    // A transcoder whose layer field disagrees with its hook points.
+    let mut t = neurosteer::transcoder::Transcoder::load(&shared.join("fixtures/transcoders/tiny-gpt2/layer_01/tiny-gpt2_blocks.1.ln2.hook_normalized_256.pt"), None).unwrap();
+    t.meta.layer = 0;
+    let relabelled = d.join("relabelled.safetensors");
+    t.save(&relabelled).unwrap();
+    let out = run(&["generate", "--model", shared.join("fixtures/tiny-gpt2").to_str().unwrap(), "--prompt", "x",
+        "--transcoder", relabelled.to_str().unwrap(), "--features", "1"]);
+    assert_clean_error(&out, &["relabelled.safetensors", "layer field says 0", "hooks layer 1"]);
+    // steer's --out names a file, not a folder.
+    let tc1 = shared.join("fixtures/transcoders/tiny-gpt2/layer_01/tiny-gpt2_blocks.1.ln2.hook_normalized_256.pt");
+    let out = run(&["steer", "--model", shared.join("fixtures/tiny-gpt2").to_str().unwrap(), "--transcoder", tc1.to_str().unwrap(), "--features", "1",
+        "--dataset", shared.join("assets/boolq/validation.jsonl").to_str().unwrap(), "--n", "2", "--out", d.to_str().unwrap()]);
+    assert_clean_error(&out, &["is a folder", "--out"]);
     // A hub id that is not cached, offline.
     let out = common::bin()
         .args(["generate", "--model", "someone/not-cached", "--prompt", "x"])
