@@ -109,6 +109,41 @@ fn tiny_llama3_matches_reference() {
     check_hooks(&model, &dir, &[], true);
 }
 
+/// With `tie_word_embeddings` true a stored `lm_head.weight` is ignored, as transformers ties
+/// the head to the embeddings: the logits are those of a copy whose head holds the embeddings.
+#[test]
+fn tied_embeddings_ignore_a_stored_lm_head() {
+    let Some(shared) = common::shared() else { return };
+    let src = shared.join("fixtures/tiny-llama3");
+    let copy = |name: &str, tie: bool, head_from_embed: bool| {
+        let d = std::env::temp_dir().join(format!("neurosteer-tie-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+        let mut cfg = common::json(&d.join("config.json"));
+        cfg["tie_word_embeddings"] = tie.into();
+        std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+        if head_from_embed {
+            let index = common::json(&d.join("model.safetensors.index.json"));
+            let embed = index["weight_map"]["model.embed_tokens.weight"].as_str().unwrap().to_string();
+            let head = d.join(index["weight_map"]["lm_head.weight"].as_str().unwrap());
+            let table = safetensors::load(d.join(&embed), &candle_core::Device::Cpu).unwrap()["model.embed_tokens.weight"].clone();
+            let mut tensors = safetensors::load(&head, &candle_core::Device::Cpu).unwrap();
+            tensors.insert("lm_head.weight".into(), table);
+            safetensors::save(&tensors, &head).unwrap();
+        }
+        let model = Model::load(d.to_str().unwrap(), &LoadOptions::default()).unwrap();
+        std::fs::remove_dir_all(&d).ok();
+        model
+    };
+    let ids = [1u32, 400, 23, 9001];
+    let tied = common::final_logits(&copy("tied", true, false), &ids);
+    assert_eq!(tied, common::final_logits(&copy("head-is-embed", false, true), &ids));
+    assert_ne!(tied, common::final_logits(&copy("untied", false, false), &ids), "the fixture's head differs from its embeddings");
+}
+
 #[test]
 fn tiny_gpt2_matches_reference() {
     let Some(shared) = common::shared() else { return };

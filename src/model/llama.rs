@@ -57,10 +57,11 @@ impl Llama {
             });
         }
         let final_norm = vb.get(d, "model.norm.weight")?;
-        let lm_head = if w.contains_tensor("lm_head.weight") {
-            Some(w.get((c.vocab_size, d), "lm_head.weight")?)
-        } else if c.tie_word_embeddings {
+        // Tied embeddings ignore a stored lm_head.weight, as transformers ties it to them.
+        let lm_head = if c.tie_word_embeddings {
             None
+        } else if w.contains_tensor("lm_head.weight") {
+            Some(w.get((c.vocab_size, d), "lm_head.weight")?)
         } else {
             anyhow::bail!("config.json has tie_word_embeddings false (or unset), but the weights hold no lm_head.weight");
         };
