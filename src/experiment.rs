@@ -537,37 +537,46 @@ fn default_score() -> String {
 /// Most random control sets a steering run takes.
 pub const MAX_RANDOM_CONTROLS: usize = 100;
 
+impl SteerJob {
+    /// The items to steer, each prompt rendered, after checking the job's settings: what `run`
+    /// calls before its first stage, so that a bad steer stage fails before hours of tracing.
+    pub fn items(&self) -> Result<Vec<SteerItem>> {
+        if !["generate", "loglik", "both"].contains(&self.score.as_str()) {
+            bail!("--score must be generate, loglik or both, not `{}`", self.score);
+        }
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if self.template.trim().is_empty() {
+            bail!("--template is empty");
+        }
+        if self.random_controls > MAX_RANDOM_CONTROLS {
+            bail!("--random-controls {}: at most {MAX_RANDOM_CONTROLS} (each control set is another full run of every strength)", self.random_controls);
+        }
+        steer::parse_configs(&self.configs)?;
+        let (items, _) = self.dataset.load(0)?;
+        if items.is_empty() {
+            bail!("{}: no items to steer", self.dataset.path);
+        }
+        items
+            .iter()
+            .map(|it| {
+                Ok(SteerItem {
+                    id: it.id.clone(),
+                    prompt: crate::data::prompts::render_template(&self.template, it, "steer")?,
+                    ground_truth: it.fields.get("answer").and_then(|a| a.as_str()).unwrap_or("").to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
 /// Runs the steering experiment with the feature set in `features` (`neurons.json`, a JSON
 /// list or `1,5,9`).
 pub fn run_steer_job(job: &SteerJob, model: &Model, splice: &Splice, transcoder_path: &Path, features: &str, out: &Path) -> Result<()> {
     let transcoder = splice.transcoder();
-    if !["generate", "loglik", "both"].contains(&job.score.as_str()) {
-        bail!("--score must be generate, loglik or both, not `{}`", job.score);
-    }
-    if job.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    if job.template.trim().is_empty() {
-        bail!("--template is empty");
-    }
-    if job.random_controls > MAX_RANDOM_CONTROLS {
-        bail!("--random-controls {}: at most {MAX_RANDOM_CONTROLS} (each control set is another full run of every strength)", job.random_controls);
-    }
+    let items = job.items()?;
     let reasoning = classify::features_for(features, &transcoder.meta)?;
-    let (items, _) = job.dataset.load(0)?;
-    if items.is_empty() {
-        bail!("{}: no items to steer", job.dataset.path);
-    }
-    let items = items
-        .iter()
-        .map(|it| {
-            Ok(SteerItem {
-                id: it.id.clone(),
-                prompt: crate::data::prompts::render_template(&job.template, it, "steer")?,
-                ground_truth: it.fields.get("answer").and_then(|a| a.as_str()).unwrap_or("").to_string(),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
     let mut feature_sets = std::collections::BTreeMap::new();
     if job.random_controls > 0 {
         let pool = control_pool(features, &reasoning, transcoder)?;
@@ -695,6 +704,9 @@ pub fn run_pipeline(cfg: &ExperimentConfig, base: &Path) -> Result<()> {
         if !Path::new(s).is_absolute() && p.exists() { p.display().to_string() } else { s.to_string() }
     };
     let out = resolve(&cfg.out);
+    let mut sj = cfg.steer.clone();
+    sj.dataset.path = resolve_str(&sj.dataset.path);
+    sj.items().context("the steer stage (checked before loading the model)")?;
     let transcoder_path = resolve(&cfg.transcoder);
     let placement = Placement { device: cfg.device.clone(), dtype: cfg.dtype, transcoder_dtype: cfg.transcoder_dtype };
     let options = placement.load_options(cfg.tokenizer.as_deref().map(resolve), false)?;
@@ -717,8 +729,6 @@ pub fn run_pipeline(cfg: &ExperimentConfig, base: &Path) -> Result<()> {
     run_classify_job(&cj, &traces, &neurons, Some((&model, &tc)))?;
     let results = out.join("results.json");
     eprintln!("[3/4] steer -> {}", results.display());
-    let mut sj = cfg.steer.clone();
-    sj.dataset.path = resolve_str(&sj.dataset.path);
     run_steer_job(&sj, &model, &splice, &transcoder_path, &neurons.display().to_string(), &results)?;
     let eval_dir = out.join("evaluation");
     eprintln!("[4/4] evaluate -> {}", eval_dir.display());

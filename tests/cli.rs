@@ -379,3 +379,25 @@ fn train_creates_the_output_folder() {
     assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `run` checks its steer stage before loading the model: a missing steer dataset fails at once,
+/// before any trace is written.
+#[test]
+fn run_checks_the_steer_stage_first() {
+    let Some(shared) = common::shared() else { return };
+    let d = tmpdir("run-steer-first");
+    let s = shared.join("assets/stories260K");
+    let config = format!(
+        "model = {:?}\ntokenizer = {:?}\ntranscoder = {:?}\nout = \"out\"\n[trace]\nmax_new_tokens = 4\n[trace.dataset]\npath = {:?}\nkind = \"gsm8k\"\nn = 4\n\
+         [steer]\n[steer.dataset]\npath = \"missing.jsonl\"\nkind = \"boolq\"\nn = 4\n",
+        s.join("stories260K.bin"),
+        s.join("tok512.bin"),
+        shared.join("fixtures/transcoders/stories260K/layer_02/stories260K_blocks.2.ln2.hook_normalized_512.pt"),
+        shared.join("assets/reasoning/gsm8k/test.jsonl"),
+    );
+    std::fs::write(d.join("run.toml"), config).unwrap();
+    let out = run(&["run", "--config", d.join("run.toml").to_str().unwrap()]);
+    assert_clean_error(&out, &["steer stage", "missing.jsonl"]);
+    assert!(!d.join("out").exists(), "a stage ran before the steer stage was checked");
+    std::fs::remove_dir_all(&d).ok();
+}
