@@ -100,27 +100,9 @@ pub fn run_demo(out: &Path, n_boolq: usize, placement: &Placement, source: Sourc
     let files = demo_files(out, source)?;
     std::fs::create_dir_all(out)?;
     let transcoder = out.join("transcoder_layer2.safetensors");
-    if !transcoder.exists() {
-        eprintln!("[0/4] training a transcoder for layer 2 of stories260K -> {}", transcoder.display());
-        let model = Model::load(&files.model.display().to_string(), &placement.load_options(Some(files.tokenizer.clone()), false)?)?;
-        let (boolq, _) = dataset(&files.boolq, "train", "boolq", 300).load(0)?;
-        let (gsm, _) = dataset(&files.gsm8k, "train", "gsm8k", 600).load(0)?;
-        let mut texts: Vec<String> = Vec::new();
-        let field = |it: &crate::data::Item, k: &str| it.fields.get(k).and_then(|v| v.as_str()).unwrap_or("").trim().to_string();
-        for it in &boolq {
-            texts.push(format!("Question: {}\nPassage: {}\nAnswer:", field(it, "question"), field(it, "passage")));
-        }
-        for it in &gsm {
-            texts.push(format!("Question: {}\nAnswer:", field(it, "question")));
-            texts.push(format!("Question: {}\nAnswer: Let's think step by step.", field(it, "question")));
-        }
-        let opts = TrainOptions { layer: 2, d_sae: 512, steps: 2000, ..Default::default() };
-        let report = train_for_model(&model, &texts, &opts, 150_000, &transcoder)?;
-        eprintln!("      held-out FVE {:.3}, L0 {:.1}, dead {}", report.fve, report.l0, report.dead);
-    }
     let cfg = ExperimentConfig {
         model: files.model.display().to_string(),
-        tokenizer: Some(files.tokenizer),
+        tokenizer: Some(files.tokenizer.clone()),
         device: placement.device.clone(),
         dtype: placement.dtype,
         transcoder_dtype: placement.transcoder_dtype,
@@ -148,6 +130,26 @@ pub fn run_demo(out: &Path, n_boolq: usize, placement: &Placement, source: Sourc
             score: "both".into(),
         },
     };
+    // The steer stage's items (and `--n`) are checked before the transcoder is trained.
+    cfg.steer.items()?;
+    if !transcoder.exists() {
+        eprintln!("[0/4] training a transcoder for layer 2 of stories260K -> {}", transcoder.display());
+        let model = Model::load(&files.model.display().to_string(), &placement.load_options(Some(files.tokenizer.clone()), false)?)?;
+        let (boolq, _) = dataset(&files.boolq, "train", "boolq", 300).load(0)?;
+        let (gsm, _) = dataset(&files.gsm8k, "train", "gsm8k", 600).load(0)?;
+        let mut texts: Vec<String> = Vec::new();
+        let field = |it: &crate::data::Item, k: &str| it.fields.get(k).and_then(|v| v.as_str()).unwrap_or("").trim().to_string();
+        for it in &boolq {
+            texts.push(format!("Question: {}\nPassage: {}\nAnswer:", field(it, "question"), field(it, "passage")));
+        }
+        for it in &gsm {
+            texts.push(format!("Question: {}\nAnswer:", field(it, "question")));
+            texts.push(format!("Question: {}\nAnswer: Let's think step by step.", field(it, "question")));
+        }
+        let opts = TrainOptions { layer: 2, d_sae: 512, steps: 2000, ..Default::default() };
+        let report = train_for_model(&model, &texts, &opts, 150_000, &transcoder)?;
+        eprintln!("      held-out FVE {:.3}, L0 {:.1}, dead {}", report.fve, report.l0, report.dead);
+    }
     crate::experiment::run_pipeline(&cfg, Path::new("."))?;
     println!(
         "\nDemo done. Outputs in {}:\n  inputs/                        the model and datasets it ran on (unless NEUROSTEER_ASSETS or --from-hub)\n  transcoder_layer2.safetensors  the trained transcoder\n  traces/                        feature traces per prompt style\n  neurons.json, neurons.csv      reasoning / memory classification (+ neurons*.png/svg)\n  results.json                   steered BoolQ generations (+ results.json.meta.json)\n  evaluation/                    accuracy table (md, csv, json) and accuracy_vs_strength.png/svg\n\

@@ -556,7 +556,7 @@ impl SteerJob {
         steer::parse_configs(&self.configs)?;
         let (items, _) = self.dataset.load(0)?;
         if items.is_empty() {
-            bail!("{}: no items to steer", self.dataset.path);
+            bail!("{}: no items to steer{}", self.dataset.path, if self.dataset.n == Some(0) { " (--n is 0)" } else { "" });
         }
         items
             .iter()

@@ -381,7 +381,7 @@ fn train_creates_the_output_folder() {
 }
 
 /// `run` checks its steer stage before loading the model: a missing steer dataset fails at once,
-/// before any trace is written.
+/// before any trace is written; `demo --n 0` fails before training.
 #[test]
 fn run_checks_the_steer_stage_first() {
     let Some(shared) = common::shared() else { return };
@@ -399,5 +399,9 @@ fn run_checks_the_steer_stage_first() {
     let out = run(&["run", "--config", d.join("run.toml").to_str().unwrap()]);
     assert_clean_error(&out, &["steer stage", "missing.jsonl"]);
     assert!(!d.join("out").exists(), "a stage ran before the steer stage was checked");
+    // So does the demo, before it trains its transcoder.
+    let demo = d.join("demo");
+    assert_clean_error(&run(&["demo", "--n", "0", "--out", demo.to_str().unwrap()]), &["no items to steer", "--n is 0"]);
+    assert!(!demo.join("transcoder_layer2.safetensors").exists());
     std::fs::remove_dir_all(&d).ok();
 }
