@@ -28,6 +28,9 @@ pub enum Statistic {
     Last,
 }
 
+/// A step's nonzero activations: (feature, value) pairs.
+type SparseVector = Vec<(usize, f32)>;
+
 /// The aggregates of one style.
 #[derive(Debug, Clone)]
 pub struct StyleStats {
@@ -58,7 +61,7 @@ impl StyleStats {
     }
 
     /// Adds one text's step vectors (sparse: `(feature, value)` lists per step, in step order).
-    fn add_text(&mut self, steps: &[Vec<(usize, f32)>], tokens: &[Option<String>]) {
+    fn add_text(&mut self, steps: &[SparseVector], tokens: &[Option<String>]) {
         let n = steps.len();
         if n == 0 {
             return;
@@ -124,9 +127,10 @@ pub fn load_style(dir: &Path, style: &str, d_sae: Option<usize>) -> Result<Style
         let mut stats = StyleStats::new(d);
         for path in shards {
             let s = trace::read_shard(&path)?;
-            let mut per_text: Vec<(Vec<Vec<(usize, f32)>>, Vec<Option<String>>)> = vec![(Vec::new(), Vec::new()); s.texts.len()];
+            // Per text, its steps' sparse vectors and tokens.
+            let mut per_text: Vec<(Vec<SparseVector>, Vec<Option<String>>)> = vec![(Vec::new(), Vec::new()); s.texts.len()];
             for (r, &(t, _step, token)) in s.rows.iter().enumerate() {
-                let v: Vec<(usize, f32)> = (s.offsets[r]..s.offsets[r + 1])
+                let v: SparseVector = (s.offsets[r]..s.offsets[r + 1])
                     .map(|j| (s.features[j] as usize, s.values[j]))
                     .collect();
                 if let Some(&(f, _)) = v.iter().find(|(f, _)| *f >= d) {
@@ -159,7 +163,7 @@ pub fn load_style(dir: &Path, style: &str, d_sae: Option<usize>) -> Result<Style
             let st = stats.get_or_insert_with(|| StyleStats::new(d));
             let mut sorted = steps;
             sorted.sort_by_key(|(k, _)| *k);
-            let sparse: Vec<Vec<(usize, f32)>> = sorted
+            let sparse: Vec<SparseVector> = sorted
                 .iter()
                 .map(|(_, v)| v.iter().enumerate().filter(|(_, &x)| x != 0.0).map(|(i, &x)| (i, x)).collect())
                 .collect();
@@ -539,7 +543,7 @@ mod tests {
     /// nothing to compare with; an empty few-shot style changes nothing.
     #[test]
     fn styles_without_texts_take_no_part() {
-        let style = |texts: &[Vec<Vec<(usize, f32)>>]| {
+        let style = |texts: &[Vec<SparseVector>]| {
             let mut s = StyleStats::new(3);
             for steps in texts {
                 s.add_text(steps, &vec![None; steps.len()]);

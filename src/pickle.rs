@@ -873,9 +873,12 @@ pub fn read_bare_tensor(path: impl AsRef<Path>) -> Result<(Vec<f32>, Vec<usize>)
     pt.tensor(t)
 }
 
+/// One text of a seed-notebook trace file: the text, and its steps' activation vectors.
+pub type SeedTrace = (String, Vec<(i64, Vec<f32>)>);
+
 /// Reads a seed-notebook trace file, `dict[text -> dict[step int -> float tensor [D]]]`, in
 /// insertion order.
-pub fn read_seed_traces(path: impl AsRef<Path>) -> Result<Vec<(String, Vec<(i64, Vec<f32>)>)>> {
+pub fn read_seed_traces(path: impl AsRef<Path>) -> Result<Vec<SeedTrace>> {
     let pt = load_pt(path)?;
     let p = pt.path.display();
     let outer = pt.root.as_dict().ok_or_else(|| anyhow!("{p}: top-level object is not a dict"))?;

@@ -150,14 +150,16 @@ pub fn run_trace(
                 }
             }
             let chunk = kept;
-            let mut rows: Vec<Vec<(usize, u32, Vec<(u32, f32)>)>> = vec![Vec::new(); chunk.len()];
+            // Per text, (step, its nonzero (feature, value) pairs).
+            type Steps = Vec<(usize, Vec<(u32, f32)>)>;
+            let mut rows: Vec<Steps> = vec![Vec::new(); chunk.len()];
             let generated = if ids.is_empty() { Vec::new() } else { generate(model, &ids, &opts, &hooks, |view| {
                 let x = view.values.get(&point).context("hook not recorded")?;
                 let f = transcoder.encode(x)?.to_vec2::<f32>()?;
                 for (b, &(text, has)) in view.rows.iter().enumerate() {
                     if has {
                         let sparse = f[b].iter().enumerate().filter(|(_, &v)| v != 0.0).map(|(i, &v)| (i as u32, v)).collect();
-                        rows[text].push((view.step, 0, sparse));
+                        rows[text].push((view.step, sparse));
                     }
                 }
                 Ok(())
@@ -173,7 +175,7 @@ pub fn run_trace(
             };
             for (i, t) in chunk.iter().enumerate() {
                 shard.texts.push(ShardText { id: t.id.clone(), prompt: t.prompt.clone(), generated: model.codec.decode(&generated[i])? });
-                for (step, _, sparse) in &rows[i] {
+                for (step, sparse) in &rows[i] {
                     let token = if *step == 0 { *ids[i].last().unwrap_or(&0) } else { generated[i][step - 1] };
                     shard.rows.push((i, *step, token));
                     if let std::collections::hash_map::Entry::Vacant(e) = shard.token_text.entry(token) {

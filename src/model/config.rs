@@ -242,7 +242,9 @@ impl ModelConfig {
     /// Refuses sizes no model has (before anything is allocated for them), non-positive norm
     /// epsilons and RoPE bases, and special tokens outside the vocabulary.
     fn check_limits(&self) -> Result<()> {
-        let (sizes, eps, theta, bos, eos): (Vec<(&str, usize, usize)>, f64, Option<f64>, Option<u32>, &[u32]) = match self {
+        // (name, value, largest allowed) of each size.
+        type Sizes = Vec<(&'static str, usize, usize)>;
+        let (sizes, eps, theta, bos, eos): (Sizes, f64, Option<f64>, Option<u32>, &[u32]) = match self {
             ModelConfig::Llama(LlamaConfig { hidden_size, intermediate_size, num_hidden_layers, head_dim, vocab_size, max_position_embeddings, rms_norm_eps, rope_theta, bos_token_id, eos_token_ids, .. })
             | ModelConfig::Gemma2(Gemma2Config { hidden_size, intermediate_size, num_hidden_layers, head_dim, vocab_size, max_position_embeddings, rms_norm_eps, rope_theta, bos_token_id, eos_token_ids, .. }) => (
                 vec![
@@ -384,9 +386,8 @@ impl RawLlama {
                 }
                 let s: Llama3RopeScaling = serde_json::from_value(v).context("rope_scaling (llama3) is incomplete")?;
                 // Each is a divisor in the llama3 rule; high = low divides by zero.
-                if !(s.factor > 0.0 && s.low_freq_factor > 0.0 && s.high_freq_factor > s.low_freq_factor && s.original_max_position_embeddings > 0)
-                    || !(s.factor.is_finite() && s.high_freq_factor.is_finite())
-                {
+                let usable = s.factor > 0.0 && s.low_freq_factor > 0.0 && s.high_freq_factor > s.low_freq_factor && s.original_max_position_embeddings > 0;
+                if !(usable && s.factor.is_finite() && s.high_freq_factor.is_finite()) {
                     bail!(
                         "rope_scaling (llama3): factor {}, low_freq_factor {}, high_freq_factor {} and original_max_position_embeddings {} \
                          must be positive, with high_freq_factor above low_freq_factor",

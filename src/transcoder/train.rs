@@ -931,12 +931,12 @@ mod tests {
         let opts = TrainOptions { d_sae: 32, steps: 30, batch_tokens: 256, ..Default::default() };
         let tensors = |x: &[f32]| (Tensor::from_slice(x, (n, d_in), &Device::Cpu).unwrap(), Tensor::from_slice(&y, (n, d_out), &Device::Cpu).unwrap());
         let (xt, yt) = tensors(&x);
-        let e = train(&xt, &yt, &TrainOptions { lr: 1e30, ..opts.clone() }, toy_meta(d_in, 32, d_out)).err().expect("lr 1e30 diverges").to_string();
+        let e = train(&xt, &yt, &TrainOptions { lr: 1e30, ..opts.clone() }, toy_meta(d_in, 32, d_out)).expect_err("lr 1e30 diverges").to_string();
         assert!(e.contains("diverged") && e.contains("--lr"), "{e}");
         assert!(train(&xt, &yt, &opts, toy_meta(d_in, 32, d_out)).is_ok());
         x[5 * d_in + 3] = f32::NAN;
         let (xt, yt) = tensors(&x);
-        let e = train(&xt, &yt, &opts, toy_meta(d_in, 32, d_out)).err().expect("NaN input").to_string();
+        let e = train(&xt, &yt, &opts, toy_meta(d_in, 32, d_out)).expect_err("NaN input").to_string();
         assert!(e.contains("inputs") && e.contains("NaN"), "{e}");
     }
 }
