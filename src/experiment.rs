@@ -208,6 +208,12 @@ pub fn run_trace_job(job: &TraceJob, model: &Model, transcoder: Arc<Transcoder>,
         Some(p) => PromptSet::from_toml_file(p)?,
         None => PromptSet::builtin(),
     };
+    // A style the file adds but nobody traces is most likely a misspelt built-in one.
+    let builtin = PromptSet::builtin();
+    for name in prompts.style_names().into_iter().filter(|n| !job.styles.contains(n) && builtin.style(n).is_err()) {
+        let file = job.templates.as_deref().map_or(String::new(), |p| p.display().to_string());
+        eprintln!("warning: {file}: style `{name}` is not among the styles traced ({}): add it to --styles, or check its name", job.styles.join(", "));
+    }
     if let Some(dup) = job.styles.iter().enumerate().find(|(i, s)| job.styles[..*i].contains(s)).map(|(_, s)| s) {
         bail!("--styles names `{dup}` twice");
     }

@@ -405,3 +405,22 @@ fn run_checks_the_steer_stage_first() {
     assert!(!demo.join("transcoder_layer2.safetensors").exists());
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// A templates file that adds a style nobody traces (here a misspelt `0shot`) is warned about.
+#[test]
+fn untraced_template_styles_are_warned_about() {
+    let Some(shared) = common::shared() else { return };
+    let d = tmpdir("templates");
+    let templates = d.join("templates.toml");
+    std::fs::write(&templates, "[0shoot]\ntemplate = \"Q: {question}\\nA: Let's think.\"\n").unwrap();
+    let out = run(&[
+        "trace", "--model", shared.join("assets/stories260K/hf").to_str().unwrap(),
+        "--transcoder", shared.join("fixtures/transcoders/stories260K/layer_02/stories260K_blocks.2.ln2.hook_normalized_512.pt").to_str().unwrap(),
+        "--dataset", shared.join("assets/reasoning/gsm8k/test.jsonl").to_str().unwrap(), "--n", "2", "--max-new-tokens", "2", "--truncate-left",
+        "--templates", templates.to_str().unwrap(), "--out", d.join("traces").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("templates.toml") && err.contains("style `0shoot` is not among the styles traced"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}
