@@ -379,9 +379,12 @@ impl Item {
 }
 
 /// Turns raw rows into [`Item`]s with flat string fields (see the module docs and
-/// [`DatasetKind`]). A row missing a required field gives an error naming the row and field.
+/// [`DatasetKind`]). A row missing a required field gives an error naming the row and field;
+/// two rows with one id (which pairs an item's results across configurations and runs), an error
+/// naming both.
 pub fn normalize(rows: Vec<Row>, kind: DatasetKind) -> Result<Vec<Item>> {
-    rows.into_iter()
+    let items: Vec<Item> = rows
+        .into_iter()
         .enumerate()
         .map(|(i, row)| {
             let id = row_id(&row).unwrap_or_else(|| i.to_string());
@@ -389,7 +392,14 @@ pub fn normalize(rows: Vec<Row>, kind: DatasetKind) -> Result<Vec<Item>> {
                 .with_context(|| format!("row {i} (id {id}) as {kind}"))?;
             Ok(Item { id, fields })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    let mut first = std::collections::HashMap::new();
+    for (i, it) in items.iter().enumerate() {
+        if let Some(j) = first.insert(it.id.as_str(), i) {
+            bail!("rows {j} and {i} share the id `{}` (ids pair an item's results across configurations and runs)", it.id);
+        }
+    }
+    Ok(items)
 }
 
 fn row_id(row: &Row) -> Option<String> {
@@ -768,7 +778,7 @@ pub(crate) mod tests {
     #[test]
     fn boolq_label_forms_and_errors() {
         let rows = vec![
-            row(serde_json::json!({"question": "q", "passage": "p", "label": "TRUE", "idx": 3})),
+            row(serde_json::json!({"question": "q", "passage": "p", "label": "TRUE", "idx": 30})),
             row(serde_json::json!({"question": "q", "passage": "p", "label": false})),
             row(serde_json::json!({"question": "q", "passage": "p", "answer": "False"})),
             row(serde_json::json!({"question": "q", "passage": "p", "label": 1})),
@@ -776,8 +786,16 @@ pub(crate) mod tests {
         let items = normalize(rows, DatasetKind::BoolQ).unwrap();
         let answers: Vec<_> = items.iter().map(|i| i.answer().unwrap()).collect();
         assert_eq!(answers, ["True", "False", "False", "True"]);
-        assert_eq!(items[0].id, "3");
+        assert_eq!(items[0].id, "30");
         assert_eq!(items[1].id, "1");
+        // An id twice (here a row's index equal to another's idx) pairs nothing reliably.
+        let twice = vec![
+            row(serde_json::json!({"question": "q", "passage": "p", "label": true, "idx": 2})),
+            row(serde_json::json!({"question": "q", "passage": "p", "label": true})),
+            row(serde_json::json!({"question": "q", "passage": "p", "label": true})),
+        ];
+        let err = normalize(twice, DatasetKind::BoolQ).unwrap_err().to_string();
+        assert!(err.contains("rows 0 and 2 share the id `2`"), "{err}");
         let err = normalize(vec![row(serde_json::json!({"question": "q", "label": true}))], DatasetKind::BoolQ)
             .unwrap_err();
         assert!(format!("{err:#}").contains("missing field `passage`"), "{err:#}");
