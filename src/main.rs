@@ -633,6 +633,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         truncate_left: a.truncate_left,
         feed_last: false,
     };
+    if let Some(f) = &a.prompts {
+        // A prompt that does not fit the context is named by its file and place in it.
+        for (i, p) in ids.iter().enumerate() {
+            neurosteer::generate::fit_prompt(&model, p.clone(), &opts).with_context(|| format!("{}: prompt {}", f.display(), i + 1))?;
+        }
+    }
     let hooks = a.steering.hooks(&model)?;
     let outputs = generate(&model, &ids, &opts, &hooks, |_| Ok(()))?;
     for (prompt, new) in prompts.iter().zip(outputs) {

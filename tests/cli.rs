@@ -63,6 +63,9 @@ fn prompts_file_with_newlines_and_batches() {
     assert!(batched.status.success(), "{}", String::from_utf8_lossy(&batched.stderr));
     assert_eq!(String::from_utf8_lossy(&batched.stdout).lines().count(), 3);
     assert_eq!(batched.stdout, single.stdout);
+    // A prompt too long for the context is named by its file and place.
+    std::fs::write(&f, format!("\"Hi\"\n{}\n", serde_json::to_string(&"word ".repeat(3000)).unwrap())).unwrap();
+    assert_clean_error(&run(&["generate", "--model", model.to_str().unwrap(), "--prompts", f.to_str().unwrap()]), &["p.jsonl: prompt 2", "context"]);
 }
 
 #[test]
