@@ -235,7 +235,8 @@ pub fn run_trace_job(job: &TraceJob, model: &Model, transcoder: Arc<Transcoder>,
                 let p = if job.chat { crate::data::prompts::llama3_chat(&p) } else { p };
                 Ok(TraceText { id: it.id.clone(), prompt: p })
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| job.dataset.path.clone())?;
         styles.push((style.clone(), texts));
     }
     let manifest = TraceManifest {

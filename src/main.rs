@@ -880,6 +880,9 @@ fn cmd_transcoder_info(path: &std::path::Path, layer: Option<usize>, alive_thres
 /// with the passage first when there is one).
 fn dataset_texts(spec: &DatasetSpec) -> Result<Vec<String>> {
     let (items, _) = spec.load(0)?;
+    if items.is_empty() {
+        bail!("{}: no texts{}", spec.path, if spec.n == Some(0) { " (--n is 0)" } else { "" });
+    }
     Ok(items
         .iter()
         .map(|it| {

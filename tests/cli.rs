@@ -91,6 +91,21 @@ fn bad_inputs_fail_with_one_clear_line() {
     let d = tmpdir("bad");
     let gpt2 = shared.join("fixtures/tiny-gpt2");
 
+    // Datasets that leave nothing to run on name the dataset (and say why).
+    let (m, t) = (shared.join("assets/stories260K/hf"), shared.join("fixtures/transcoders/stories260K/layer_02/stories260K_blocks.2.ln2.hook_normalized_512.pt"));
+    let boolq = shared.join("assets/boolq/validation.jsonl");
+    let args = |cmd: &[&'static str], rest: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        v.extend(["--model", m.to_str().unwrap(), "--transcoder", t.to_str().unwrap(), "--dataset", boolq.to_str().unwrap()].map(String::from));
+        v.extend(rest.iter().map(|s| s.to_string()));
+        v
+    };
+    let run_owned = |v: Vec<String>| run(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_clean_error(&run_owned(args(&["transcoder", "eval"], &["--n", "0"])), &["validation.jsonl", "--n is 0"]);
+    // BoolQ has no worked solutions for the few-shot style.
+    let traces = d.join("traces");
+    assert_clean_error(&run_owned(args(&["trace"], &["--n", "2", "--out", traces.to_str().unwrap()])), &["validation.jsonl", "worked examples", "reasoning"]);
+
     // Unknown architecture.
     let arch = d.join("arch");
     copy_dir(&gpt2, &arch);

@@ -293,7 +293,11 @@ impl PromptSet {
         if let Some(ex_tpl) = &s.example_template {
             let k = s.k();
             if examples.len() < k {
-                bail!("prompt style `{style}` needs {k} worked examples, got {}", examples.len());
+                bail!(
+                    "prompt style `{style}` needs {k} worked examples, got {} (they come from held-out items with a `reasoning` \
+                     field, or from the style's `examples_file`)",
+                    examples.len()
+                );
             }
             for ex in &examples[..k] {
                 out.push_str(&render_template(ex_tpl, ex, style)?);
