@@ -579,8 +579,8 @@ impl PySteering {
     #[pyo3(signature = (transcoder, features, strength, mode = "delta"))]
     fn new(py: Python<'_>, transcoder: Bound<'_, PyTranscoder>, features: &Bound<'_, PyAny>, strength: f64, mode: &str) -> PyResult<Self> {
         let mode = parse_enum::<SteerMode>("mode", mode)?;
-        let features = neurosteer::classify::parse_features(&features_spec(features)?).map_err(py_err)?;
         let (tc, path) = (transcoder.get().tc.clone(), transcoder.get().path.clone());
+        let features = neurosteer::classify::features_for(&features_spec(features)?, &tc.meta).map_err(py_err)?;
         let edit = compute(py, || {
             if mode == SteerMode::Replace && tc.is_cross_layer() {
                 // Replace with a cross-layer transcoder splices every source layer.

@@ -85,6 +85,8 @@ pub struct Gemma2Config {
     pub sliding_window: usize,
     /// Per layer, whether it uses the sliding window (else it is global).
     pub sliding_layers: Vec<bool>,
+    /// The head is the embeddings (transformers' default for Gemma-2).
+    pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -180,6 +182,7 @@ struct RawGemma2 {
     hidden_activation: Option<String>,
     hidden_act: Option<String>,
     attention_bias: Option<bool>,
+    tie_word_embeddings: Option<bool>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
 }
@@ -480,6 +483,7 @@ impl RawGemma2 {
             final_logit_softcapping: self.final_logit_softcapping,
             sliding_window,
             sliding_layers,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(true),
             bos_token_id: self.bos_token_id,
             eos_token_ids: self.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default(),
         })

@@ -120,10 +120,6 @@ impl Splice {
     /// `b_dec_W + Σ_{L ≤ W} f_L @ W_dec_L[:, W − L]`, the features of every source layer computed in
     /// the spliced pass, and those of the steered layer in S scaled.
     pub fn steering(&self, features: Vec<usize>, strength: f64, mode: SteerMode) -> Result<Steering> {
-        // The edit runs in f32: a strength past its range would scale features to ±∞.
-        if !(strength as f32).is_finite() {
-            bail!("strength {strength:e} is not a finite f32 (at most about 3.4e38 in size)");
-        }
         let t = self.transcoder();
         if mode != SteerMode::Replace {
             return Steering::build(vec![t.clone()], 0, features, strength, mode);
@@ -157,8 +153,9 @@ impl Steering {
         let t = sources[steered].clone();
         let d_sae = t.meta.d_sae;
         check_features(&features, d_sae)?;
-        if !strength.is_finite() {
-            bail!("strength must be a finite number, got {strength}");
+        // The edit runs in f32: a strength past its range would scale features to ±∞.
+        if !(strength as f32).is_finite() {
+            bail!("strength {strength:e} is not a finite f32 (at most about 3.4e38 in size)");
         }
         let inputs = sources.iter().map(|s| Ok(s.meta.points()?.0)).collect::<Result<Vec<_>>>()?;
         let (input, output) = t.meta.points()?;
