@@ -223,6 +223,7 @@ pub fn run_trace_job(job: &TraceJob, model: &Model, transcoder: Arc<Transcoder>,
     if items.is_empty() {
         bail!("{}: no items to trace", job.dataset.path);
     }
+    crate::data::check_unique_ids(&items).with_context(|| job.dataset.path.clone())?;
     let held_out: Vec<Item> = pool.into_iter().filter(|i| i.fields.contains_key("reasoning")).take(k).collect();
     let mut styles = Vec::new();
     for style in &job.styles {
@@ -565,6 +566,7 @@ impl SteerJob {
         if items.is_empty() {
             bail!("{}: no items to steer{}", self.dataset.path, if self.dataset.n == Some(0) { " (--n is 0)" } else { "" });
         }
+        crate::data::check_unique_ids(&items).with_context(|| self.dataset.path.clone())?;
         items
             .iter()
             .map(|it| {

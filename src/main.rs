@@ -633,7 +633,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         truncate_left: a.truncate_left,
         feed_last: false,
     };
-    if let Some(f) = &a.prompts {
+    if let Some(f) = a.prompts.as_ref().filter(|_| a.max_new_tokens < model.info.n_ctx) {
         // A prompt that does not fit the context is named by its file and place in it.
         for (i, p) in ids.iter().enumerate() {
             neurosteer::generate::fit_prompt(&model, p.clone(), &opts).with_context(|| format!("{}: prompt {}", f.display(), i + 1))?;

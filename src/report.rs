@@ -198,20 +198,13 @@ fn render_both(stem: &Path, size: (u32, u32), figure: &impl Figure) -> Result<Ve
     let png_path = with_suffix(stem, ".png");
     let svg_path = with_suffix(stem, ".svg");
 
-    // The bitmap encoder picks the format from the extension, so the temporary file ends in .png.
-    let png_tmp = with_suffix(stem, ".tmp.png");
-    let drawn = (|| -> Result<()> {
-        let root = BitMapBackend::new(&png_tmp, size).into_drawing_area();
+    replace_atomic(&png_path, |tmp| {
+        let root = BitMapBackend::new(tmp, size).into_drawing_area();
         root.fill(&WHITE)?;
         figure.draw(&root)?;
         root.present()?;
         Ok(())
-    })();
-    let committed = drawn.and_then(|()| commit_tmp(&png_tmp, &png_path));
-    if let Err(err) = committed {
-        let _ = fs::remove_file(&png_tmp);
-        return Err(err.context(format!("writing {}", png_path.display())));
-    }
+    })?;
 
     let mut svg = String::new();
     {
@@ -804,7 +797,8 @@ pub fn create_parent(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes a file atomically: to `{path}.tmp` in the same folder, fsync, then rename.
+/// Writes a file atomically: to a temporary file in the same folder ([`tmp_path`]), fsync, then
+/// rename.
 ///
 /// Readers see either the old file or the complete new one, never a partial write. The
 /// temporary file is removed if anything fails.
@@ -817,12 +811,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// A folder, a device or a pipe at `path` is refused, not replaced.
 pub fn replace_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let path = &regular_target(path, 0)?;
-    let tmp = with_suffix(path, ".tmp");
+    let tmp = tmp_path(path);
+    // A stale one (a link, say) is not written through.
+    let _ = fs::remove_file(&tmp);
     if let Err(err) = write(&tmp).and_then(|()| commit_tmp(&tmp, path)) {
         let _ = fs::remove_file(&tmp);
         return Err(err.context(format!("writing {}", path.display())));
     }
     Ok(())
+}
+
+/// The temporary file an output at `path` is written to first: beside it, named for this process
+/// (two writers of one output do not share it), its extension last (the PNG encoder picks its
+/// format from it): `out.tmp-PID.json`.
+fn tmp_path(path: &Path) -> PathBuf {
+    let tag = format!(".tmp-{}", std::process::id());
+    match (path.file_stem(), path.extension()) {
+        (Some(stem), Some(ext)) => {
+            let mut name = stem.to_os_string();
+            name.push(format!("{tag}."));
+            name.push(ext);
+            path.with_file_name(name)
+        }
+        _ => with_suffix(path, &tag),
+    }
 }
 
 /// The file an output at `path` replaces: `path` itself when it is a regular file or does not

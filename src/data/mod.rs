@@ -379,12 +379,9 @@ impl Item {
 }
 
 /// Turns raw rows into [`Item`]s with flat string fields (see the module docs and
-/// [`DatasetKind`]). A row missing a required field gives an error naming the row and field;
-/// two rows with one id (which pairs an item's results across configurations and runs), an error
-/// naming both.
+/// [`DatasetKind`]). A row missing a required field gives an error naming the row and field.
 pub fn normalize(rows: Vec<Row>, kind: DatasetKind) -> Result<Vec<Item>> {
-    let items: Vec<Item> = rows
-        .into_iter()
+    rows.into_iter()
         .enumerate()
         .map(|(i, row)| {
             let id = row_id(&row).unwrap_or_else(|| i.to_string());
@@ -392,14 +389,19 @@ pub fn normalize(rows: Vec<Row>, kind: DatasetKind) -> Result<Vec<Item>> {
                 .with_context(|| format!("row {i} (id {id}) as {kind}"))?;
             Ok(Item { id, fields })
         })
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+/// Refuses two items with one id, where ids pair an item's results (across prompt styles,
+/// configurations and runs): names both items' places.
+pub fn check_unique_ids(items: &[Item]) -> Result<()> {
     let mut first = std::collections::HashMap::new();
     for (i, it) in items.iter().enumerate() {
         if let Some(j) = first.insert(it.id.as_str(), i) {
-            bail!("rows {j} and {i} share the id `{}` (ids pair an item's results across configurations and runs)", it.id);
+            bail!("items {j} and {i} share the id `{}` (ids pair an item's results across prompt styles, configurations and runs)", it.id);
         }
     }
-    Ok(items)
+    Ok(())
 }
 
 fn row_id(row: &Row) -> Option<String> {
@@ -794,8 +796,8 @@ pub(crate) mod tests {
             row(serde_json::json!({"question": "q", "passage": "p", "label": true})),
             row(serde_json::json!({"question": "q", "passage": "p", "label": true})),
         ];
-        let err = normalize(twice, DatasetKind::BoolQ).unwrap_err().to_string();
-        assert!(err.contains("rows 0 and 2 share the id `2`"), "{err}");
+        let err = check_unique_ids(&normalize(twice, DatasetKind::BoolQ).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("items 0 and 2 share the id `2`"), "{err}");
         let err = normalize(vec![row(serde_json::json!({"question": "q", "label": true}))], DatasetKind::BoolQ)
             .unwrap_err();
         assert!(format!("{err:#}").contains("missing field `passage`"), "{err:#}");

@@ -509,12 +509,12 @@ impl Model {
     }
 }
 
-/// Whether every value of the f32 tensor `t` is finite (no NaN, no ±∞).
-fn all_finite(t: &Tensor) -> Result<bool> {
-    if !t.device().is_cpu() {
+/// Whether every value of `t` is finite (no NaN, no ±∞): a scan of a CPU f32 tensor, else a sum.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    if !(t.device().is_cpu() && t.dtype() == DType::F32) {
         // x − x is 0 for finite x and NaN otherwise.
         #[allow(clippy::eq_op)]
-        return Ok((t - t)?.sum_all()?.to_scalar::<f32>()?.is_finite());
+        return Ok((t - t)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?.is_finite());
     }
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();

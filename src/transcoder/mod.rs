@@ -105,14 +105,6 @@ impl Activation {
     }
 }
 
-/// Whether every value of `t` is finite.
-pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
-    // x − x is 0 for finite x and NaN otherwise.
-    #[allow(clippy::eq_op)]
-    let sum = (t - t)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-    Ok(sum.is_finite())
-}
-
 /// Keeps the `k` largest values of each row of `pre [n, width]` and zeroes the others.
 fn top_k(pre: &Tensor, k: usize) -> Result<Tensor> {
     let (n, width) = pre.dims2()?;
@@ -245,7 +237,7 @@ impl Transcoder {
         named.extend(self.w_skip.iter().map(|t| ("W_skip", t)));
         named.extend(self.w_dec_next.iter().map(|t| ("W_dec (later layers)", t)));
         for (name, t) in named {
-            if !all_finite(t)? {
+            if !crate::model::all_finite(t)? {
                 return Ok(Some(name));
             }
         }

@@ -136,7 +136,7 @@ pub fn train(x: &Tensor, y: &Tensor, opts: &TrainOptions, meta: TranscoderMeta) 
     let (n, d_in) = x.dims2()?;
     let d_out = y.dim(1)?;
     for (what, t) in [("inputs", x), ("outputs", y)] {
-        if !super::all_finite(t)? {
+        if !crate::model::all_finite(t)? {
             bail!("the layer-{} MLP {what} collected from the model hold NaN or infinite values: its forward pass overflows", meta.layer);
         }
     }
