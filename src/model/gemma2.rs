@@ -76,17 +76,9 @@ impl Gemma2 {
             });
         }
         let final_norm = gain(&vb, "model.norm.weight")?;
-        // Tied embeddings ignore a stored lm_head.weight, as transformers ties it to them.
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else if w.contains_tensor("lm_head.weight") {
-            Some(w.get((c.vocab_size, d), "lm_head.weight")?)
-        } else {
-            anyhow::bail!("config.json has tie_word_embeddings false, but the weights hold no lm_head.weight");
-        };
         let rotary =
             Rotary::new(c.head_dim, c.rope_theta, c.max_position_embeddings, None, vb.device()).context("building rotary tables")?;
-        let (embed, lm_head) = Embedding::with_unembed(embed, lm_head)?;
+        let (embed, lm_head) = Embedding::with_head(embed, &w, c.tie_word_embeddings, c.vocab_size, d)?;
         Ok(Self { config, embed, blocks, final_norm, lm_head, rotary })
     }
 

@@ -198,6 +198,18 @@ impl Embedding {
         })
     }
 
+    /// The embedding and the unembedding of a checkpoint whose embeddings are `table` and whose
+    /// other weights are `w`: with `tied`, the table serves as the head and a stored
+    /// `lm_head.weight` is ignored, as transformers ties it; else `lm_head.weight [vocab, d]`.
+    pub fn with_head(table: Tensor, w: &candle_nn::VarBuilder, tied: bool, vocab: usize, d: usize) -> Result<(Embedding, Linear)> {
+        let head = match tied {
+            true => None,
+            false if w.contains_tensor("lm_head.weight") => Some(w.get((vocab, d), "lm_head.weight")?),
+            false => bail!("config.json does not tie the embeddings (tie_word_embeddings), but the weights hold no lm_head.weight"),
+        };
+        Self::with_unembed(table, head)
+    }
+
     /// The f32 rows of `ids` (u32, any shape), `[len, d]`.
     pub fn lookup(&self, unembed: &Linear, ids: &Tensor) -> Result<Tensor> {
         let ids = ids.flatten_all()?;
