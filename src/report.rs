@@ -797,7 +797,7 @@ pub fn create_parent(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes a file atomically: to a temporary file in the same folder ([`tmp_path`]), fsync, then
+/// Writes a file atomically: to a temporary file in the same folder (see `tmp_path`), fsync, then
 /// rename.
 ///
 /// Readers see either the old file or the complete new one, never a partial write. The
