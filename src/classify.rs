@@ -489,11 +489,19 @@ pub fn parse_features(spec: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
-/// [`parse_features`] for steering `tc`: every index in range, none twice, and a classification
-/// file (what `classify` writes) made for a transcoder with `tc`'s layer, input hook point and
-/// number of features (another transcoder's feature indices mean other features).
+/// [`parse_features`] for steering `tc` from the command line: a classification file made for
+/// it ([`check_made_for`]), every index in range, none twice (errors name `--features`).
 pub fn features_for(spec: &str, tc: &crate::transcoder::TranscoderMeta) -> Result<Vec<usize>> {
     let features = parse_features(spec)?;
+    check_made_for(spec, tc)?;
+    crate::transcoder::splice::check_features(&features, tc.d_sae).with_context(|| format!("--features {spec}"))?;
+    Ok(features)
+}
+
+/// Refuses a classification file (what `classify` writes) made for a transcoder other than `tc`:
+/// another layer, input hook point or number of features (its indices mean other features).
+/// Other feature specs, and files that do not record these, pass.
+pub fn check_made_for(spec: &str, tc: &crate::transcoder::TranscoderMeta) -> Result<()> {
     if let Some((path, _)) = features_file(spec) {
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
         let made_for = (v["layer"].as_u64(), v["hook_point"].as_str(), v["features"].as_array().map(Vec::len));
@@ -510,8 +518,7 @@ pub fn features_for(spec: &str, tc: &crate::transcoder::TranscoderMeta) -> Resul
             }
         }
     }
-    crate::transcoder::splice::check_features(&features, tc.d_sae).with_context(|| format!("--features {spec}"))?;
-    Ok(features)
+    Ok(())
 }
 
 #[cfg(test)]

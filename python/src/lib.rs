@@ -580,7 +580,9 @@ impl PySteering {
     fn new(py: Python<'_>, transcoder: Bound<'_, PyTranscoder>, features: &Bound<'_, PyAny>, strength: f64, mode: &str) -> PyResult<Self> {
         let mode = parse_enum::<SteerMode>("mode", mode)?;
         let (tc, path) = (transcoder.get().tc.clone(), transcoder.get().path.clone());
-        let features = neurosteer::classify::features_for(&features_spec(features)?, &tc.meta).map_err(py_err)?;
+        let spec = features_spec(features)?;
+        let features = neurosteer::classify::parse_features(&spec).map_err(py_err)?;
+        neurosteer::classify::check_made_for(&spec, &tc.meta).map_err(py_err)?;
         let edit = compute(py, || {
             if mode == SteerMode::Replace && tc.is_cross_layer() {
                 // Replace with a cross-layer transcoder splices every source layer.
